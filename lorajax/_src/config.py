@@ -1,0 +1,463 @@
+"""`LoraConfig`: which weights get adapters, with what rank, scale and axes."""
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorajax._src import paths as paths_lib
+
+# Names of a linear layer's weight leaf in Flax linen/NNX (`kernel`) and in
+# Hugging Face style or plain-dict params (`weight`, `w`).
+_WEIGHT_LEAF = r"(?:kernel|weight|w)"
+_EMBED_PART = re.compile(r".*(?:embed|embedding|wte|wpe|token_embd).*", re.I)
+_HEAD_PART = re.compile(r"(?:lm_head|head|output|classifier)", re.I)
+
+_ATTENTION_NAMES = (
+    "q", "k", "v", "o", "q_proj", "k_proj", "v_proj", "o_proj", "query",
+    "key", "value", "out", "out_proj", "qkv", "qkv_proj", "c_attn", "c_proj",
+    "wq", "wk", "wv", "attn_q", "attn_k", "attn_v", "attn_output",
+    "query_key_value", "dense",
+)
+_MLP_NAMES = (
+    "up", "down", "gate", "up_proj", "down_proj", "gate_proj", "gate_up_proj",
+    "wi", "wi_0", "wi_1", "wo", "fc1", "fc2", "c_fc", "w1", "w2", "w3",
+    "dense_h_to_4h", "dense_4h_to_h", "ffn_up", "ffn_down", "ffn_gate",
+    "mlp_in", "mlp_out",
+)
+
+PRESETS = ("all-linear", "attention", "mlp")
+
+
+def _names_regex(names: Sequence[str]) -> str:
+  return rf"(?:.*/)?(?:{'|'.join(names)})/{_WEIGHT_LEAF}"
+
+
+_ATTENTION_RE = _names_regex(_ATTENTION_NAMES)
+_MLP_RE = _names_regex(_MLP_NAMES)
+
+
+def _is_all_linear(path: str, ndim: int, dtype: Any) -> bool:
+  """The `"all-linear"` rule (documented on `LoraConfig`)."""
+  parts = path.split("/")
+  if parts[-1] not in ("kernel", "weight", "w") or ndim < 2:
+    return False
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return False
+  if any(_EMBED_PART.fullmatch(p) for p in parts):
+    return False
+  return not any(_HEAD_PART.fullmatch(p) for p in parts[:-1])
+
+
+def _as_tuple(value: Any, name: str) -> tuple[str, ...]:
+  if isinstance(value, str):
+    return (value,)
+  if isinstance(value, Sequence):
+    out = tuple(value)
+    for v in out:
+      if not isinstance(v, str):
+        raise TypeError(f"`{name}` must hold regex strings; got {v!r}.")
+    return out
+  raise TypeError(
+      f"`{name}` must be a regex string or a list of them; got {value!r}."
+  )
+
+
+def _as_pairs(value: Any, name: str, kind: type) -> tuple[tuple[str, Any], ...]:
+  if value is None:
+    return ()
+  if isinstance(value, Mapping):
+    items = tuple(value.items())
+  elif isinstance(value, Sequence) and not isinstance(value, str):
+    items = tuple(tuple(kv) for kv in value)
+  else:
+    raise TypeError(
+        f"`{name}` must map regex strings to {kind.__name__} values; got"
+        f" {value!r}."
+    )
+  for k, v in items:
+    if not isinstance(k, str):
+      raise TypeError(f"`{name}` keys must be regex strings; got {k!r}.")
+    if kind is float and isinstance(v, int) and not isinstance(v, bool):
+      continue
+    if not isinstance(v, kind) or isinstance(v, bool):
+      raise TypeError(
+          f"`{name}[{k!r}]` must be a {kind.__name__}; got {v!r}."
+      )
+  return items
+
+
+def _compile(pattern: str, name: str) -> re.Pattern:
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(
+        f"`{name}` holds an invalid regex {pattern!r}: {e}. Write a Python"
+        " regular expression matched with `re.fullmatch` against paths like"
+        " 'params/Dense_0/kernel'."
+    ) from None
+
+
+def _pattern_matches(pattern: str, path: str) -> bool:
+  """PEFT's pattern rule: the key matches the path or a `/`-suffix of it.
+
+  The key is tried against the leaf path (`layers/0/q_proj/kernel`) and the
+  module path (`layers/0/q_proj`), so `{"q_proj": 4}` works as in PEFT.
+  """
+  module = path.rsplit("/", 1)[0] if "/" in path else path
+  rx = rf"(?:.*/)?(?:{pattern})"
+  return bool(re.fullmatch(rx, path) or re.fullmatch(rx, module))
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightPlan:
+  """How one targeted weight is adapted (computed by `LoraConfig.plan`).
+
+  Attributes:
+    path: The weight's path string.
+    shape: The weight's shape.
+    dtype: The weight's dtype.
+    axes: One letter per weight axis: `s` stacked, `i` input, `o` output.
+    rank: The adapter rank.
+    alpha: The adapter alpha.
+    scale: `alpha / rank`, or `alpha / sqrt(rank)` with rsLoRA.
+  """
+
+  path: str
+  shape: tuple[int, ...]
+  dtype: Any
+  axes: str
+  rank: int
+  alpha: float
+  scale: float
+
+  @property
+  def stack_shape(self) -> tuple[int, ...]:
+    return tuple(d for d, c in zip(self.shape, self.axes) if c == "s")
+
+  @property
+  def in_shape(self) -> tuple[int, ...]:
+    return tuple(d for d, c in zip(self.shape, self.axes) if c == "i")
+
+  @property
+  def out_shape(self) -> tuple[int, ...]:
+    return tuple(d for d, c in zip(self.shape, self.axes) if c == "o")
+
+  @property
+  def a_shape(self) -> tuple[int, ...]:
+    return (*self.stack_shape, *self.in_shape, self.rank)
+
+  @property
+  def b_shape(self) -> tuple[int, ...]:
+    return (*self.stack_shape, self.rank, *self.out_shape)
+
+
+def check_axes(axes: str, shape: tuple[int, ...], path: str) -> None:
+  """Raises a ValueError unless `axes` is a valid axes string for `shape`."""
+  if not isinstance(axes, str) or set(axes) - set("sio"):
+    raise ValueError(
+        f"Axes string {axes!r} for {path!r} may only contain the letters 's'"
+        " (stacked), 'i' (input) and 'o' (output), one per weight axis; e.g."
+        " 'sio' for a (layers, d_in, d_out) kernel."
+    )
+  if len(axes) != len(shape):
+    raise ValueError(
+        f"Axes string {axes!r} for {path!r} has {len(axes)} letters but the"
+        f" weight has shape {shape} ({len(shape)} axes). Write one letter per"
+        " axis: 's' stacked, 'i' input, 'o' output."
+    )
+  if "i" not in axes or "o" not in axes:
+    raise ValueError(
+        f"Axes string {axes!r} for {path!r} needs at least one 'i' (input) and"
+        " one 'o' (output) axis."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Which weights get LoRA adapters, and how.
+
+  Every adapted weight `W` becomes `W + scale * a @ b` with `a` of shape
+  `(*stack, *in, rank)` and `b` of shape `(*stack, rank, *out)`, and
+  `scale = alpha / rank` (or `alpha / sqrt(rank)` with rsLoRA).
+
+  Weights are named by path strings: the pytree keys joined by `/`, with Flax
+  NNX's trailing `value` dropped (`params/block_0/up/kernel` in linen params,
+  `block_0/up/kernel` in an `nnx.split` state or a plain dict).
+
+  The `"all-linear"` preset adapts every floating-point leaf with at least two
+  axes whose name is `kernel`, `weight` or `w`, except embedding tables (a path
+  part containing `embed`, `embedding`, `wte`, `wpe` or `token_embd`) and output
+  heads (a path part named `lm_head`, `head`, `output` or `classifier`).
+  `"attention"` adapts the usual attention projections (`q`/`k`/`v`/`o`,
+  `q_proj`.., `query`/`key`/`value`/`out`, `qkv`, `c_attn`, `wq`..) and
+  `"mlp"` the usual MLP projections (`up`/`down`/`gate`, `*_proj`, `wi`/`wo`,
+  `fc1`/`fc2`, `c_fc`, `w1`/`w2`/`w3`..).
+
+  Attributes:
+    rank: Default adapter rank, at least 1.
+    alpha: Default LoRA alpha, greater than 0.
+    targets: A regex matched with `re.fullmatch` against each leaf's path, a
+      list of such regexes, or a preset name (`"all-linear"`, `"attention"`,
+      `"mlp"`).
+    exclude: Regex or list of regexes (fullmatch) removed from the targets.
+    rank_pattern: Maps regexes to per-weight ranks. As in PEFT, a key matches a
+      weight when it matches its path or module path, or a `/`-separated
+      suffix of either (`{"q_proj": 4}`); the first matching key wins.
+    alpha_pattern: Like `rank_pattern`, for alpha.
+    use_rslora: Scale by `alpha / sqrt(rank)` (rsLoRA) instead of `alpha /
+      rank`.
+    axes: Maps regexes (fullmatch) to an axes string with one letter per
+      weight axis: `s` stacked (scan-stacked layers, MoE experts: a separate
+      adapter per slice), `i` input (contracted with the activation), `o`
+      output. A 2-D weight defaults to `"io"`; a weight with more axes needs an
+      entry.
+    init: `"lora"` (`a` uniform in +-1/sqrt(d_in), `b` zero; Hu et al. 2021),
+      or `"gaussian"` (`a` normal with std 1/rank, `b` zero, as PEFT's
+      `init_lora_weights="gaussian"`).
+    dtype: Storage dtype of `a` and `b`.
+  """
+
+  rank: int = 8
+  alpha: float = 32.0
+  targets: str | tuple[str, ...] = "all-linear"
+  exclude: str | tuple[str, ...] | None = None
+  rank_pattern: Any = None
+  alpha_pattern: Any = None
+  use_rslora: bool = False
+  axes: Any = None
+  init: str = "lora"
+  dtype: Any = "float32"
+
+  def __post_init__(self):
+    set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
+    if isinstance(self.rank, bool) or not isinstance(self.rank, int):
+      raise TypeError(f"`rank` must be an int; got {self.rank!r}.")
+    if self.rank < 1:
+      raise ValueError(f"`rank` must be >= 1; got rank={self.rank}.")
+    if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
+      raise TypeError(f"`alpha` must be a number; got {self.alpha!r}.")
+    if not self.alpha > 0:
+      raise ValueError(f"`alpha` must be > 0; got alpha={self.alpha}.")
+    set_("alpha", float(self.alpha))
+    targets = _as_tuple(self.targets, "targets")
+    if not targets:
+      raise ValueError("`targets` is empty; name at least one regex or preset.")
+    set_("targets", targets[0] if len(targets) == 1 else targets)
+    if self.exclude is not None:
+      ex = _as_tuple(self.exclude, "exclude")
+      set_("exclude", ex[0] if len(ex) == 1 else ex)
+    set_("rank_pattern", _as_pairs(self.rank_pattern, "rank_pattern", int))
+    set_("alpha_pattern", _as_pairs(self.alpha_pattern, "alpha_pattern", float))
+    set_("alpha_pattern", tuple((k, float(v)) for k, v in self.alpha_pattern))
+    set_("axes", _as_pairs(self.axes, "axes", str))
+    for k, r in self.rank_pattern:
+      if r < 1:
+        raise ValueError(f"`rank_pattern[{k!r}]` must be >= 1; got {r}.")
+    for k, a in self.alpha_pattern:
+      if not a > 0:
+        raise ValueError(f"`alpha_pattern[{k!r}]` must be > 0; got {a}.")
+    for k, ax in self.axes:
+      if not ax or set(ax) - set("sio"):
+        raise ValueError(
+            f"`axes[{k!r}]` = {ax!r}: an axes string may only contain the"
+            " letters 's' (stacked), 'i' (input) and 'o' (output)."
+        )
+    for name in ("targets", "exclude"):
+      for t in self._tuple(name):
+        if t not in PRESETS:
+          _compile(t, name)
+    for name in ("rank_pattern", "alpha_pattern", "axes"):
+      for k, _ in getattr(self, name):
+        _compile(k, name)
+    if self.init not in ("lora", "gaussian"):
+      raise ValueError(
+          f"`init` must be 'lora' or 'gaussian'; got {self.init!r}."
+      )
+    try:
+      dtype = jnp.dtype(self.dtype)
+    except TypeError:
+      raise TypeError(f"`dtype` is not a dtype: {self.dtype!r}.") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"`dtype` must be a floating dtype; got {dtype}.")
+    set_("dtype", dtype.name)
+
+  def _tuple(self, name: str) -> tuple[str, ...]:
+    v = getattr(self, name)
+    if v is None:
+      return ()
+    return (v,) if isinstance(v, str) else tuple(v)
+
+  def to_dict(self) -> dict[str, Any]:
+    """Returns a JSON-serialisable dict; `LoraConfig(**d)` rebuilds it."""
+    return {
+        "rank": self.rank,
+        "alpha": self.alpha,
+        "targets": list(self._tuple("targets")),
+        "exclude": list(self._tuple("exclude")) or None,
+        "rank_pattern": dict(self.rank_pattern),
+        "alpha_pattern": dict(self.alpha_pattern),
+        "use_rslora": self.use_rslora,
+        "axes": dict(self.axes),
+        "init": self.init,
+        "dtype": self.dtype,
+    }
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "LoraConfig":
+    """Inverse of `to_dict`."""
+    return cls(**dict(d))
+
+  def scale_for(self, rank: int, alpha: float) -> float:
+    """The LoRA scale for a weight with this rank and alpha."""
+    return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+  def _is_target(self, path: str, ndim: int, dtype: Any) -> bool:
+    for t in self._tuple("targets"):
+      if t == "all-linear":
+        hit = _is_all_linear(path, ndim, dtype)
+      elif t == "attention":
+        hit = re.fullmatch(_ATTENTION_RE, path) is not None
+      elif t == "mlp":
+        hit = re.fullmatch(_MLP_RE, path) is not None
+      else:
+        hit = re.fullmatch(t, path) is not None
+      if hit:
+        break
+    else:
+      return False
+    for e in self._tuple("exclude"):
+      if e in PRESETS:
+        if self._is_preset_hit(e, path, ndim, dtype):
+          return False
+      elif re.fullmatch(e, path):
+        return False
+    return True
+
+  def _is_preset_hit(self, preset, path, ndim, dtype) -> bool:
+    if preset == "all-linear":
+      return _is_all_linear(path, ndim, dtype)
+    return re.fullmatch(_ATTENTION_RE if preset == "attention" else _MLP_RE,
+                        path) is not None
+
+  def _lookup(self, pairs, path):
+    for k, v in pairs:
+      if _pattern_matches(k, path):
+        return k, v
+    return None, None
+
+  def plan(self, params: Any) -> dict[str, WeightPlan]:
+    """Resolves this config against `params`: which weights, rank, axes.
+
+    Args:
+      params: The base parameter pytree (arrays or `jax.ShapeDtypeStruct`).
+
+    Returns:
+      A dict from path string to `WeightPlan`, in flattening order.
+
+    Raises:
+      ValueError: If the targets match nothing, a pattern matches no target,
+        a targeted weight is not floating point or has more than two axes
+        and no `axes` entry, an axes string does not fit, or a rank exceeds
+        `min(d_in, d_out)`.
+    """
+    leaves = paths_lib.leaves_with_paths(params)
+    plans: dict[str, WeightPlan] = {}
+    candidates = []
+    errors = []
+    for path, leaf in leaves:
+      shape = tuple(getattr(leaf, "shape", ()))
+      dtype = getattr(leaf, "dtype", None)
+      if dtype is None:
+        dtype = np.asarray(leaf).dtype
+      if len(shape) >= 2:
+        candidates.append(f"{path} {shape} {jnp.dtype(dtype).name}")
+      if not self._is_target(path, len(shape), dtype):
+        continue
+      if not jnp.issubdtype(dtype, jnp.floating):
+        errors.append(
+            f"{path!r} matches the targets but has dtype {dtype}; LoRA needs"
+            " a floating-point weight. Narrow `targets` or add it to"
+            " `exclude`."
+        )
+        continue
+      if len(shape) < 2:
+        errors.append(
+            f"{path!r} matches the targets but has shape {shape}; LoRA needs"
+            " a weight with at least an input and an output axis. Narrow"
+            " `targets` or add it to `exclude`."
+        )
+        continue
+      _, axes = next(
+          ((k, v) for k, v in self.axes if re.fullmatch(k, path)),
+          (None, None),
+      )
+      if axes is None:
+        if len(shape) != 2:
+          errors.append(
+              f"{path!r} has shape {shape}: a weight with more than two axes"
+              " needs an `axes` entry saying which axes are stacked (s),"
+              " input (i) and output (o), e.g. `axes={"
+              f"{re.escape(path)!r}: {'s' * (len(shape) - 2) + 'io'!r}}}`"
+              " for a stack of (d_in, d_out) kernels, or"
+              f" {'i' + 'o' * (len(shape) - 1)!r} for a (d_in, heads,"
+              " head_dim) kernel. `lorajax.infer_axes` can work it out from"
+              " your model's matmuls."
+          )
+          continue
+        axes = "io"
+      try:
+        check_axes(axes, shape, path)
+      except ValueError as e:
+        errors.append(str(e))
+        continue
+      _, rank = self._lookup(self.rank_pattern, path)
+      rank = self.rank if rank is None else rank
+      _, alpha = self._lookup(self.alpha_pattern, path)
+      alpha = self.alpha if alpha is None else alpha
+      plan = WeightPlan(
+          path=path, shape=shape, dtype=jnp.dtype(dtype), axes=axes,
+          rank=rank, alpha=alpha, scale=self.scale_for(rank, alpha),
+      )
+      d_in = math.prod(plan.in_shape)
+      d_out = math.prod(plan.out_shape)
+      if rank > min(d_in, d_out):
+        errors.append(
+            f"rank {rank} for {path!r} (shape {shape}, axes {axes!r}: d_in="
+            f"{d_in}, d_out={d_out}) exceeds min(d_in, d_out)="
+            f"{min(d_in, d_out)}. Lower `rank` or set a smaller one for this"
+            " weight with `rank_pattern`."
+        )
+        continue
+      plans[path] = plan
+    if errors:
+      raise ValueError(
+          "LoraConfig does not fit these params:\n- " + "\n- ".join(errors)
+      )
+    if not plans:
+      raise ValueError(
+          f"`targets` {self.targets!r} (exclude={self.exclude!r}) match no"
+          " weight in these params. Paths of weights with >= 2 axes:\n"
+          + paths_lib.format_paths(candidates)
+          + "\nWrite a regex that fullmatches one of these paths, or use a"
+          " preset: 'all-linear', 'attention', 'mlp'."
+      )
+    for name in ("rank_pattern", "alpha_pattern"):
+      for k, _ in getattr(self, name):
+        if not any(_pattern_matches(k, p) for p in plans):
+          raise ValueError(
+              f"`{name}` key {k!r} matches none of the adapted weights:\n"
+              + paths_lib.format_paths(list(plans))
+          )
+    for k, _ in self.axes:
+      if not any(re.fullmatch(k, p) for p, _ in leaves):
+        raise ValueError(
+            f"`axes` key {k!r} fullmatches no weight path. Paths of weights"
+            " with >= 2 axes:\n" + paths_lib.format_paths(candidates)
+        )
+    return plans

@@ -1,0 +1,79 @@
+"""optax glue: LoRA+ learning rates and weight-decay masks for adapters."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from lorajax._src.adapter import LoraWeight
+
+PyTree = Any
+
+
+def _is_node(x: Any) -> bool:
+  return isinstance(x, LoraWeight)
+
+
+def labels(tree: PyTree) -> PyTree:
+  """Labels each adapter leaf `"a"` or `"b"`; other leaves `"other"`."""
+
+  def one(x):
+    if isinstance(x, LoraWeight):
+      return LoraWeight(a="a", b="b", scale=x.scale, axes=x.axes,
+                        alpha=x.alpha)
+    return "other"
+
+  return jax.tree.map(one, tree, is_leaf=_is_node)
+
+
+def decay_mask(tree: PyTree) -> PyTree:
+  """True on every adapter matrix (`a`, `b`), False on any other leaf.
+
+  Pass it as the `mask` of a weight-decaying optimizer when the trainable tree
+  holds more than adapters (norm scales, biases, a new head), so that only the
+  low-rank matrices decay: `optax.adamw(lr, weight_decay=0.01,
+  mask=lorajax.decay_mask)`.
+
+  Args:
+    tree: A pytree that contains adapter nodes (and possibly other leaves).
+
+  Returns:
+    A pytree of bools with the structure of `tree`.
+  """
+  return jax.tree.map(lambda label: label in ("a", "b"), labels(tree))
+
+
+def lora_plus(
+    learning_rate: float | optax.Schedule,
+    ratio: float = 16.0,
+    *,
+    optimizer: Callable[..., optax.GradientTransformation] = optax.adamw,
+    **kwargs: Any,
+) -> optax.GradientTransformation:
+  """LoRA+: the same optimizer for `a` and `b`, with `b`'s rate times `ratio`.
+
+  Args:
+    learning_rate: The learning rate (or schedule) of the `a` matrices.
+    ratio: `b`'s learning rate over `a`'s (Hayou et al. 2024 use 16-20).
+    optimizer: An optax optimizer factory taking `learning_rate` first.
+    **kwargs: Further arguments for `optimizer` (`weight_decay`, `b1`...).
+
+  Returns:
+    An `optax.GradientTransformation` over the adapter tree. Leaves that are
+    not adapter matrices get `a`'s learning rate.
+
+  References:
+    Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models".
+  """
+  if not ratio > 0:
+    raise ValueError(f"`ratio` must be > 0; got {ratio}.")
+  if callable(learning_rate):
+    lr_b = lambda step: ratio * learning_rate(step)  # noqa: E731
+  else:
+    lr_b = ratio * learning_rate
+  tx_a = optimizer(learning_rate, **kwargs)
+  return optax.multi_transform(
+      {"a": tx_a, "other": tx_a, "b": optimizer(lr_b, **kwargs)},
+      labels,
+  )
