@@ -163,7 +163,7 @@ def adapter_shardings(
       continue
     path = paths_lib.path_str(keypath)
     if not _is_spec_leaf(sh):
-      raise ValueError(
+      raise TypeError(
           f"`param_shardings` at {path!r} must be a NamedSharding or a"
           f" PartitionSpec; got {type(sh).__name__}: {sh!r}."
       )
@@ -301,7 +301,8 @@ def make_train_step(
   sharded as given and are never copied or returned, the adapter and its
   optimizer state keep the adapter's shardings from step to step, and their
   buffers are donated (updated in place) when `donate` is True, so do not
-  reuse the adapter and state you passed in.
+  reuse the adapter and state you passed in (nor arrays that share their
+  buffers: `jax.device_put` of an array may alias it).
 
   Args:
     loss_fn: `loss_fn(params, adapter, batch) -> loss` (a scalar), or
