@@ -38,8 +38,18 @@ def run_steps(setup, adapter, opt_state, start, stop):
   return adapter, opt_state, losses
 
 
+_TEMPLATES = {}
+
+
 def fresh(setup):
-  """Templates: a new adapter and optimizer state on the same mesh."""
+  """Templates: a new adapter and optimizer state on the same mesh (restore
+  reads them only, so they are made once per setup)."""
+  if id(setup) not in _TEMPLATES:
+    _TEMPLATES[id(setup)] = (setup, _fresh(setup))
+  return _TEMPLATES[id(setup)][1]
+
+
+def _fresh(setup):
   params, _, _, train, _ = setup
   adapter = lorajax.init_sharded(
       params, ex.CONFIG, key=jax.random.key(99),
