@@ -204,6 +204,11 @@ def test_adapter_shardings_errors():
   bad["attn"]["o"]["kernel"] = NamedSharding(mesh, P("model", None, None))
   with pytest.raises(ValueError, match=r"'attn/o/kernel' has 3 entries"):
     lorajax.adapter_shardings(bad, abstract)
+  bad["attn"]["o"]["kernel"] = jax.sharding.SingleDeviceSharding(
+      jax.devices()[0])
+  with pytest.raises(TypeError, match=r"'attn/o/kernel' must be a"
+                     r" NamedSharding, or a PartitionSpec with `mesh=`"):
+    lorajax.adapter_shardings(bad, abstract)
   bad["attn"]["o"]["kernel"] = "model"
   with pytest.raises(TypeError, match=r"at 'attn/o/kernel' must be a NamedSh"):
     lorajax.adapter_shardings(bad, abstract)
