@@ -385,6 +385,9 @@ def test_mismatched_template_raises_naming_the_path(tmp_path, uninterrupted):
       mgr.restore(2, adapter=adapter, opt_state=opt_state)
     with pytest.raises(TypeError, match=r"at 'attn/o/kernel' it holds int"):
       mgr.restore(1, adapter={"attn": {"o": {"kernel": 1}}})
+    with pytest.raises(TypeError, match=r"at 'w': `a` must be an array"):
+      mgr.restore(1, adapter={"w": lorajax.LoraWeight(a=1.0, b=2.0,
+                                                      scale=1.0)})
     with pytest.raises(ValueError, match=r"`adapter` holds no LoraWeight"):
       mgr.restore(1, adapter={"w": None})
 

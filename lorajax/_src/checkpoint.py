@@ -1,5 +1,7 @@
-"""Adapter checkpoints with orbax: async saves, keep-last-N, resharding
-restores, and a fall-back past corrupt or partial steps.
+"""Adapter checkpoints with orbax: async, keep-last-N, resharding, fall-back.
+
+Saves are asynchronous and keep the last N steps; restores reshard onto any
+mesh and fall back past corrupt or partial steps.
 
 A step directory holds two orbax items: `state` (the adapter's `a`/`b`
 arrays and the optimizer state's arrays, written by every process for its
@@ -47,6 +49,13 @@ def _adapter_nodes(adapter: PyTree, what: str) -> list[tuple[str, LoraWeight]]:
           f"`{what}` must be an adapter pytree (LoraWeight or None nodes, as"
           f" `lorajax.init` makes); at {path!r} it holds {type(n).__name__}."
       )
+    for name in ("a", "b"):
+      x = getattr(n, name)
+      if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(
+            f"`{what}` at {path!r}: `{name}` must be an array or a"
+            f" jax.ShapeDtypeStruct; got {type(x).__name__}."
+        )
   if not nodes:
     raise ValueError(f"`{what}` holds no LoraWeight node.")
   return nodes
