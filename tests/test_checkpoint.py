@@ -310,7 +310,8 @@ def test_corrupt_step_falls_back_to_previous(tmp_path, uninterrupted, kind):
   corrupt, why = CORRUPTIONS[kind]
   corrupt(os.path.join(tmp_path, "3"))
   with lorajax.CheckpointManager(tmp_path, ex.CONFIG) as mgr:
-    with pytest.warns(RuntimeWarning, match=rf"corrupt checkpoint step 3:.*{why}"):
+    with pytest.warns(RuntimeWarning,
+                      match=rf"corrupt checkpoint step 3:.*{why}"):
       got, got_opt, step = mgr.restore(adapter=fresh(setup)[0],
                                        opt_state=fresh(setup)[1])
     assert step == 2

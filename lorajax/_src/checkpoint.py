@@ -193,7 +193,9 @@ class CheckpointManager:
     if not isinstance(config, LoraConfig):
       raise TypeError(f"`config` must be a LoraConfig; got {type(config)}.")
     if max_to_keep is not None and max_to_keep < 1:
-      raise ValueError(f"`max_to_keep` must be >= 1 or None; got {max_to_keep}.")
+      raise ValueError(
+          f"`max_to_keep` must be >= 1 or None; got {max_to_keep}."
+      )
     self.directory = os.path.abspath(os.fspath(directory))
     self.config = config
     self._bad_steps: set[int] = set()
