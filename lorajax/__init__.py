@@ -2,6 +2,12 @@
 
 from lorajax._src.adapter import LoraWeight, delta, init, is_lora, merge, unmerge
 from lorajax._src.config import LoraConfig, WeightPlan
+from lorajax._src.factored import (
+    LoraFallbackError,
+    LoraFallbackWarning,
+    infer_axes,
+    lora,
+)
 from lorajax._src.optim import decay_mask, lora_plus
 from lorajax._src.paths import path_str
 from lorajax._src.summary import Summary, summary
@@ -10,13 +16,17 @@ __version__ = "0.1.0"
 
 __all__ = (
     "LoraConfig",
+    "LoraFallbackError",
+    "LoraFallbackWarning",
     "LoraWeight",
     "Summary",
     "WeightPlan",
     "decay_mask",
     "delta",
+    "infer_axes",
     "init",
     "is_lora",
+    "lora",
     "lora_plus",
     "merge",
     "path_str",
