@@ -261,3 +261,19 @@ def test_smollm2_answers_paris(smollm2):
   out = model.generate(params, ids, 16)
   text = tok.decode(out[0])
   assert "Paris" in text, text
+
+
+@needs_smollm2
+def test_smollm2_logits_match_transformers_gguf_loader(smollm2):
+  # transformers dequantizes and un-permutes the same file independently.
+  from transformers import AutoModelForCausalLM
+
+  model, params = smollm2
+  path = llama.default_model_path()
+  tm = AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path),
+      dtype=torch.float32).eval()
+  ids = model.tokenizer.encode("<|im_start|>user\nThe quick brown fox")
+  ref = torch_logits(tm, np.array([ids]))
+  got = np.asarray(model.apply(params, np.array([ids])))
+  np.testing.assert_allclose(got, ref, atol=5e-4, rtol=0)

