@@ -1,4 +1,4 @@
-"""GGUF loading: dequantization, llama.cpp q/k permutation, SmolLM2 end to end."""
+"""GGUF loading: dequantization, q/k permutation, SmolLM2 end to end."""
 
 import importlib.metadata
 import os
@@ -221,7 +221,8 @@ def test_smollm2_tokenizer_matches_transformers(smollm2):
   tok = model.tokenizer
   assert (tok.bos_id, tok.eos_id) == (1, 2)
   texts = ["What is the capital of France?", "  Leading spaces, 12345 and"
-           " 3.14!\n\nNew\tlines", "<|im_start|>user\nhé 🙂 naïve<|im_end|>"]
+           " 3.14!\n\nNew\tlines",
+           "<|im_start|>user\nhé 🙂 naïve<|im_end|>"]
   for text in texts:
     ids = tok.encode(text)
     assert ids == ref.encode(text, add_special_tokens=False), text

@@ -130,7 +130,8 @@ def test_sharded_checkpoint(tmp_path):
   tm = tiny_torch_llama(seed=7)
   tm.save_pretrained(tmp_path, max_shard_size="60KB")
   assert (tmp_path / "model.safetensors.index.json").exists()
-  assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+  shards = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
+  assert len(shards) > 1
   model, params = llama.from_pretrained(tmp_path)
   ids = random_ids(np.random.default_rng(7), 2, 6)
   np.testing.assert_allclose(
@@ -238,7 +239,8 @@ def test_unknown_and_missing_weights(tmp_path):
   del state["model.layers.0.self_attn.q_norm.weight"]
   del state["model.layers.1.mlp.up_proj.weight"]
   save_file(state, tmp_path / "a" / "model.safetensors")
-  with pytest.raises(ValueError, match="(?s)lacks weights.*layers.1.mlp.up_proj"):
+  with pytest.raises(ValueError,
+                     match="(?s)lacks weights.*layers.1.mlp.up_proj"):
     llama.from_pretrained(tmp_path / "a")
 
 
