@@ -278,3 +278,29 @@ def test_smollm2_logits_match_transformers_gguf_loader(smollm2):
   ref = torch_logits(tm, np.array([ids]))
   got = np.asarray(model.apply(params, np.array([ids])))
   np.testing.assert_allclose(got, ref, atol=5e-4, rtol=0)
+
+
+def test_qwen2_gguf_with_biases_is_not_unpermuted(tmp_path):
+  import transformers
+  from _llama_testing import TINY
+
+  torch.manual_seed(6)
+  cfg = transformers.Qwen2Config(**TINY, tie_word_embeddings=True,
+                                 initializer_range=0.1,
+                                 attn_implementation="eager")
+  tm = transformers.Qwen2ForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for name, p in tm.named_parameters():
+      if name.endswith("bias"):
+        p.copy_(0.2 * torch.randn_like(p))
+  # llama.cpp does not permute qwen2's q/k: the file holds HF row order.
+  deq = _write_gguf(tmp_path / "q.gguf", tm, "Q8_0", arch="qwen2")
+  with torch.no_grad():
+    tm.load_state_dict({k: torch.as_tensor(v) for k, v in deq.items()},
+                       strict=False)
+  model, params = llama.from_pretrained(tmp_path / "q.gguf")
+  assert model.config.model_type == "qwen2"
+  assert "bias" in params["model"]["layers"]["1"]["self_attn"]["k_proj"]
+  ids = random_ids(np.random.default_rng(6), 2, 8)
+  np.testing.assert_allclose(
+      model.apply(params, ids), torch_logits(tm, ids), atol=1e-4, rtol=0)

@@ -372,3 +372,31 @@ def test_tokenizer_errors(tmp_path):
     tok.apply_chat_template([{"role": "user", "content": "x"}])
   with pytest.raises(TypeError, match="`text` must be a str"):
     tok.encode(["x"])
+
+
+def test_generate_stops_at_any_of_several_eos_ids(checkpoint):
+  _, path = checkpoint
+  model, params = llama.from_pretrained(path)
+  ids = random_ids(np.random.default_rng(12), 1, 5)
+  free = np.asarray(model.generate(params, ids, 6, eos_id=-1))[0]
+  stop = int(free[3])
+  first = list(free).index(stop)
+  got = np.asarray(model.generate(params, ids, 6, eos_id=[250, stop]))[0]
+  np.testing.assert_array_equal(got[:first + 1], free[:first + 1])
+  assert (got[first + 1:] == model.config.pad_token_id).all()
+  d = {**model.config.to_hf_dict(), "eos_token_id": [7, stop]}
+  config = llama.LlamaConfig.from_hf_dict(d)
+  assert (config.eos_token_id, config.eos_token_ids) == (7, (7, stop))
+  assert llama.LlamaConfig.from_hf_dict(config.to_hf_dict()) == config
+  got2 = np.asarray(llama.LlamaModel(config).generate(params, ids, 6))[0]
+  np.testing.assert_array_equal(got2, got)
+
+
+def test_apply_under_eval_shape(checkpoint):
+  _, path = checkpoint
+  model, params = llama.from_pretrained(path)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  ids = jax.ShapeDtypeStruct((2, 7), jnp.int32)
+  out = jax.eval_shape(model.apply, abstract, ids)
+  assert out.shape == (2, 7, TINY["vocab_size"]) and out.dtype == jnp.float32

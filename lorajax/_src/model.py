@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -78,7 +79,7 @@ class LlamaModel:
       temperature: float = 0.0,
       key: jax.Array | None = None,
       attention_mask: jax.typing.ArrayLike | None = None,
-      eos_id: int | None = None,
+      eos_id: int | Sequence[int] | None = None,
   ) -> jax.Array:
     """Decodes up to `max_new_tokens` tokens with a KV cache, under `jit`.
 
@@ -97,7 +98,8 @@ class LlamaModel:
         `softmax(logits / temperature)`.
       key: PRNG key, required when `temperature > 0`.
       attention_mask: Optional (batch, seq) mask, 0 for (left) padding.
-      eos_id: Stop token; defaults to `config.eos_token_id`.
+      eos_id: Stop token id, or several; defaults to `config.eos_token_ids`
+        or `config.eos_token_id`. Pass -1 to never stop early.
 
     Returns:
       The new token ids, int32 of shape (batch, max_new_tokens) (the prompt is
