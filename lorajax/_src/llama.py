@@ -350,7 +350,9 @@ def _logits(params, config: LlamaConfig, x):
     return _linear(params["lm_head"], x).astype(jnp.float32)
   table = params["model"]["embed_tokens"]
   table = table["embedding"] if "embedding" in table else table["weight"]
-  return (x @ table.astype(x.dtype).T).astype(jnp.float32)
+  # Contract over the hidden axis directly: no transposed copy of the table.
+  logits = jnp.einsum("bsh,vh->bsv", x, table.astype(x.dtype))
+  return logits.astype(jnp.float32)
 
 
 def _layers(params):
