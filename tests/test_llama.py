@@ -400,3 +400,13 @@ def test_apply_under_eval_shape(checkpoint):
   ids = jax.ShapeDtypeStruct((2, 7), jnp.int32)
   out = jax.eval_shape(model.apply, abstract, ids)
   assert out.shape == (2, 7, TINY["vocab_size"]) and out.dtype == jnp.float32
+
+
+def test_generation_config_eos_ids(tmp_path):
+  config = llama.LlamaConfig(**TINY)
+  llama.save_pretrained(tmp_path / "m", config,
+                        llama.init_params(config, key=jax.random.key(0)))
+  (tmp_path / "m" / "generation_config.json").write_text(
+      json.dumps({"eos_token_id": [2, 9]}))
+  model, _ = llama.from_pretrained(tmp_path / "m")
+  assert (model.config.eos_token_id, model.config.eos_token_ids) == (2, (2, 9))

@@ -1,5 +1,6 @@
 """`LlamaModel`, `from_pretrained` and the default SmolLM2 checkpoint."""
 
+import dataclasses
 import importlib.metadata
 import os
 from collections.abc import Sequence
@@ -157,8 +158,8 @@ def from_pretrained(
   Args:
     path: A Hugging Face style directory (config.json with model.safetensors,
       or sharded `model-0000x-of-0000y.safetensors` with
-      model.safetensors.index.json; tokenizer.json and tokenizer_config.json
-      when present) or a `.gguf` file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors
+      model.safetensors.index.json; tokenizer.json, tokenizer_config.json and
+      generation_config.json's list of stop ids when present) or a `.gguf` file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors
       are dequantized at load; llama.cpp's q/k row permutation is undone).
     dtype: Storage dtype of the params and computation dtype of the model.
 
@@ -188,6 +189,12 @@ def from_pretrained(
     tokenizer = Tokenizer.from_gguf_fields(fields)
     return LlamaModel(config, tokenizer), params
   config = hf_io.load_config(path, dtype=dtype)
+  gen = hf_io.read_json(os.path.join(path, "generation_config.json")) or {}
+  gen_eos = gen.get("eos_token_id")
+  if isinstance(gen_eos, list) and len(gen_eos) > 1 and not (
+      config.eos_token_ids):
+    # Instruct checkpoints (Llama 3) list their end-of-turn ids here.
+    config = dataclasses.replace(config, eos_token_ids=tuple(gen_eos))
   params = hf_io.load_params(path, config, dtype=dtype)
   tokenizer = Tokenizer.from_hf_dir(path)
   return LlamaModel(config, tokenizer), params
