@@ -339,6 +339,9 @@ def test_save_errors(base, tmp_path):
     ad2 = lorajax.init(two, lorajax.LoraConfig(rank=2, targets=".*"),
                        key=jax.random.key(0))
     lorajax.peft.save(tmp_path / "a", ad2, name_map=lambda p: "m")
+  with pytest.raises(ValueError, match="`name_map` gives no PEFT module name"
+                     " for the adapted weight 'layer/proj'"):
+    lorajax.peft.save(tmp_path / "a", ad, name_map={"other": "x"})
   with pytest.raises(TypeError, match="`name_map` returned 3"):
     lorajax.peft.save(tmp_path / "a", ad, name_map=lambda p: 3)
   with pytest.raises(TypeError, match="`name_map` must be None, a dict"):
