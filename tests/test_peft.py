@@ -292,6 +292,12 @@ def test_load_rejects_tensors(saved):
                      "different base model"):
     lorajax.peft.load(directory, params)
   bad = dict(tensors)
+  bad[q + ".lora_B.weight"] = np.zeros((64, 3), np.float32)
+  save_file(bad, wpath)
+  with pytest.raises(ValueError, match=r"q_proj: lora_A \(2, 64\) and lora_B"
+                     r" \(64, 3\) are not an \(r, in\), \(out, r\) pair"):
+    lorajax.peft.load(directory, params)
+  bad = dict(tensors)
   bad["base_model.model.model.embed_tokens.lora_embedding_A"] = np.zeros(
       (2, 256), np.float32)
   save_file(bad, wpath)
