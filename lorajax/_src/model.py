@@ -159,8 +159,9 @@ def from_pretrained(
     path: A Hugging Face style directory (config.json with model.safetensors,
       or sharded `model-0000x-of-0000y.safetensors` with
       model.safetensors.index.json; tokenizer.json, tokenizer_config.json and
-      generation_config.json's list of stop ids when present) or a `.gguf` file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors
-      are dequantized at load; llama.cpp's q/k row permutation is undone).
+      generation_config.json's list of stop ids when present) or a `.gguf`
+      file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors are dequantized at load;
+      llama.cpp's q/k row permutation is undone).
     dtype: Storage dtype of the params and computation dtype of the model.
 
   Returns:
