@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -145,6 +146,18 @@ def bench(mode, rank, args, d):
   }
 
 
+def _write_atomic(path, text):
+  """Writes `text` to a temporary file next to `path`, then renames it."""
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--widths", type=int, nargs="+", default=[512, 1024])
@@ -182,9 +195,8 @@ def main():
   if args.smoke:
     return
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "bench_step.jsonl"), "w") as f:
-    for r in rows:
-      f.write(json.dumps({**r, **env}) + "\n")
+  _write_atomic(os.path.join(args.out, "bench_step.jsonl"),
+                "".join(json.dumps({**r, **env}) + "\n" for r in rows))
   lines = [
       f"# Train step: full vs merged vs factored LoRA ({env['device_kind']},"
       f" {env['cpu_count']} cores, jax {env['jax']}, load avg at start"
@@ -201,8 +213,8 @@ def main():
         f"| {r['d_model']} | {r['mode']} | {r['rank'] or ''} |"
         f" {r['median_step_s']:.3f} | {r['ratio_to_full']:.2f} |"
         f" {r['compile_s']:.1f} | {mem} |")
-  with open(os.path.join(args.out, "bench_step.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  _write_atomic(os.path.join(args.out, "bench_step.md"),
+                "\n".join(lines) + "\n")
   print("\n".join(lines))
 
 
