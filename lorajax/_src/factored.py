@@ -354,10 +354,10 @@ class _Interpreter:
     dtype = jnp.result_type(x.dtype, t.base.dtype)
     delta = _low_rank_contract(
         "".join(xs), x.astype(dtype), a_spec, t.a.astype(dtype), b_spec,
-        t.b.astype(dtype), out, precision=eqn.params.get("precision"),
+        t.b.astype(dtype), out, scale=t.scale,
+        precision=eqn.params.get("precision"),
         preferred_element_type=eqn.params.get("preferred_element_type"))
-    return [(base_out + (t.scale * delta).astype(out_aval.dtype)).astype(
-        out_aval.dtype)]
+    return [(base_out + delta.astype(out_aval.dtype)).astype(out_aval.dtype)]
 
   def _gather(self, eqn, invals):
     t, idx = invals
@@ -556,15 +556,16 @@ _PASSTHROUGH = frozenset({
 
 
 def _low_rank_contract(x_spec: str, x: jax.Array, a_spec: str, a: jax.Array,
-                       b_spec: str, b: jax.Array, out: str, *, precision: Any,
-                       preferred_element_type: Any) -> jax.Array:
-  """`einsum(x, a, b -> out)` as two explicit contractions, x first.
+                       b_spec: str, b: jax.Array, out: str, *, scale: float,
+                       precision: Any, preferred_element_type: Any
+                       ) -> jax.Array:
+  """`scale * einsum(x, a, b -> out)` as two explicit contractions, x first.
 
   `x` is contracted with one factor first, then the result with the other:
   `a @ b` (the dense delta) is never formed. Of the two orders, the one with
   the smaller intermediate is used: `(x @ a) @ b` for an ordinary matmul,
   `(x @ b^T) @ a^T` when the weight's output axes are the contracted ones (a
-  tied output head `x @ E.T`).
+  tied output head `x @ E.T`). `scale` multiplies the small intermediate.
   """
   sizes = {}
   for spec, arr in ((x_spec, x), (a_spec, a), (b_spec, b)):
@@ -582,7 +583,8 @@ def _low_rank_contract(x_spec: str, x: jax.Array, a_spec: str, a: jax.Array,
     (f_spec, f), (s_spec, s), h_spec = (b_spec, b), (a_spec, a), h_b
   h = jnp.einsum(f"{x_spec},{f_spec}->{h_spec}", x, f, precision=precision,
                  preferred_element_type=preferred_element_type)
-  return jnp.einsum(f"{h_spec},{s_spec}->{out}", h.astype(s.dtype), s,
+  h = (scale * h).astype(s.dtype)
+  return jnp.einsum(f"{h_spec},{s_spec}->{out}", h, s,
                     precision=precision,
                     preferred_element_type=preferred_element_type)
 
@@ -665,6 +667,11 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
 
   Raises:
     ValueError: When called, if `adapter` does not fit `params`.
+    LoraFallbackError: When called with `strict=True`, if an adapted weight
+      is used by an op that cannot be factored (names the weight and op).
+
+  Warns:
+    LoraFallbackWarning: Once per trace for each (weight, op) fallback.
   """
 
   @functools.wraps(fn)
