@@ -567,6 +567,24 @@ def _low_rank_contract(x_spec: str, x: jax.Array, a_spec: str, a: jax.Array,
   `(x @ b^T) @ a^T` when the weight's output axes are the contracted ones (a
   tied output head `x @ E.T`). `scale` multiplies the small intermediate.
   """
+  # XLA:CPU runs the backward of a rank-sized contraction over several token
+  # axes (`btd,btr->dr`) several times slower than over one, so runs of
+  # `x`'s free axes (its token axes) are merged into one axis first.
+  free = [c for c in x_spec if c not in a_spec and c not in b_spec]
+  run = "".join(free)
+  if len(free) > 1 and run in x_spec and run in out:
+    z = next(c for c in string.ascii_letters
+             if c not in x_spec + a_spec + b_spec + out)
+    i = x_spec.index(run)
+    merged_shape = (x.shape[:i] + (math.prod(x.shape[i:i + len(run)]),)
+                    + x.shape[i + len(run):])
+    y = _low_rank_contract(
+        x_spec.replace(run, z), jnp.reshape(x, merged_shape), a_spec, a,
+        b_spec, b, out.replace(run, z), scale=scale, precision=precision,
+        preferred_element_type=preferred_element_type)
+    j = out.index(run)
+    return jnp.reshape(
+        y, y.shape[:j] + x.shape[i:i + len(run)] + y.shape[j + 1:])
   sizes = {}
   for spec, arr in ((x_spec, x), (a_spec, a), (b_spec, b)):
     sizes.update(zip(spec, arr.shape))
