@@ -30,8 +30,8 @@ __all__ = (
     "lora",
     "lora_plus",
     "merge",
-    "peft",
     "path_str",
+    "peft",
     "summary",
     "unmerge",
 )
