@@ -214,8 +214,16 @@ def test_adapter_shardings_errors():
     lorajax.adapter_shardings(bad, abstract)
 
 
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_sharded_train_step_matches_single_device(case, host_setup):
+def factored_loss_fn(params, adapter, batch):
+  """`ex.loss_fn` through the factored path instead of `lorajax.merge`."""
+  pred = lorajax.lora(ex.forward, strict=True)(params, adapter, batch["x"])
+  return jax.numpy.mean((pred - batch["y"]) ** 2)
+
+
+@pytest.mark.parametrize("case,mode", [
+    *[(c, "merged") for c in CASES], ("2x2x2-data-fsdp-tensor", "factored")],
+    ids=[*[f"{c}-merged" for c in CASES], "2x2x2-data-fsdp-tensor-factored"])
+def test_sharded_train_step_matches_single_device(case, mode, host_setup):
   params_host, adapter_host, ref_losses, ref_final = host_setup
   c = CASES[case]
   mesh = mesh_of(*c["mesh"])
@@ -230,7 +238,7 @@ def test_sharded_train_step_matches_single_device(case, host_setup):
 
   def counted_loss(p, a, b):
     traces.append(1)
-    return ex.loss_fn(p, a, b)
+    return (ex.loss_fn if mode == "merged" else factored_loss_fn)(p, a, b)
 
   train = lorajax.make_train_step(
       counted_loss, optax.adam(3e-2), param_shardings=psh,
