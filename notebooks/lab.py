@@ -329,6 +329,22 @@ def save_fig(fig: Any, name: str) -> None:
   tmp.replace(RESULTS / f"{name}.png")
 
 
+def show(fig: Any, name: str) -> None:
+  """Saves the figure (`save_fig`), displays it inline as PNG and closes it.
+
+  Works under any matplotlib backend (CI sets MPLBACKEND=Agg).
+  """
+  import io
+
+  import matplotlib.pyplot as plt
+  from IPython.display import Image, display
+  save_fig(fig, name)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+  plt.close(fig)
+  display(Image(data=buf.getvalue()))
+
+
 def load_json(name: str) -> dict | None:
   path = RESULTS / f"{name}.json"
   return json.loads(path.read_text()) if path.exists() else None
