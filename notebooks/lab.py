@@ -500,3 +500,33 @@ def time_fn(fn: Callable, *args: Any, reps: int = 7) -> dict:
     times.append(time.perf_counter() - t0)
   return {"compile_s": compile_s, "median_s": float(np.median(times)),
           "min_s": float(np.min(times)), "reps": reps}
+
+
+def time_compare(fns: dict[str, Callable], *args: Any, reps: int = 7) -> dict:
+  """Times several functions of the same arguments, interleaved.
+
+  Each is compiled (`jax.jit`) and warmed up; then each of `reps` rounds
+  runs every function once. Wall time and process CPU time are recorded per
+  call, so a load change on a shared machine hits all functions alike.
+  Run with single-threaded XLA for CPU time to equal the work done.
+
+  Returns:
+    {name: {"compile_s", "wall_s" (median), "cpu_s" (median), "cpu": list}}.
+  """
+  compiled = {}
+  out = {}
+  for name, fn in fns.items():
+    t0 = time.perf_counter()
+    compiled[name] = jax.jit(fn).lower(*args).compile()
+    out[name] = {"compile_s": time.perf_counter() - t0, "wall": [], "cpu": []}
+    jax.block_until_ready(compiled[name](*args))
+  for _ in range(reps):
+    for name, c in compiled.items():
+      w0, c0 = time.perf_counter(), time.process_time()
+      jax.block_until_ready(c(*args))
+      out[name]["wall"].append(time.perf_counter() - w0)
+      out[name]["cpu"].append(time.process_time() - c0)
+  for v in out.values():
+    v["wall_s"] = float(np.median(v["wall"]))
+    v["cpu_s"] = float(np.median(v["cpu"]))
+  return out
