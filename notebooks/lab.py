@@ -52,6 +52,7 @@ def encode(text: str) -> np.ndarray:
 
 
 def decode(ids: Sequence[int]) -> str:
+  """Token ids back to text (invalid UTF-8 replaced)."""
   return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
@@ -128,6 +129,7 @@ def pretrained() -> tuple[llama.LlamaModel, Any, dict]:
 
 
 def flatten(params: Any) -> dict[str, np.ndarray]:
+  """{"a/b/c": array} view of a params tree (the safetensors layout)."""
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   return {lorajax.path_str(k): np.asarray(v) for k, v in leaves}
 
@@ -150,12 +152,14 @@ def lm_loss(model: llama.LlamaModel, params: Any, tokens: jax.Array,
 
 
 def n_adapter_params(params: Any, config: lorajax.LoraConfig) -> int:
+  """Number of trainable adapter parameters (`a` and `b`) for `config`."""
   adapter = jax.eval_shape(lambda: lorajax.init(params, config,
                                                 key=jax.random.key(0)))
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapter))
 
 
 def n_params(params: Any) -> int:
+  """Number of parameters in a tree."""
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
@@ -191,7 +195,8 @@ def train(base: Any, objective: Callable, data: Any, *, method: str,
 
   Returns:
     Dict of numpy arrays: "loss" and each objective metric (n, steps),
-    "eval_steps", each eval metric (n, n_evals), "seconds" (wall time).
+    "eval_steps", "eval_<metric>" (n, n_evals), "seconds" (wall time) and
+    "final" (the trained params or adapters, stacked over configurations).
   """
   n = len(lrs)
   if len(seeds) != n:
@@ -346,6 +351,7 @@ def show(fig: Any, name: str) -> None:
 
 
 def load_json(name: str) -> dict | None:
+  """results/<name>.json, or None if it does not exist."""
   path = RESULTS / f"{name}.json"
   return json.loads(path.read_text()) if path.exists() else None
 
