@@ -1,0 +1,592 @@
+"""A Llama-family decoder (Llama, SmolLM, Qwen2) as pure functions of a dict.
+
+Parameters are a plain nested dict whose paths follow the Hugging Face module
+names, with `x @ W` kernels of shape `(in, out)` and one dict per layer under
+string keys `"0"`, `"1"`, ...:
+
+  model/embed_tokens/embedding                 (vocab, hidden)
+  model/layers/<i>/input_layernorm/scale       (hidden,)
+  model/layers/<i>/self_attn/{q,k,v,o}_proj/kernel   (+ optional `bias`)
+  model/layers/<i>/post_attention_layernorm/scale
+  model/layers/<i>/mlp/{gate,up,down}_proj/kernel
+  model/norm/scale
+  lm_head/kernel                               (hidden, vocab), absent if tied
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+_SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Hyperparameters of a Llama-family decoder.
+
+  Attributes:
+    vocab_size: Number of token ids.
+    hidden_size: Model width.
+    intermediate_size: Width of the SwiGLU MLP.
+    num_hidden_layers: Number of decoder layers.
+    num_attention_heads: Number of query heads.
+    num_key_value_heads: Number of key/value heads (grouped-query attention).
+    head_dim: Width of one head (default `hidden_size // num_attention_heads`).
+    rms_norm_eps: Epsilon of the RMS norms.
+    rope_theta: Base of the rotary frequencies.
+    rope_scaling: Optional Llama 3 style scaling, as a tuple of `(key, value)`
+      pairs (`rope_type`, `factor`, `low_freq_factor`, `high_freq_factor`,
+      `original_max_position_embeddings`); a dict is accepted and converted.
+    max_position_embeddings: Longest supported sequence.
+    tie_word_embeddings: Whether the output head reuses the embedding table.
+    bos_token_id: Beginning-of-sequence id, or None.
+    eos_token_id: End-of-sequence id (the first one if the checkpoint lists
+      several), or None.
+    pad_token_id: Padding id, or None.
+    attention_bias: Whether `init_params` creates q/k/v (and for Llama, o)
+      projection biases. `apply` uses any `bias` present in the params.
+    model_type: `"llama"`, `"qwen2"` or `"mistral"` (Mistral without sliding
+      windows).
+    dtype: Computation dtype name (`"float32"` or `"bfloat16"`). Softmax and
+      norms run in float32; logits are returned in float32.
+  """
+
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: int | None = None
+  head_dim: int | None = None
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: Any = None
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  bos_token_id: int | None = 1
+  eos_token_id: int | None = 2
+  pad_token_id: int | None = None
+  attention_bias: bool = False
+  model_type: str = "llama"
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+    if self.num_key_value_heads is None:
+      set_("num_key_value_heads", self.num_attention_heads)
+    if self.head_dim is None:
+      set_("head_dim", self.hidden_size // self.num_attention_heads)
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(
+          f"`num_attention_heads` ({self.num_attention_heads}) must be a"
+          f" multiple of `num_key_value_heads` ({self.num_key_value_heads})."
+      )
+    if self.head_dim % 2:
+      raise ValueError(f"`head_dim` must be even; got {self.head_dim}.")
+    if self.model_type not in _SUPPORTED_TYPES:
+      raise ValueError(
+          f"`model_type` {self.model_type!r} is not supported; expected one"
+          f" of {_SUPPORTED_TYPES}."
+      )
+    if isinstance(self.rope_scaling, Mapping):
+      set_("rope_scaling", tuple(sorted(self.rope_scaling.items())))
+    if self.rope_scaling is not None:
+      rs = dict(self.rope_scaling)
+      kind = rs.get("rope_type", rs.get("type"))
+      if kind not in ("llama3", "default"):
+        raise ValueError(
+            f"`rope_scaling` type {kind!r} is not supported; only 'llama3'"
+            " (Llama 3.1 style) and 'default' are. Remove `rope_scaling` from"
+            " config.json only if the checkpoint was trained without it."
+        )
+      if kind == "default":
+        set_("rope_scaling", None)
+    try:
+      dt = jnp.dtype(self.dtype)
+    except TypeError:
+      raise TypeError(f"`dtype` is not a dtype: {self.dtype!r}.") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+      raise ValueError(f"`dtype` must be floating point; got {dt}.")
+    set_("dtype", dt.name)
+
+  @classmethod
+  def from_hf_dict(
+      cls, d: Mapping[str, Any], *, dtype: Any = "float32"
+  ) -> "LlamaConfig":
+    """Builds a config from a Hugging Face `config.json` dict.
+
+    Args:
+      d: The parsed `config.json`.
+      dtype: Computation dtype.
+
+    Returns:
+      The config.
+
+    Raises:
+      ValueError: If the model type is not a supported Llama-family type.
+    """
+    model_type = d.get("model_type", "llama")
+    if model_type not in _SUPPORTED_TYPES:
+      raise ValueError(
+          f"config.json has model_type {model_type!r}; lorajax.models.llama"
+          f" supports {_SUPPORTED_TYPES}."
+      )
+    eos = d.get("eos_token_id")
+    if isinstance(eos, list | tuple):
+      eos = eos[0] if eos else None
+    rope_theta = d.get("rope_theta")
+    rope_scaling = d.get("rope_scaling")
+    rope_params = d.get("rope_parameters")  # transformers >= 5
+    if isinstance(rope_params, Mapping):
+      if rope_theta is None:
+        rope_theta = rope_params.get("rope_theta")
+      if rope_scaling is None and rope_params.get("rope_type") not in (
+          None, "default"):
+        rope_scaling = {
+            k: v for k, v in rope_params.items() if k != "rope_theta"
+        }
+    if model_type == "qwen2":
+      attention_bias = True
+    else:
+      attention_bias = bool(d.get("attention_bias", False))
+    return cls(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d.get("num_key_value_heads"),
+        head_dim=d.get("head_dim"),
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        rope_theta=10000.0 if rope_theta is None else float(rope_theta),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=eos,
+        pad_token_id=d.get("pad_token_id"),
+        attention_bias=attention_bias,
+        model_type=model_type,
+        dtype=jnp.dtype(dtype).name,
+    )
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """Returns a Hugging Face `config.json` dict for this config."""
+    archs = {
+        "llama": "LlamaForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "mistral": "MistralForCausalLM",
+    }
+    d = {
+        "architectures": [archs[self.model_type]],
+        "model_type": self.model_type,
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_hidden_layers,
+        "num_attention_heads": self.num_attention_heads,
+        "num_key_value_heads": self.num_key_value_heads,
+        "head_dim": self.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": self.rms_norm_eps,
+        "rope_theta": self.rope_theta,
+        "rope_scaling": (
+            None if self.rope_scaling is None else dict(self.rope_scaling)
+        ),
+        "max_position_embeddings": self.max_position_embeddings,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "bos_token_id": self.bos_token_id,
+        "eos_token_id": self.eos_token_id,
+        "pad_token_id": self.pad_token_id,
+        "torch_dtype": self.dtype,
+    }
+    if self.model_type == "llama":
+      d["attention_bias"] = self.attention_bias
+      d["mlp_bias"] = False
+    return d
+
+
+# ----------------------------------------------------------------------------
+# Building blocks.
+
+
+def _inv_freq(config: LlamaConfig) -> np.ndarray:
+  """Rotary inverse frequencies, with Llama 3 scaling when configured."""
+  d = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+  if config.rope_scaling is not None:
+    rs = dict(config.rope_scaling)
+    factor = float(rs["factor"])
+    low = float(rs.get("low_freq_factor", 1.0))
+    high = float(rs.get("high_freq_factor", 4.0))
+    old_len = float(rs.get("original_max_position_embeddings", 8192))
+    low_wavelen = old_len / low
+    high_wavelen = old_len / high
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)
+
+
+def _rope_tables(config: LlamaConfig, positions: jax.Array):
+  """`cos`, `sin` of shape (batch, seq, head_dim) in float32."""
+  inv = jnp.asarray(_inv_freq(config))
+  ang = positions.astype(jnp.float32)[..., None] * inv
+  ang = jnp.concatenate([ang, ang], axis=-1)
+  return jnp.cos(ang), jnp.sin(ang)
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates `x` (batch, seq, heads, head_dim) in the Hugging Face layout."""
+  half = x.shape[-1] // 2
+  xf = x.astype(jnp.float32)
+  rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  out = xf * cos[:, :, None, :] + rot * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return scale.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def _linear(p: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
+  y = x @ p["kernel"].astype(x.dtype)
+  if "bias" in p:
+    y = y + p["bias"].astype(x.dtype)
+  return y
+
+
+def _attention(q, k, v, mask, dtype):
+  """Grouped-query attention.
+
+  Args:
+    q: (batch, s, heads, d).
+    k: (batch, t, kv_heads, d).
+    v: (batch, t, kv_heads, d).
+    mask: Boolean (batch, s, t), True where attending is allowed.
+    dtype: Output dtype.
+
+  Returns:
+    (batch, s, heads * d).
+  """
+  b, s, h, d = q.shape
+  kvh = k.shape[2]
+  q = q.reshape(b, s, kvh, h // kvh, d)
+  scores = jnp.einsum(
+      "bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32
+  ) / math.sqrt(d)
+  big_neg = jnp.finfo(jnp.float32).min
+  scores = jnp.where(mask[:, None, None, :, :], scores, big_neg)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(dtype))
+  return out.reshape(b, s, h * d)
+
+
+def _layer(p, config: LlamaConfig, x, cos, sin, mask, cache=None, index=None):
+  """One decoder layer. Returns `(x, (k, v))` (the new cache when given)."""
+  b, s, _ = x.shape
+  dt = x.dtype
+  attn = p["self_attn"]
+  h = _rms_norm(x, p["input_layernorm"]["scale"], config.rms_norm_eps)
+  q = _linear(attn["q_proj"], h).reshape(
+      b, s, config.num_attention_heads, config.head_dim)
+  k = _linear(attn["k_proj"], h).reshape(
+      b, s, config.num_key_value_heads, config.head_dim)
+  v = _linear(attn["v_proj"], h).reshape(
+      b, s, config.num_key_value_heads, config.head_dim)
+  q = _apply_rope(q, cos, sin)
+  k = _apply_rope(k, cos, sin)
+  if cache is not None:
+    ck, cv = cache
+    ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+    cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+    k, v = ck, cv
+  o = _attention(q, k.astype(dt), v, mask, dt)
+  x = x + _linear(attn["o_proj"], o)
+  h = _rms_norm(x, p["post_attention_layernorm"]["scale"], config.rms_norm_eps)
+  mlp = p["mlp"]
+  g = _linear(mlp["gate_proj"], h)
+  u = _linear(mlp["up_proj"], h)
+  x = x + _linear(mlp["down_proj"], jax.nn.silu(g) * u)
+  return x, (k, v)
+
+
+def _embed(params, input_ids, dtype):
+  table = params["model"]["embed_tokens"]
+  table = table["embedding"] if "embedding" in table else table["weight"]
+  return jnp.take(table, input_ids, axis=0).astype(dtype)
+
+
+def _logits(params, config: LlamaConfig, x):
+  x = _rms_norm(x, params["model"]["norm"]["scale"], config.rms_norm_eps)
+  if "lm_head" in params:
+    return _linear(params["lm_head"], x).astype(jnp.float32)
+  table = params["model"]["embed_tokens"]
+  table = table["embedding"] if "embedding" in table else table["weight"]
+  return (x @ table.astype(x.dtype).T).astype(jnp.float32)
+
+
+def _layers(params):
+  layers = params["model"]["layers"]
+  return [layers[str(i)] for i in range(len(layers))]
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+  """Position ids that skip padding: `cumsum(mask) - 1`, clipped at 0."""
+  m = attention_mask.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
+
+
+def forward(
+    params: PyTree,
+    config: LlamaConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    position_ids: jax.Array | None = None,
+) -> jax.Array:
+  """Logits `(batch, seq, vocab)` in float32 (see `LlamaModel.apply`)."""
+  input_ids = jnp.asarray(input_ids)
+  if input_ids.ndim != 2:
+    raise ValueError(
+        f"`input_ids` must have shape (batch, seq); got {input_ids.shape}."
+        " Add a batch axis with `input_ids[None]`."
+    )
+  b, s = input_ids.shape
+  dtype = jnp.dtype(config.dtype)
+  if attention_mask is None:
+    key_valid = jnp.ones((b, s), bool)
+    if position_ids is None:
+      position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
+  else:
+    attention_mask = jnp.asarray(attention_mask)
+    if attention_mask.shape != (b, s):
+      raise ValueError(
+          f"`attention_mask` must have the shape of `input_ids` {(b, s)};"
+          f" got {attention_mask.shape}."
+      )
+    key_valid = attention_mask.astype(bool)
+    if position_ids is None:
+      position_ids = positions_from_mask(attention_mask)
+  causal = jnp.tril(jnp.ones((s, s), bool))
+  mask = causal[None] & key_valid[:, None, :]
+  cos, sin = _rope_tables(config, jnp.asarray(position_ids))
+  x = _embed(params, input_ids, dtype)
+  for p in _layers(params):
+    x, _ = _layer(p, config, x, cos, sin, mask)
+  return _logits(params, config, x)
+
+
+# ----------------------------------------------------------------------------
+# Generation with a KV cache.
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "max_new_tokens", "temperature")
+)
+def _generate(params, config, input_ids, attention_mask, key, eos_id, pad_id,
+              *, max_new_tokens, temperature):
+  b, p_len = input_ids.shape
+  total = p_len + max_new_tokens
+  dtype = jnp.dtype(config.dtype)
+  kv_shape = (b, total, config.num_key_value_heads, config.head_dim)
+  layers = _layers(params)
+  cache = [(jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype))
+           for _ in layers]
+  key_valid = jnp.concatenate(
+      [attention_mask.astype(bool), jnp.ones((b, max_new_tokens), bool)],
+      axis=1)
+  positions = positions_from_mask(attention_mask)
+  n_valid = jnp.sum(attention_mask.astype(jnp.int32), axis=1)
+
+  def pick(logits, key):
+    if temperature == 0.0:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
+
+  # Prefill: the whole prompt at cache slots [0, p_len).
+  cos, sin = _rope_tables(config, positions)
+  causal = jnp.arange(total)[None, :] <= jnp.arange(p_len)[:, None]
+  mask = causal[None] & key_valid[:, None, :]
+  x = _embed(params, input_ids, dtype)
+  new_cache = []
+  for p, c in zip(layers, cache):
+    x, c = _layer(p, config, x, cos, sin, mask, cache=c, index=0)
+    new_cache.append(c)
+  logits = _logits(params, config, x[:, -1:])[:, 0]
+  key, sub = jax.random.split(key)
+  tok = pick(logits, sub)
+  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
+  done = tok == eos_id
+
+  def cond(carry):
+    t, _, _, done, _, _ = carry
+    return (t < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    t, tok, cache, done, out, key = carry
+    slot = p_len + t - 1
+    pos = (n_valid + t - 1)[:, None]
+    cos, sin = _rope_tables(config, pos)
+    mask = (jnp.arange(total) <= slot)[None, None, :] & key_valid[:, None, :]
+    x = _embed(params, tok[:, None], dtype)
+    new_cache = []
+    for p, c in zip(layers, cache):
+      x, c = _layer(p, config, x, cos, sin, mask, cache=c, index=slot)
+      new_cache.append(c)
+    logits = _logits(params, config, x)[:, 0]
+    key, sub = jax.random.split(key)
+    nxt = pick(logits, sub)
+    nxt = jnp.where(done, pad_id, nxt)
+    out = out.at[:, t].set(nxt)
+    done = done | (nxt == eos_id)
+    return t + 1, nxt, new_cache, done, out, key
+
+  carry = (jnp.int32(1), tok, new_cache, done, out, key)
+  _, _, _, _, out, _ = jax.lax.while_loop(cond, body, carry)
+  return out
+
+
+def generate(
+    params: PyTree,
+    config: LlamaConfig,
+    input_ids: jax.Array,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    key: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+) -> jax.Array:
+  """Decodes with a KV cache (see `LlamaModel.generate`)."""
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  if input_ids.ndim == 1:
+    raise ValueError(
+        f"`input_ids` must have shape (batch, seq); got {input_ids.shape}."
+        " Add a batch axis with `input_ids[None]`."
+    )
+  if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+    raise ValueError(
+        "`input_ids` must have shape (batch, seq) with seq >= 1; got"
+        f" {input_ids.shape}."
+    )
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+    raise TypeError(f"`max_new_tokens` must be an int; got {max_new_tokens!r}.")
+  if max_new_tokens < 1:
+    raise ValueError(f"`max_new_tokens` must be >= 1; got {max_new_tokens}.")
+  temperature = float(temperature)
+  if temperature < 0:
+    raise ValueError(f"`temperature` must be >= 0; got {temperature}.")
+  if temperature > 0 and key is None:
+    raise ValueError(
+        "Sampling with `temperature` > 0 needs a PRNG key: pass"
+        " `key=jax.random.key(0)`, or use temperature=0.0 for greedy decoding."
+    )
+  if key is None:
+    key = jax.random.key(0)
+  if attention_mask is None:
+    attention_mask = jnp.ones_like(input_ids)
+  else:
+    attention_mask = jnp.asarray(attention_mask, jnp.int32)
+    if attention_mask.shape != input_ids.shape:
+      raise ValueError(
+          f"`attention_mask` must have the shape of `input_ids`"
+          f" {input_ids.shape}; got {attention_mask.shape}."
+      )
+    if not isinstance(attention_mask, jax.core.Tracer):
+      m = np.asarray(attention_mask)
+      if np.any(m[:, 1:] < m[:, :-1]):
+        raise ValueError(
+            "`generate` needs left-padded prompts (padding first, then the"
+            " tokens); `attention_mask` has a 0 after a 1. Pad on the left,"
+            " e.g. set the tokenizer's padding side to 'left'."
+        )
+  eos = config.eos_token_id if eos_id is None else eos_id
+  eos = -1 if eos is None else int(eos)
+  if pad_id is None:
+    pad_id = config.pad_token_id if config.pad_token_id is not None else eos
+  pad_id = max(int(pad_id), 0)
+  return _generate(
+      params, config, input_ids, attention_mask, key, jnp.int32(eos),
+      jnp.int32(pad_id), max_new_tokens=max_new_tokens,
+      temperature=temperature,
+  )
+
+
+# ----------------------------------------------------------------------------
+# Random parameters.
+
+
+def init_params(
+    config: LlamaConfig, *, key: jax.Array, dtype: Any = jnp.float32,
+    std: float = 0.02,
+) -> PyTree:
+  """Random parameters for `config` (normal with `std`, norms around 1).
+
+  Args:
+    config: The model config.
+    key: PRNG key.
+    dtype: Storage dtype of the parameters.
+    std: Standard deviation of the weights.
+
+  Returns:
+    The nested params dict (see the module docstring for its paths).
+  """
+  keys = iter(jax.random.split(key, 16 * config.num_hidden_layers + 8))
+
+  def w(*shape):
+    return (std * jax.random.normal(next(keys), shape)).astype(dtype)
+
+  def norm():
+    return (1.0 + 0.1 * jax.random.normal(
+        next(keys), (config.hidden_size,))).astype(dtype)
+
+  hid, hd = config.hidden_size, config.head_dim
+  nq, nkv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+  layers = {}
+  for i in range(config.num_hidden_layers):
+    attn = {
+        "q_proj": {"kernel": w(hid, nq)},
+        "k_proj": {"kernel": w(hid, nkv)},
+        "v_proj": {"kernel": w(hid, nkv)},
+        "o_proj": {"kernel": w(nq, hid)},
+    }
+    if config.attention_bias:
+      attn["q_proj"]["bias"] = w(nq)
+      attn["k_proj"]["bias"] = w(nkv)
+      attn["v_proj"]["bias"] = w(nkv)
+      if config.model_type != "qwen2":
+        attn["o_proj"]["bias"] = w(hid)
+    layers[str(i)] = {
+        "input_layernorm": {"scale": norm()},
+        "self_attn": attn,
+        "post_attention_layernorm": {"scale": norm()},
+        "mlp": {
+            "gate_proj": {"kernel": w(hid, config.intermediate_size)},
+            "up_proj": {"kernel": w(hid, config.intermediate_size)},
+            "down_proj": {"kernel": w(config.intermediate_size, hid)},
+        },
+    }
+  params = {
+      "model": {
+          "embed_tokens": {"embedding": w(config.vocab_size, hid)},
+          "layers": layers,
+          "norm": {"scale": norm()},
+      }
+  }
+  if not config.tie_word_embeddings:
+    params["lm_head"] = {"kernel": w(hid, config.vocab_size)}
+  return params

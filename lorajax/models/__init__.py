@@ -1,0 +1,5 @@
+"""Reference models for lorajax: `lorajax.models.llama`."""
+
+from lorajax.models import llama
+
+__all__ = ("llama",)

