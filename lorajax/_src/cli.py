@@ -7,7 +7,6 @@ import json
 import os
 import pathlib
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -288,6 +287,26 @@ def _prepare_output(args) -> pathlib.Path:
   return out
 
 
+def _check_targets(lora: Any, params: Any, targets: str) -> None:
+  """Raises a CliError if `--targets` selects no weight (or does not fit)."""
+  try:
+    lora.plan(params)
+  except ValueError as e:
+    from lorajax._src import paths as paths_lib  # noqa: PLC0415
+
+    if "match no weight" not in str(e):
+      raise CliError(f"--targets {targets!r}: {e}") from None
+    names = [p for p, x in paths_lib.leaves_with_paths(params)
+             if getattr(x, "ndim", 0) == 2]
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    raise CliError(
+        f"--targets {targets!r} matches no weight of the model. The model's 2-D weights have paths like {shown}. Pass a"
+        " regex that fullmatches such paths (e.g."
+        " 'model/layers/.*/self_attn/(q|v)_proj/kernel') or a preset:"
+        " 'all-linear', 'attention', 'mlp'."
+    ) from None
+
+
 def _check_resume_config(saved: dict, current: dict, out: pathlib.Path):
   diffs = [f"{k}: run has {saved.get(k)!r}, now {current.get(k)!r}"
            for k in _RESUME_KEYS if saved.get(k) != current.get(k)]
@@ -350,7 +369,7 @@ def _run_finetune(args) -> int:
   if ctx is not None:
     seq_len = min(seq_len, ctx)
   config = _config_from_args(args, seq_len)
-  config.lora.plan(params)  # Raises if --targets matches nothing.
+  _check_targets(config.lora, params, args.targets)
   total = config.num_steps(len(train_ex))
 
   settings = {
@@ -455,20 +474,21 @@ def _run_finetune(args) -> int:
     run_dir.write_json_atomic(out / "samples.json", samples)
     _print_samples(before, after, args.samples)
 
-  # Exports, each written to a temporary directory and renamed into place.
+  # Exports (each written to a temporary directory and renamed into place).
   from lorajax import peft  # noqa: PLC0415
 
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=out, prefix=".adapter."))
-  peft.save(tmp, state.adapter, base_model_name_or_path=model_path)
-  run_dir.replace_dir(tmp, out / "adapter")
+  peft.save(out / "adapter", state.adapter, overwrite=True,
+            base_model_name_or_path=model_path)
   if args.merged_weights:
+    import shutil  # noqa: PLC0415
+
     import lorajax  # noqa: PLC0415
     from lorajax.models import llama  # noqa: PLC0415
 
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=out, prefix=".merged."))
-    llama.save_pretrained(tmp, model.config,
+    if (out / "merged").exists():
+      shutil.rmtree(out / "merged")
+    llama.save_pretrained(out / "merged", model.config,
                           lorajax.merge(params, state.adapter))
-    run_dir.replace_dir(tmp, out / "merged")
   records = run_dir.read_metrics(metrics_path)
   run_dir.plot_loss(records, out / "loss.png",
                     title=f"LoRA r={config.lora.rank} on"

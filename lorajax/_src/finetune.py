@@ -286,7 +286,7 @@ def make_train_step(
     updates, opt_state = optimizer.update(g, opt_state, adapter)
     adapter = optax.apply_updates(adapter, updates)
     metrics = {"loss": s / denom, "tokens": n,
-               "grad_norm": optax.global_norm(g)}
+               "grad_norm": optax.tree.norm(g)}
     return adapter, opt_state, metrics
 
   return jax.jit(step, donate_argnums=(0, 1))
