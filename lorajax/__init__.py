@@ -1,5 +1,6 @@
 """lorajax: functional LoRA fine-tuning for JAX."""
 
+from lorajax import peft
 from lorajax._src.adapter import LoraWeight, delta, init, is_lora, merge, unmerge
 from lorajax._src.config import LoraConfig, WeightPlan
 from lorajax._src.optim import decay_mask, lora_plus
@@ -19,6 +20,7 @@ __all__ = (
     "is_lora",
     "lora_plus",
     "merge",
+    "peft",
     "path_str",
     "summary",
     "unmerge",

@@ -31,10 +31,10 @@ def torch_logits(model, ids, mask=None, position_ids=None) -> np.ndarray:
   with torch.no_grad():
     kw = {}
     if mask is not None:
-      kw["attention_mask"] = torch.as_tensor(np.asarray(mask))
+      kw["attention_mask"] = torch.as_tensor(np.array(mask))
     if position_ids is not None:
-      kw["position_ids"] = torch.as_tensor(np.asarray(position_ids))
-    out = model(torch.as_tensor(np.asarray(ids)), **kw).logits
+      kw["position_ids"] = torch.as_tensor(np.array(position_ids))
+    out = model(torch.as_tensor(np.array(ids)), **kw).logits
   return out.float().numpy()
 
 
