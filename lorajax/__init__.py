@@ -2,23 +2,37 @@
 
 from lorajax import peft
 from lorajax._src.adapter import LoraWeight, delta, init, is_lora, merge, unmerge
+from lorajax._src.checkpoint import CheckpointManager
 from lorajax._src.config import LoraConfig, WeightPlan
 from lorajax._src.optim import decay_mask, lora_plus
 from lorajax._src.paths import path_str
+from lorajax._src.sharding import (
+    TrainStep,
+    adapter_shardings,
+    global_batch,
+    init_sharded,
+    make_train_step,
+)
 from lorajax._src.summary import Summary, summary
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "CheckpointManager",
     "LoraConfig",
     "LoraWeight",
     "Summary",
+    "TrainStep",
     "WeightPlan",
+    "adapter_shardings",
     "decay_mask",
     "delta",
+    "global_batch",
     "init",
+    "init_sharded",
     "is_lora",
     "lora_plus",
+    "make_train_step",
     "merge",
     "peft",
     "path_str",
