@@ -385,9 +385,9 @@ def _run_finetune(args) -> int:
   if args.resume:
     saved = json.loads((out / "config.json").read_text())
     _check_resume_config(saved, settings, out)
-    step = run_dir.latest_step(ckpt_dir)
-    adapter, opt_state, _ = run_dir.restore_checkpoint(
-        ckpt_dir, step, state.adapter, state.opt_state)
+    with run_dir.checkpoint_manager(ckpt_dir, config.lora) as mngr:
+      adapter, opt_state, step = mngr.restore(adapter=state.adapter,
+                                              opt_state=state.opt_state)
     state = ft.TrainState(adapter, opt_state, step)
     (out / run_dir.DONE_FILE).unlink(missing_ok=True)
     records = [r for r in run_dir.read_metrics(metrics_path)
@@ -427,7 +427,7 @@ def _run_finetune(args) -> int:
       f.write(json.dumps({"step": 0, "eval_loss": before.loss,
                           "exact_match": before.exact_match}) + "\n")
 
-  meta = {"config": settings, "lora_config": config.lora.to_dict()}
+  mngr = run_dir.checkpoint_manager(ckpt_dir, config.lora)
   log = metrics_path.open("a")
   t_train = time.perf_counter()
   step_times: list[float] = []
@@ -440,17 +440,19 @@ def _run_finetune(args) -> int:
       print(f"step {step}/{total} loss {m['loss']:.4f}"
             f" {m['tokens_per_s']:.0f} tok/s", flush=True)
     if args.save_every and step % args.save_every == 0 and step < total:
-      run_dir.save_checkpoint(ckpt_dir, step, st.adapter, st.opt_state, meta)
+      mngr.save(step, st.adapter, st.opt_state, metadata=settings)
 
   try:
     state = ft.train(model, params, train_ex, config, state=state,
                      num_steps=total, on_step=on_step,
                      progress=not args.no_progress)
+    train_time = time.perf_counter() - t_train
+    if state.step not in mngr.all_steps():
+      mngr.save(state.step, state.adapter, state.opt_state,
+                metadata=settings)
   finally:
     log.close()
-  train_time = time.perf_counter() - t_train
-  run_dir.save_checkpoint(ckpt_dir, state.step, state.adapter,
-                          state.opt_state, meta)
+    mngr.close()  # Waits for pending (asynchronous) saves.
 
   after = None
   if eval_ex:
