@@ -104,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                  " 'model/layers/.*/self_attn/(q|v)_proj/kernel'.")
   g = ft.add_argument_group("optimisation")
   g.add_argument("--lr", type=_positive_float, default=None,
-                 help="constant AdamW learning rate (default 1e-3: about 10x"
-                 " a typical full fine-tuning rate, the LoRA optimum found by"
-                 " 'LoRA Without Regret').")
+                 help="constant AdamW learning rate (default 5e-4: 10x the"
+                 " usual full fine-tuning rate 5e-5, as the LoRA optimum is"
+                 " about 10x full fine-tuning's ('LoRA Without Regret').")
   g.add_argument("--weight-decay", type=float, default=0.0)
   steps = g.add_mutually_exclusive_group()
   steps.add_argument("--steps", type=_positive_int, default=None,
