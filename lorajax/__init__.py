@@ -4,6 +4,12 @@ from lorajax import peft
 from lorajax._src.adapter import LoraWeight, delta, init, is_lora, merge, unmerge
 from lorajax._src.checkpoint import CheckpointManager
 from lorajax._src.config import LoraConfig, WeightPlan
+from lorajax._src.factored import (
+    LoraFallbackError,
+    LoraFallbackWarning,
+    infer_axes,
+    lora,
+)
 from lorajax._src.optim import decay_mask, lora_plus
 from lorajax._src.paths import path_str
 from lorajax._src.sharding import (
@@ -20,6 +26,8 @@ __version__ = "0.1.0"
 __all__ = (
     "CheckpointManager",
     "LoraConfig",
+    "LoraFallbackError",
+    "LoraFallbackWarning",
     "LoraWeight",
     "Summary",
     "TrainStep",
@@ -28,14 +36,16 @@ __all__ = (
     "decay_mask",
     "delta",
     "global_batch",
+    "infer_axes",
     "init",
     "init_sharded",
     "is_lora",
+    "lora",
     "lora_plus",
     "make_train_step",
     "merge",
-    "peft",
     "path_str",
+    "peft",
     "summary",
     "unmerge",
 )

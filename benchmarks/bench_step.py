@@ -1,0 +1,210 @@
+"""Train-step time: full fine-tuning vs merged LoRA vs factored LoRA.
+
+One jitted step (value_and_grad + optax Adam update) of a decoder-style
+transformer stack, for full fine-tuning, merged LoRA (`lorajax.merge` inside
+the step) and factored LoRA (`lorajax.lora`), at several ranks and widths.
+Reports the median step time after warm-up, its ratio to full fine-tuning,
+compile time, and XLA's memory estimate of the compiled step. All numbers in a
+table come from one run of this script.
+
+  python benchmarks/bench_step.py            # full size (minutes on a CPU)
+  python benchmarks/bench_step.py --smoke    # seconds, for CI
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import lorajax  # noqa: E402
+
+
+def init_params(key, *, layers, d, vocab):
+  keys = iter(jax.random.split(key, 8 * layers + 2))
+  dense = lambda i, o: jax.random.normal(next(keys), (i, o)) / i**0.5  # noqa
+  params = {"embed": {"embedding": jax.random.normal(next(keys), (vocab, d))}}
+  for i in range(layers):
+    params[f"layer_{i}"] = {
+        "attn": {n: {"kernel": dense(d, d)} for n in ("q", "k", "v", "o")},
+        "mlp": {"up": {"kernel": dense(d, 4 * d)},
+                "down": {"kernel": dense(4 * d, d)}},
+        "ln1": {"scale": jnp.ones(d)}, "ln2": {"scale": jnp.ones(d)},
+    }
+  params["lm_head"] = {"kernel": dense(d, vocab)}
+  return params
+
+
+def _norm(x, scale):
+  return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
+
+
+def forward(params, ids, *, layers, heads):
+  x = params["embed"]["embedding"][ids]
+  b, t, d = x.shape
+  mask = jnp.tril(jnp.ones((t, t), bool))
+  for i in range(layers):
+    p = params[f"layer_{i}"]
+    h = _norm(x, p["ln1"]["scale"])
+    q, k, v = (h @ p["attn"][n]["kernel"] for n in ("q", "k", "v"))
+    split = lambda z: z.reshape(b, t, heads, d // heads)  # noqa: E731
+    s = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / (d // heads)**0.5
+    a = jax.nn.softmax(jnp.where(mask, s, -1e9), -1)
+    o = jnp.einsum("bhqk,bkhd->bqhd", a, split(v)).reshape(b, t, d)
+    x = x + o @ p["attn"]["o"]["kernel"]
+    h = _norm(x, p["ln2"]["scale"])
+    x = x + jax.nn.gelu(h @ p["mlp"]["up"]["kernel"]) @ p["mlp"]["down"][
+        "kernel"]
+  return x @ params["lm_head"]["kernel"]
+
+
+def make_step(mode, fwd, tx):
+  def xent(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                           labels).mean()
+
+  if mode == "full":
+    def loss(params, ids, labels):
+      return xent(fwd(params, ids), labels)
+
+    def step(params, opt_state, ids, labels):
+      l, g = jax.value_and_grad(loss)(params, ids, labels)
+      u, opt_state = tx.update(g, opt_state, params)
+      return optax.apply_updates(params, u), opt_state, l
+
+    return step
+
+  apply = (lorajax.lora(fwd) if mode == "factored"
+           else lambda p, ad, ids: fwd(lorajax.merge(p, ad), ids))
+
+  def lora_loss(adapter, params, ids, labels):
+    return xent(apply(params, adapter, ids), labels)
+
+  def lora_step(params, adapter, opt_state, ids, labels):
+    l, g = jax.value_and_grad(lora_loss)(adapter, params, ids, labels)
+    u, opt_state = tx.update(g, opt_state, adapter)
+    return optax.apply_updates(adapter, u), opt_state, l
+
+  return lora_step
+
+
+def bench(mode, rank, args, d):
+  vocab, layers, heads = args.vocab, args.layers, max(1, d // 64)
+  params = init_params(jax.random.key(0), layers=layers, d=d, vocab=vocab)
+  ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0,
+                           vocab)
+  labels = jnp.roll(ids, -1, axis=1)
+  fwd = lambda p, ids: forward(p, ids, layers=layers, heads=heads)  # noqa
+  tx = optax.adam(1e-4)
+  step = make_step(mode, fwd, tx)
+  if mode == "full":
+    state = (params, tx.init(params))
+    call_args = (*state, ids, labels)
+    donate = (0, 1)
+  else:
+    config = lorajax.LoraConfig(rank=rank, alpha=32.0,
+                                targets=r".*(attn|mlp)/.*/kernel")
+    adapter = lorajax.init(params, config, key=jax.random.key(2))
+    call_args = (params, adapter, tx.init(adapter), ids, labels)
+    donate = (1, 2)
+  jitted = jax.jit(step, donate_argnums=donate)
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*call_args).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  peak = None
+  if mem is not None:
+    peak = int(getattr(mem, "temp_size_in_bytes", 0)
+               + getattr(mem, "argument_size_in_bytes", 0)
+               + getattr(mem, "output_size_in_bytes", 0)
+               - getattr(mem, "alias_size_in_bytes", 0))
+  times = []
+  for i in range(args.warmup + args.repeats):
+    t0 = time.perf_counter()
+    out = compiled(*call_args)
+    jax.block_until_ready(out)
+    if i >= args.warmup:
+      times.append(time.perf_counter() - t0)
+    if mode == "full":
+      call_args = (out[0], out[1], ids, labels)
+    else:
+      call_args = (params, out[0], out[1], ids, labels)
+  return {
+      "mode": mode, "rank": rank if mode != "full" else None, "d_model": d,
+      "layers": layers, "tokens": args.batch * args.seq,
+      "median_step_s": statistics.median(times),
+      "min_step_s": min(times), "repeats": len(times),
+      "compile_s": compile_s, "peak_bytes_estimate": peak,
+  }
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--widths", type=int, nargs="+", default=[512, 1024])
+  ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
+  ap.add_argument("--layers", type=int, default=4)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--seq", type=int, default=256)
+  ap.add_argument("--vocab", type=int, default=256)
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--repeats", type=int, default=7)
+  ap.add_argument("--smoke", action="store_true",
+                  help="tiny sizes, for CI; writes nothing to results/")
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__),
+                                                "results"))
+  args = ap.parse_args()
+  if args.smoke:
+    args.widths, args.ranks, args.layers = [64], [4], 2
+    args.batch, args.seq, args.warmup, args.repeats = 2, 16, 1, 2
+  env = {"jax": jax.__version__, "backend": jax.default_backend(),
+         "device_kind": jax.devices()[0].device_kind,
+         "cpu_count": os.cpu_count(), "machine": platform.machine(),
+         "load_avg_1m": os.getloadavg()[0]}
+  rows = []
+  for d in args.widths:
+    full = bench("full", None, args, d)
+    full["ratio_to_full"] = 1.0
+    rows.append(full)
+    print(json.dumps({**full, **env}), flush=True)
+    for rank in args.ranks:
+      for mode in ("merged", "factored"):
+        r = bench(mode, rank, args, d)
+        r["ratio_to_full"] = r["median_step_s"] / full["median_step_s"]
+        rows.append(r)
+        print(json.dumps({**r, **env}), flush=True)
+  if args.smoke:
+    return
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "bench_step.jsonl"), "w") as f:
+    for r in rows:
+      f.write(json.dumps({**r, **env}) + "\n")
+  lines = [
+      f"# Train step: full vs merged vs factored LoRA ({env['device_kind']},"
+      f" {env['cpu_count']} cores, jax {env['jax']}, load avg at start"
+      f" {env['load_avg_1m']:.1f})", "",
+      f"{args.layers} layers, {args.batch}x{args.seq} tokens, Adam; median of"
+      f" {args.repeats} steps after {args.warmup} warm-up steps.", "",
+      "| d_model | mode | rank | median step (s) | ratio to full | compile (s)"
+      " | XLA memory estimate (MiB) |",
+      "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    mem = ("" if r["peak_bytes_estimate"] is None
+           else f"{r['peak_bytes_estimate'] / 2**20:.0f}")
+    lines.append(
+        f"| {r['d_model']} | {r['mode']} | {r['rank'] or ''} |"
+        f" {r['median_step_s']:.3f} | {r['ratio_to_full']:.2f} |"
+        f" {r['compile_s']:.1f} | {mem} |")
+  with open(os.path.join(args.out, "bench_step.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,20 @@
+"""The benchmark scripts run (smoke sizes) and emit well-formed JSON lines."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_step_smoke():
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "bench_step.py"),
+       "--smoke"], capture_output=True, text=True, timeout=300, check=True)
+  rows = [json.loads(line) for line in out.stdout.splitlines()
+          if line.startswith("{")]
+  assert [r["mode"] for r in rows] == ["full", "merged", "factored"]
+  for r in rows:
+    assert r["median_step_s"] > 0 and r["compile_s"] > 0
+  assert rows[0]["ratio_to_full"] == 1.0
