@@ -331,7 +331,8 @@ def train(
       counts completed steps, `metrics` holds Python floats: `loss`, `tokens`
       (completion tokens), `seq_tokens` (real tokens processed), `padded` (
       tokens incl. padding), `grad_norm`, `step_time` (seconds),
-      `tokens_per_s`.
+      `cpu_time` (CPU seconds of this process, all threads: independent
+      of other load on the machine), `tokens_per_s`.
     progress: Show a tqdm progress bar with loss, tokens/s and ETA.
 
   Returns:
@@ -364,10 +365,12 @@ def train(
     while step < total:
       batch = batcher.batch(step)
       t0 = time.perf_counter()
+      c0 = time.process_time()
       adapter, opt_state, m = step_fn(adapter, opt_state, params,
                                       _batch_arrays(batch))
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       dt = time.perf_counter() - t0
+      cpu = time.process_time() - c0
       step += 1
       if not math.isfinite(m["loss"]):
         raise FloatingPointError(
@@ -375,7 +378,7 @@ def train(
             " rate (`--lr`) or check the data."
         )
       m.update(seq_tokens=batch.num_tokens,
-               padded=int(batch.input_ids.size), step_time=dt,
+               padded=int(batch.input_ids.size), step_time=dt, cpu_time=cpu,
                tokens_per_s=batch.num_tokens / dt)
       if bar is not None:
         bar.set_postfix(loss=f"{m['loss']:.4f}",
