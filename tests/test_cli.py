@@ -141,6 +141,8 @@ def _bad_jsonl(d, name, lines):
         ("missing-model", r"Model path '.*nope' does not exist"),
         ("model-dir-without-config", r"has no config\.json"),
         ("model-not-gguf", r"is not a \.gguf file"),
+        ("model-broken", r"Could not load the model from '.*broken'"),
+        ("bad-eval-line", r"evbad\.jsonl:1: missing field\(s\)"),
         ("missing-train", r"--train file '.*missing\.jsonl' does not exist"),
         ("bad-json-line", r"bad\.jsonl:2: not valid JSON"),
         ("missing-field", r"fields\.jsonl:1: missing field\(s\)"
@@ -171,6 +173,12 @@ def test_bad_input(files, tmp_path, capsys, case, match):
   elif case == "model-not-gguf":
     (d / "w.bin").write_bytes(b"xx")
     setarg("--model", d / "w.bin")
+  elif case == "model-broken":
+    (d / "broken").mkdir()
+    (d / "broken" / "config.json").write_text("{")
+    setarg("--model", d / "broken")
+  elif case == "bad-eval-line":
+    setarg("--eval", _bad_jsonl(d, "evbad.jsonl", ['{"completion": "a"}\n']))
   elif case == "missing-train":
     setarg("--train", d / "missing.jsonl")
   elif case == "bad-json-line":

@@ -109,9 +109,16 @@ def plot_loss(records: Iterable[dict[str, Any]], path: str | os.PathLike,
         if r.get("eval_loss") is not None and np.isfinite(r["eval_loss"])]
   fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
   if tr:
-    ax.plot(*zip(*tr), label="train loss", lw=1.2)
+    steps, losses = map(np.asarray, zip(*tr))
+    ax.plot(steps, losses, label="train loss", lw=1.0, alpha=0.5)
+    if len(losses) >= 10:  # Exponential moving average, for the trend.
+      ema = np.empty_like(losses)
+      ema[0] = losses[0]
+      for i in range(1, len(losses)):
+        ema[i] = 0.8 * ema[i - 1] + 0.2 * losses[i]
+      ax.plot(steps, ema, label="train loss (EMA 0.8)", lw=1.8)
   if ev:
-    ax.plot(*zip(*ev), "o--", label="held-out loss")
+    ax.plot(*zip(*ev), "o", ms=7, label="held-out loss")
   ax.set_xlabel("step")
   ax.set_ylabel("loss per completion token")
   ax.set_yscale("log")
