@@ -243,3 +243,16 @@ def test_failed_run_is_not_marked_complete(files, tmp_path, capsys):
   assert "Lower the learning rate" in err
   assert (out / "config.json").exists()
   assert not (out / "run.json").exists()
+
+
+def test_epochs_and_grad_accum(files, tmp_path):
+  out = tmp_path / "run"
+  args = _args(files, out, "--grad-accum", "2", "--eval-examples", "0")
+  i = args.index("--steps")
+  args[i:i + 2] = ["--epochs", "1.5"]
+  assert cli.main(args) == 0
+  # ceil(1.5 epochs * 32 examples / (4 per batch * 2 micro-batches)) = 6.
+  assert json.loads((out / "run.json").read_text())["steps"] == 6
+  rows = [r for r in run_dir.read_metrics(out / "metrics.jsonl") if "loss" in r]
+  assert len(rows) == 6
+  assert all(r["padded"] % 8 == 0 for r in rows)  # 2 x 4 rows per step
