@@ -341,6 +341,7 @@ def _run_finetune(args) -> int:
   from lorajax._src import data as data_lib  # noqa: PLC0415
   from lorajax._src import finetune as ft  # noqa: PLC0415
   from lorajax._src import run_dir  # noqa: PLC0415
+  from lorajax._src import summary as summary_lib  # noqa: PLC0415
 
   # Validate settings before the (slow) model load.
   config = _config_from_args(args, args.seq_len)
@@ -399,7 +400,7 @@ def _run_finetune(args) -> int:
     metrics_path.write_text("")
   run_dir.write_json_atomic(out / "config.json", settings)
 
-  summ = __import__("lorajax").summary(params, state.adapter)
+  summ = summary_lib.summary(params, state.adapter)
   n_tok = sum(len(e) for e in train_ex)
   print(
       f"Model: {model_path}\nData: {len(train_ex)} training examples"

@@ -397,6 +397,11 @@ def _auto_seq_len(examples: Sequence[data_lib.Example]) -> int:
   return max(32, 1 << (longest - 1).bit_length())
 
 
+def _bucket(n: int) -> int:
+  """The smallest power of two >= max(n, 16): few shapes to compile."""
+  return max(16, 1 << (n - 1).bit_length())
+
+
 def prompt_ids(record: data_lib.Record, tokenizer: Any) -> list[int]:
   """Token ids of a record's prompt with the generation prompt appended."""
   text = tokenizer.apply_chat_template(
@@ -439,8 +444,7 @@ def generate_answers(
   answers: list[str] = []
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
-    length = data_lib.bucket_lengths(1 << 30, 16)  # powers of two from 16
-    width = next(b for b in length if b >= max(map(len, chunk)))
+    width = _bucket(max(map(len, chunk)))
     ids = np.full((batch_size, width), pad, np.int32)
     att = np.zeros((batch_size, width), np.int32)
     for i, p in enumerate(chunk):
@@ -512,11 +516,10 @@ def eval_loss(
   run_params = params if adapter is None else _merge_jit(params, adapter)
 
   order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
-  buckets = data_lib.bucket_lengths(1 << 30, 16)
   s = n = 0.0
   for start in range(0, len(order), batch_size):
     exs = [examples[i] for i in order[start:start + batch_size]]
-    width = next(b for b in buckets if b >= max(map(len, exs)))
+    width = _bucket(max(map(len, exs)))
     b = data_lib.pad_batch(exs, width, batch_size)
     ds, dn = _eval_sums(model, run_params, b.input_ids, b.attention_mask,
                         b.loss_mask)
