@@ -1,10 +1,12 @@
 """Generates the default `lorajax finetune` dataset: word-order reversal.
 
 Each example asks to reverse the order of 3 to 6 common English words; the
-answer is checked by exact match. SmolLM2-135M-Instruct answers 0 of 20 such
-prompts correctly (it paraphrases or comments instead), and a rank-16 LoRA
-learns the task in a few dozen steps, so the task shows what fine-tuning does
-within minutes on a CPU.
+answer is checked by exact match. SmolLM2-135M-Instruct answers none of the
+first 64 held-out prompts correctly (greedy decoding, measured with both
+transformers and lorajax; it answers "The order of these words is: ..."
+instead), and a rank-16 LoRA learns the task in a few dozen steps (0% -> ~94%
+on 48 held-out prompts after 60 steps of 8), so the task shows what
+fine-tuning does within minutes on a CPU.
 
 The output is deterministic (fixed seed, no dependence on hash order): running
 this script again rewrites byte-identical files. The held-out split shares no
