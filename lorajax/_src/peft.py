@@ -149,6 +149,12 @@ def save(
   seen: dict[str, str] = {}
   for path, node in nodes:
     module = _module_name(path, name_map)
+    if module is None and name_map is not None:
+      raise ValueError(
+          f"`name_map` gives no PEFT module name for the adapted weight"
+          f" {path!r}; add an entry mapping it to a module name such as"
+          " 'model.layers.0.self_attn.q_proj'."
+      )
     if module is None:
       raise ValueError(
           f"{path!r} has no PEFT module name: its last path component is not"

@@ -1,4 +1,4 @@
-"""A small tokenizer wrapper over `tokenizers.Tokenizer`, with chat templates."""
+"""A small wrapper over `tokenizers.Tokenizer`, with chat templates."""
 
 import json
 import os
