@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -95,54 +96,96 @@ def make_step(mode, fwd, tx):
   return lora_step
 
 
-def bench(mode, rank, args, d):
+class _Config:
+  """One compiled train step and the state it carries from call to call."""
+
+  def __init__(self, mode, rank, args, d, params, ids, labels, fwd):
+    self.mode, self.rank, self.d = mode, rank, d
+    tx = optax.adam(1e-4)
+    step = make_step(mode, fwd, tx)
+    if mode == "full":
+      params = jax.tree.map(jnp.copy, params)  # Donated: a private copy.
+      self.args = (params, tx.init(params), ids, labels)
+      donate = (0, 1)
+    else:
+      config = lorajax.LoraConfig(rank=rank, alpha=32.0,
+                                  targets=r".*(attn|mlp)/.*/kernel")
+      adapter = lorajax.init(params, config, key=jax.random.key(2))
+      self.args = (params, adapter, tx.init(adapter), ids, labels)
+      donate = (1, 2)
+    t0 = time.perf_counter()
+    self.compiled = jax.jit(step, donate_argnums=donate).lower(
+        *self.args).compile()
+    self.compile_s = time.perf_counter() - t0
+    mem = self.compiled.memory_analysis()
+    self.peak = None
+    if mem is not None:
+      self.peak = int(getattr(mem, "temp_size_in_bytes", 0)
+                      + getattr(mem, "argument_size_in_bytes", 0)
+                      + getattr(mem, "output_size_in_bytes", 0)
+                      - getattr(mem, "alias_size_in_bytes", 0))
+    self.times = []
+
+  def run(self):
+    """Runs one step; returns its wall time in seconds."""
+    t0 = time.perf_counter()
+    out = self.compiled(*self.args)
+    jax.block_until_ready(out)
+    elapsed = time.perf_counter() - t0
+    if self.mode == "full":
+      self.args = (out[0], out[1], *self.args[2:])
+    else:
+      self.args = (self.args[0], out[0], out[1], *self.args[3:])
+    return elapsed
+
+
+def bench_width(args, d):
+  """All configurations of one width, timed round-robin.
+
+  Each round runs one step of every configuration in turn, so all of them
+  see the same machine load; the ratio to full fine-tuning is the median over
+  rounds of the per-round ratio.
+  """
   vocab, layers, heads = args.vocab, args.layers, max(1, d // 64)
   params = init_params(jax.random.key(0), layers=layers, d=d, vocab=vocab)
   ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0,
                            vocab)
   labels = jnp.roll(ids, -1, axis=1)
   fwd = lambda p, ids: forward(p, ids, layers=layers, heads=heads)  # noqa
-  tx = optax.adam(1e-4)
-  step = make_step(mode, fwd, tx)
-  if mode == "full":
-    state = (params, tx.init(params))
-    call_args = (*state, ids, labels)
-    donate = (0, 1)
-  else:
-    config = lorajax.LoraConfig(rank=rank, alpha=32.0,
-                                targets=r".*(attn|mlp)/.*/kernel")
-    adapter = lorajax.init(params, config, key=jax.random.key(2))
-    call_args = (params, adapter, tx.init(adapter), ids, labels)
-    donate = (1, 2)
-  jitted = jax.jit(step, donate_argnums=donate)
-  t0 = time.perf_counter()
-  compiled = jitted.lower(*call_args).compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  peak = None
-  if mem is not None:
-    peak = int(getattr(mem, "temp_size_in_bytes", 0)
-               + getattr(mem, "argument_size_in_bytes", 0)
-               + getattr(mem, "output_size_in_bytes", 0)
-               - getattr(mem, "alias_size_in_bytes", 0))
-  times = []
+  configs = [_Config("full", None, args, d, params, ids, labels, fwd)]
+  for rank in args.ranks:
+    for mode in ("merged", "factored"):
+      configs.append(_Config(mode, rank, args, d, params, ids, labels, fwd))
   for i in range(args.warmup + args.repeats):
-    t0 = time.perf_counter()
-    out = compiled(*call_args)
-    jax.block_until_ready(out)
-    if i >= args.warmup:
-      times.append(time.perf_counter() - t0)
-    if mode == "full":
-      call_args = (out[0], out[1], ids, labels)
-    else:
-      call_args = (params, out[0], out[1], ids, labels)
-  return {
-      "mode": mode, "rank": rank if mode != "full" else None, "d_model": d,
-      "layers": layers, "tokens": args.batch * args.seq,
-      "median_step_s": statistics.median(times),
-      "min_step_s": min(times), "repeats": len(times),
-      "compile_s": compile_s, "peak_bytes_estimate": peak,
-  }
+    for c in configs:
+      t = c.run()
+      if i >= args.warmup:
+        c.times.append(t)
+  full = configs[0]
+  rows = []
+  for c in configs:
+    ratios = [t / f for t, f in zip(c.times, full.times)]
+    rows.append({
+        "mode": c.mode, "rank": c.rank, "d_model": d, "layers": layers,
+        "tokens": args.batch * args.seq,
+        "median_step_s": statistics.median(c.times),
+        "min_step_s": min(c.times), "repeats": len(c.times),
+        "ratio_to_full": statistics.median(ratios),
+        "compile_s": c.compile_s, "peak_bytes_estimate": c.peak,
+    })
+  return rows
+
+
+def _write_atomic(path, text):
+  """Writes `text` to a temporary file next to `path`, then renames it."""
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
 
 
 def main():
@@ -165,44 +208,43 @@ def main():
     args.batch, args.seq, args.warmup, args.repeats = 2, 16, 1, 2
   env = {"jax": jax.__version__, "backend": jax.default_backend(),
          "device_kind": jax.devices()[0].device_kind,
-         "cpu_count": os.cpu_count(), "machine": platform.machine(),
-         "load_avg_1m": os.getloadavg()[0]}
+         "cpu_count": os.cpu_count(), "machine": platform.machine()}
   rows = []
   for d in args.widths:
-    full = bench("full", None, args, d)
-    full["ratio_to_full"] = 1.0
-    rows.append(full)
-    print(json.dumps({**full, **env}), flush=True)
-    for rank in args.ranks:
-      for mode in ("merged", "factored"):
-        r = bench(mode, rank, args, d)
-        r["ratio_to_full"] = r["median_step_s"] / full["median_step_s"]
-        rows.append(r)
-        print(json.dumps({**r, **env}), flush=True)
+    env["load_avg_1m_start"] = os.getloadavg()[0]
+    for r in bench_width(args, d):
+      r["load_avg_1m_end"] = os.getloadavg()[0]
+      rows.append({**r, **env})
+      print(json.dumps(rows[-1]), flush=True)
   if args.smoke:
     return
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "bench_step.jsonl"), "w") as f:
-    for r in rows:
-      f.write(json.dumps({**r, **env}) + "\n")
+  _write_atomic(os.path.join(args.out, "bench_step.jsonl"),
+                "".join(json.dumps(r) + "\n" for r in rows))
+  loads = ", ".join(
+      f"d={r['d_model']}: {r['load_avg_1m_start']:.1f} -> "
+      f"{r['load_avg_1m_end']:.1f}" for r in rows if r["mode"] == "full")
   lines = [
       f"# Train step: full vs merged vs factored LoRA ({env['device_kind']},"
-      f" {env['cpu_count']} cores, jax {env['jax']}, load avg at start"
-      f" {env['load_avg_1m']:.1f})", "",
-      f"{args.layers} layers, {args.batch}x{args.seq} tokens, Adam; median of"
-      f" {args.repeats} steps after {args.warmup} warm-up steps.", "",
-      "| d_model | mode | rank | median step (s) | ratio to full | compile (s)"
-      " | XLA memory estimate (MiB) |",
-      "|---|---|---|---|---|---|---|"]
+      f" {env['cpu_count']} cores, jax {env['jax']})", "",
+      f"{args.layers} layers, {args.batch}x{args.seq} tokens, Adam. The"
+      f" configurations of a width run round-robin ({args.warmup} warm-up"
+      f" round(s), then {args.repeats} timed rounds), so all see the same"
+      " machine load; the step time is the median over rounds, the ratio the"
+      " median of the per-round ratios to full fine-tuning. Machine load"
+      f" (1-min load average, start -> end): {loads}.", "",
+      "| d_model | mode | rank | median step (s) | min step (s) | ratio to"
+      " full | compile (s) | XLA memory estimate (MiB) |",
+      "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     mem = ("" if r["peak_bytes_estimate"] is None
            else f"{r['peak_bytes_estimate'] / 2**20:.0f}")
     lines.append(
         f"| {r['d_model']} | {r['mode']} | {r['rank'] or ''} |"
-        f" {r['median_step_s']:.3f} | {r['ratio_to_full']:.2f} |"
-        f" {r['compile_s']:.1f} | {mem} |")
-  with open(os.path.join(args.out, "bench_step.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+        f" {r['median_step_s']:.3f} | {r['min_step_s']:.3f} |"
+        f" {r['ratio_to_full']:.2f} | {r['compile_s']:.1f} | {mem} |")
+  _write_atomic(os.path.join(args.out, "bench_step.md"),
+                "\n".join(lines) + "\n")
   print("\n".join(lines))
 
 

@@ -198,7 +198,8 @@ def launch(num_processes: int = 2, devices_per_process: int = 4,
     for i, p in enumerate(procs):
       out, err = p.communicate(timeout=timeout)
       if p.returncode != 0:
-        raise RuntimeError(f"process {i} failed ({p.returncode}):\n{err[-3000:]}")
+        raise RuntimeError(
+            f"process {i} failed ({p.returncode}):\n{err[-3000:]}")
       reports.append(json.loads(out.strip().splitlines()[-1]))
   finally:
     for p in procs:  # A hang must fail, never block: kill what is left.

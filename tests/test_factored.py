@@ -120,7 +120,7 @@ def test_nn_scan_over_stacked_layers():
   kernel = params["params"]["layers"]["mlp"]["kernel"]
   assert kernel.shape == (4, 12, 12)
   config = lorajax.LoraConfig(rank=2, targets=".*kernel")
-  axes = lorajax.infer_axes(model.apply, config, params, x)
+  axes = lorajax.infer_axes(model.apply, params, x, config=config)
   assert list(axes.values()) == ["sio"]
   adapter = _setup(params, dataclasses.replace(config, axes=axes))
   assert adapter["params"]["layers"]["mlp"]["kernel"].a.shape == (4, 12, 2)
@@ -146,9 +146,10 @@ def test_multi_axis_attention_and_inferred_axes():
   x = jax.random.normal(jax.random.key(0), (2, 5, 10))
   params = model.init(jax.random.key(1), x)
   config = lorajax.LoraConfig(rank=3, targets="attention")
-  with pytest.raises(ValueError, match=r"needs an `axes` entry"):
+  with pytest.raises(ValueError, match=r"(?s)needs an `axes` entry.*"
+                     r"`lorajax\.infer_axes\(fn, params, \*args, config="):
     lorajax.init(params, config, key=jax.random.key(0))
-  axes = lorajax.infer_axes(model.apply, config, params, x)
+  axes = lorajax.infer_axes(model.apply, params, x, config=config)
   assert axes == {"params/q/kernel": "ioo", "params/k/kernel": "ioo",
                   "params/v/kernel": "ioo", "params/o/kernel": "iio"}
   adapter = _setup(params, dataclasses.replace(config, axes=axes))
@@ -172,7 +173,7 @@ def test_moe_expert_stacked_kernels():
                         "w_out": jax.random.normal(k[2], (4, 10, 6)) / 3}}
   x = jax.random.normal(k[3], (9, 6))
   config = lorajax.LoraConfig(rank=2, targets="experts/.*")
-  axes = lorajax.infer_axes(_moe, config, params, x)
+  axes = lorajax.infer_axes(_moe, params, x, config=config)
   assert set(axes.values()) == {"sio"}
   adapter = _setup(params, dataclasses.replace(config, axes=axes))
   _assert_matches_merged(_moe, params, adapter, x)
@@ -192,7 +193,7 @@ def test_conv_model():
   params = model.init(jax.random.key(1), x)
   config = lorajax.LoraConfig(rank=2, targets=".*conv./kernel",
                               axes={".*conv./kernel": "iiio"})
-  assert lorajax.infer_axes(model.apply, config, params, x) == {
+  assert lorajax.infer_axes(model.apply, params, x, config=config) == {
       "params/conv1/kernel": "iiio", "params/conv2/kernel": "iiio"}
   _assert_matches_merged(model.apply, params, _setup(params, config), x)
 
@@ -382,5 +383,85 @@ def test_infer_axes_reports_unused_axes():
   params = {"w": jnp.ones((3, 4, 4))}
   fn = lambda p, x: x @ p["w"].sum(0)  # noqa: E731  (summed, not matmul'd)
   with pytest.raises(ValueError, match=r"'w' \(shape \(3, 4, 4\)\): inferred"):
-    lorajax.infer_axes(fn, lorajax.LoraConfig(targets="w"), params,
-                       jnp.ones((2, 4)))
+    lorajax.infer_axes(fn, params, jnp.ones((2, 4)),
+                       config=lorajax.LoraConfig(targets="w"))
+
+
+# -- indexing stacked weights, shardings, tied heads ----------------------------
+
+
+def _moe_gathered(params, x):
+  """Top-1 routing by indexing the expert stack: per-token kernels."""
+  ids = jnp.argmax(x @ params["router"], -1)
+  w_in = params["experts"]["w_in"][ids]  # gather on the stacked axis
+  h = jax.nn.gelu(jnp.einsum("td,tdf->tf", x, w_in))
+  w_out = jnp.take(params["experts"]["w_out"], ids, axis=0)
+  return jnp.einsum("tf,tfd->td", h, w_out)
+
+
+def test_moe_expert_kernels_indexed_by_gather():
+  k = jax.random.split(jax.random.key(3), 4)
+  params = {"router": jax.random.normal(k[0], (6, 4)),
+            "experts": {"w_in": jax.random.normal(k[1], (4, 6, 10)) / 3,
+                        "w_out": jax.random.normal(k[2], (4, 10, 6)) / 3}}
+  x = jax.random.normal(k[3], (9, 6))
+  config = lorajax.LoraConfig(rank=2, targets="experts/.*")
+  axes = lorajax.infer_axes(_moe_gathered, params, x, config=config)
+  assert axes == {"experts/w_in": "sio", "experts/w_out": "sio"}
+  adapter = _setup(params, dataclasses.replace(config, axes=axes))
+  _assert_matches_merged(_moe_gathered, params, adapter, x)
+  # Per-token adapter slices are gathered, never the merged (4, 6, 10) stack.
+  loss = lambda ad: jnp.sum(  # noqa: E731
+      lorajax.lora(_moe_gathered, strict=True)(params, ad, x) ** 2)
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(adapter).jaxpr
+  assert _dense_weight_dots(jaxpr, _adapted_shapes(adapter)) == []
+
+
+def test_jit_with_shardings_and_sharding_constraints():
+  from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: I001
+  mesh = jax.make_mesh((4, 2), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  shard = lambda *spec: NamedSharding(mesh, P(*spec))  # noqa: E731
+  params = {"up": jax.random.normal(jax.random.key(0), (8, 16)) / 3,
+            "down": jax.random.normal(jax.random.key(1), (16, 8)) / 3}
+
+  def fn(p, x):
+    w = jax.lax.with_sharding_constraint(p["up"], shard(None, "model"))
+    h = jax.lax.with_sharding_constraint(jnp.tanh(x @ w),
+                                         shard("data", "model"))
+    return h @ p["down"]
+
+  adapter = _setup(params, lorajax.LoraConfig(rank=2, targets="up|down"))
+  x = jax.random.normal(jax.random.key(2), (8, 8))
+  params_s = {"up": jax.device_put(params["up"], shard(None, "model")),
+              "down": jax.device_put(params["down"], shard("model", None))}
+  x_s = jax.device_put(x, shard("data", None))
+  step = jax.jit(jax.value_and_grad(
+      lambda ad, p, x: jnp.sum(lorajax.lora(fn, strict=True)(p, ad, x) ** 2)),
+      in_shardings=(None, {"up": shard(None, "model"),
+                           "down": shard("model", None)}, shard("data", None)),
+      out_shardings=(shard(), None))
+  val, grads = step(adapter, params_s, x_s)
+  ref_val, ref_grads = jax.value_and_grad(
+      lambda ad: jnp.sum(fn(lorajax.merge(params, ad), x) ** 2))(adapter)
+  np.testing.assert_allclose(val, ref_val, rtol=1e-4)
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-4)
+
+
+def test_tied_head_contracts_output_axis_without_dense_product():
+  table = jax.random.normal(jax.random.key(0), (20, 8))
+  params = {"embed": {"embedding": table}}
+  adapter = _setup(params, lorajax.LoraConfig(rank=3, targets=".*embedding"))
+  x = jax.random.normal(jax.random.key(1), (5, 8))
+  head = lambda p, x: x @ p["embed"]["embedding"].T  # noqa: E731
+  _assert_matches_merged(head, params, adapter, x)
+  loss = lambda ad: jnp.sum(lorajax.lora(head)(params, ad, x) ** 2)  # noqa
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(adapter).jaxpr
+  assert _dense_weight_dots(jaxpr, [(20, 8)]) == []
+
+
+def test_infer_axes_needs_a_config():
+  with pytest.raises(TypeError, match=r"`config` must be a lorajax.LoraConfig"):
+    lorajax.infer_axes(lambda p, x: x @ p["w"], {"w": jnp.ones((2, 2))},
+                       jnp.ones((1, 2)), config={"rank": 2})

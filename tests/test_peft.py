@@ -39,6 +39,8 @@ def _adapted_logits(model, params, adapter, ids) -> dict[str, np.ndarray]:
   """Logits of the adapted model by every lorajax execution path."""
   return {
       "merged": np.asarray(model.apply(lorajax.merge(params, adapter), ids)),
+      "factored": np.asarray(jax.jit(lorajax.lora(model.apply, strict=True))(
+          params, adapter, ids)),
   }
 
 

@@ -6,7 +6,6 @@ import os
 import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -186,7 +185,8 @@ def test_adapter_shardings_errors():
   abstract = jax.eval_shape(lambda: lorajax.init(
       ex.init_params(jax.random.key(0)), ex.CONFIG, key=jax.random.key(1)))
   with pytest.raises(ValueError, match=r"`overrides` keys \['nothing/.*'\]"):
-    lorajax.adapter_shardings(psh, abstract, overrides={"nothing/.*": (P(), P())})
+    lorajax.adapter_shardings(psh, abstract,
+                              overrides={"nothing/.*": (P(), P())})
   with pytest.raises(ValueError, match=r"'attn/o/kernel'.*3 entries"):
     lorajax.adapter_shardings(
         psh, abstract, overrides={"attn/o/kernel": (P(None, None, None), P())})
@@ -203,6 +203,11 @@ def test_adapter_shardings_errors():
   bad = jax.tree.map(lambda s: s, psh)
   bad["attn"]["o"]["kernel"] = NamedSharding(mesh, P("model", None, None))
   with pytest.raises(ValueError, match=r"'attn/o/kernel' has 3 entries"):
+    lorajax.adapter_shardings(bad, abstract)
+  bad["attn"]["o"]["kernel"] = jax.sharding.SingleDeviceSharding(
+      jax.devices()[0])
+  with pytest.raises(TypeError, match=r"'attn/o/kernel' must be a"
+                     r" NamedSharding, or a PartitionSpec with `mesh=`"):
     lorajax.adapter_shardings(bad, abstract)
   bad["attn"]["o"]["kernel"] = "model"
   with pytest.raises(TypeError, match=r"at 'attn/o/kernel' must be a NamedSh"):
@@ -292,7 +297,8 @@ def test_global_batch_single_process_is_device_put():
   out = lorajax.global_batch(host, sh)
   np.testing.assert_array_equal(np.asarray(out["x"]), host["x"])
   assert out["x"].sharding == sh
-  per_leaf = lorajax.global_batch(host, {"x": sh, "y": NamedSharding(mesh, P())})
+  per_leaf = lorajax.global_batch(
+      host, {"x": sh, "y": NamedSharding(mesh, P())})
   assert per_leaf["y"].sharding.is_fully_replicated
 
 

@@ -1,5 +1,7 @@
-"""Adapter checkpoints with orbax: async saves, keep-last-N, resharding
-restores, and a fall-back past corrupt or partial steps.
+"""Adapter checkpoints with orbax: async, keep-last-N, resharding, fall-back.
+
+Saves are asynchronous and keep the last N steps; restores reshard onto any
+mesh and fall back past corrupt or partial steps.
 
 A step directory holds two orbax items: `state` (the adapter's `a`/`b`
 arrays and the optimizer state's arrays, written by every process for its
@@ -12,15 +14,17 @@ restore into.
 import atexit
 import math
 import os
+import threading
 import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from lorajax._src import paths as paths_lib
 from lorajax._src.adapter import LoraWeight
@@ -45,6 +49,13 @@ def _adapter_nodes(adapter: PyTree, what: str) -> list[tuple[str, LoraWeight]]:
           f"`{what}` must be an adapter pytree (LoraWeight or None nodes, as"
           f" `lorajax.init` makes); at {path!r} it holds {type(n).__name__}."
       )
+    for name in ("a", "b"):
+      x = getattr(n, name)
+      if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(
+            f"`{what}` at {path!r}: `{name}` must be an array or a"
+            f" jax.ShapeDtypeStruct; got {type(x).__name__}."
+        )
   if not nodes:
     raise ValueError(f"`{what}` holds no LoraWeight node.")
   return nodes
@@ -78,6 +89,43 @@ def _arrays(adapter: PyTree, opt_state: PyTree | None) -> dict[str, Any]:
     if leaves:
       state["opt_state"] = {str(i): x for i, x in enumerate(leaves)}
   return state
+
+
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
+
+
+def _bits_sum(x: jax.Array) -> jax.Array:
+  """Sum of the array's bit patterns mod 2**32: exact in any order, so the
+  same on every mesh."""
+  if x.dtype == jnp.bool_:
+    return jnp.sum(x.astype(jnp.uint32), dtype=jnp.uint32)
+  size = np.dtype(x.dtype).itemsize
+  if size == 8:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)  # (..., 2)
+  else:
+    bits = jax.lax.bitcast_convert_type(x, _UINT[size])
+  return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+
+
+def _checksums(leaves: list[jax.Array]) -> list[int]:
+  """One checksum per array, computed where the arrays live."""
+  if not leaves:
+    return []
+  kw = {}
+  mesh = next((getattr(x.sharding, "mesh", None) for x in leaves
+               if isinstance(getattr(x, "sharding", None), NamedSharding)),
+              None)
+  if mesh is not None:
+    kw["out_shardings"] = NamedSharding(mesh, PartitionSpec())
+  fn = jax.jit(lambda xs: jnp.stack([_bits_sum(x) for x in xs]), **kw)
+  out = fn([jnp.asarray(x) if not isinstance(x, jax.Array) else x
+            for x in leaves])
+  return [int(v) for v in np.asarray(out.addressable_data(0))]
+
+
+def _flat_names(arrays: dict[str, Any]) -> list[str]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(arrays)
+  return ["/".join(str(k.key) for k in p) for p, _ in flat]
 
 
 def _dir_bytes(path: str) -> int:
@@ -145,7 +193,9 @@ class CheckpointManager:
     if not isinstance(config, LoraConfig):
       raise TypeError(f"`config` must be a LoraConfig; got {type(config)}.")
     if max_to_keep is not None and max_to_keep < 1:
-      raise ValueError(f"`max_to_keep` must be >= 1 or None; got {max_to_keep}.")
+      raise ValueError(
+          f"`max_to_keep` must be >= 1 or None; got {max_to_keep}."
+      )
     self.directory = os.path.abspath(os.fspath(directory))
     self.config = config
     self._bad_steps: set[int] = set()
@@ -160,7 +210,12 @@ class CheckpointManager:
     )
     ref = weakref.ref(self)
     self._atexit = lambda: (m := ref()) is not None and m.close()
-    atexit.register(self._atexit)
+    # Finish pending saves at exit. This must run before Python's thread
+    # pools refuse new work (they stop at the threading-shutdown hooks, which
+    # run before `atexit`), so it is registered as such a hook where the
+    # interpreter has the (stdlib-internal) registry, else with `atexit`.
+    register = getattr(threading, "_register_atexit", atexit.register)
+    register(self._atexit)
 
   # Lifecycle.
   def __enter__(self) -> "CheckpointManager":
@@ -179,7 +234,6 @@ class CheckpointManager:
       self._mgr.wait_until_finished()
       self._mgr.close()
       self._mgr = None
-      atexit.unregister(self._atexit)
 
   def _live(self) -> ocp.CheckpointManager:
     if self._mgr is None:
@@ -287,6 +341,7 @@ class CheckpointManager:
           " Save under a new step number or delete that step directory."
       )
     nodes = _adapter_nodes(adapter, "adapter")
+    arrays = _arrays(adapter, opt_state)
     meta = {
         "format": _FORMAT,
         "version": _VERSION,
@@ -299,11 +354,14 @@ class CheckpointManager:
             + math.prod(n.b.shape) * np.dtype(n.b.dtype).itemsize
             for _, n in nodes)),
         "user": dict(metadata or {}),
+        "checksums": dict(zip(
+            _flat_names(arrays),
+            _checksums(jax.tree.leaves(arrays)))),
     }
     return mgr.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(_arrays(adapter, opt_state)),
+            state=ocp.args.PyTreeSave(arrays),
             meta=ocp.args.JsonSave(meta),
         ),
         force=force,
@@ -368,6 +426,25 @@ class CheckpointManager:
           " `lorajax.init_sharded` or `lorajax.init` under `jax.eval_shape`."
       )
 
+  def _verify(self, meta, step, state, nodes):
+    want = meta.get("checksums") or {}
+    names = _flat_names(state)
+    got = _checksums(jax.tree.leaves(state))
+    bad = []
+    for name, g in zip(names, got):
+      if name in want and want[name] != g:
+        parts = name.split("/")
+        if parts[0] == "adapter":
+          bad.append(f"{nodes[int(parts[1])][0]!r}.{parts[2]}")
+        else:
+          bad.append(f"optimizer state leaf {parts[1]}")
+    if bad:
+      raise CorruptCheckpointError(
+          f"Checkpoint step {step} in {self.directory!r} has arrays whose"
+          f" contents differ from what was saved (checksum mismatch):"
+          f" {', '.join(bad)}."
+      )
+
   def _restore_step(self, step, adapter, opt_state):
     meta = self.metadata(step)
     self._check_fit(meta, step, adapter, opt_state)
@@ -400,6 +477,7 @@ class CheckpointManager:
           f"Checkpoint step {step} in {self.directory!r} cannot be read"
           f" ({type(e).__name__}: {str(e)[:500]})."
       ) from e
+    self._verify(meta, step, state, nodes)
     flat_nodes, a_def = jax.tree_util.tree_flatten(adapter, is_leaf=_is_node)
     out, it = [], iter(range(len(nodes)))
     for n in flat_nodes:

@@ -406,8 +406,8 @@ class LoraConfig:
               f"{re.escape(path)!r}: {'s' * (len(shape) - 2) + 'io'!r}}}`"
               " for a stack of (d_in, d_out) kernels, or"
               f" {'i' + 'o' * (len(shape) - 1)!r} for a (d_in, heads,"
-              " head_dim) kernel. `lorajax.infer_axes` can work it out from"
-              " your model's matmuls."
+              " head_dim) kernel. `lorajax.infer_axes(fn, params, *args,"
+              " config=config)` can work it out from your model's matmuls."
           )
           continue
         axes = "io"

@@ -27,6 +27,7 @@ from jax.extend import core as jex
 
 from lorajax._src import paths as paths_lib
 from lorajax._src.adapter import LoraWeight, _check_fit
+from lorajax._src.config import LoraConfig
 
 PyTree = Any
 
@@ -351,18 +352,21 @@ class _Interpreter:
     a_spec = "".join(v[j] for j in t.a_axes) + r
     b_spec = "".join(v[j] for j in t.b_axes) + r
     dtype = jnp.result_type(x.dtype, t.base.dtype)
-    delta = jnp.einsum(
-        f"{''.join(xs)},{a_spec},{b_spec}->{out}", x.astype(dtype),
-        t.a.astype(dtype), t.b.astype(dtype),
+    delta = _low_rank_contract(
+        "".join(xs), x.astype(dtype), a_spec, t.a.astype(dtype), b_spec,
+        t.b.astype(dtype), out, scale=t.scale,
         precision=eqn.params.get("precision"),
-        preferred_element_type=eqn.params.get("preferred_element_type"),
-    )
-    return [(base_out + (t.scale * delta).astype(out_aval.dtype)).astype(
-        out_aval.dtype)]
+        preferred_element_type=eqn.params.get("preferred_element_type"))
+    return [(base_out + delta.astype(out_aval.dtype)).astype(out_aval.dtype)]
 
   def _gather(self, eqn, invals):
     t, idx = invals
-    if isinstance(idx, _Tagged) or t.base.ndim != 2 or t.roles != "io":
+    if isinstance(idx, _Tagged):
+      return None
+    stacked = self._gather_stacked(eqn, t, idx)
+    if stacked is not None:
+      return stacked
+    if t.base.ndim != 2 or t.roles != "io":
       return None
     dn = eqn.params["dimension_numbers"]
     sizes = tuple(eqn.params["slice_sizes"])
@@ -380,6 +384,48 @@ class _Interpreter:
     d = jnp.einsum("...r,or->...o", rows, t.b.astype(base_out.dtype))
     return [base_out + jnp.moveaxis(t.scale * d, -1, pos).astype(
         base_out.dtype)]
+
+  def _gather_stacked(self, eqn, t, idx):
+    """Indexing into stacked axes only (`w[expert_ids]`): a structural op."""
+    dn = eqn.params["dimension_numbers"]
+    sizes = tuple(eqn.params["slice_sizes"])
+    shape = t.base.shape
+    keys = tuple(dn.start_index_map)
+    if (tuple(dn.operand_batching_dims) or not keys
+        or set(dn.collapsed_slice_dims) != set(keys)
+        or any(t.roles[k] != "s" for k in keys)
+        or any(sizes[j] != shape[j] for j in range(len(shape))
+               if j not in keys)):
+      return None
+    base_out = _bind(eqn, [t.base, idx])[0]
+    kept = [j for j in range(len(shape)) if j not in keys]
+    offset = list(dn.offset_dims)
+    n_out = base_out.ndim
+    batch_pos = [p for p in range(n_out) if p not in offset]
+    out_pos = dict(zip(kept, offset))  # Operand axis -> output position.
+    roles = ["s"] * n_out
+    for j in kept:
+      roles[out_pos[j]] = t.roles[j]
+    new = t.replace(base=base_out, roles="".join(roles))
+
+    def pick(f, axes, new_axes):
+      nb = len(batch_pos)
+      kept_f = [j for j in axes if j not in keys]
+      f_dn = dn._replace(
+          offset_dims=tuple(range(nb, nb + len(kept_f) + 1)),
+          collapsed_slice_dims=tuple(
+              axes.index(k) for k in dn.collapsed_slice_dims),
+          start_index_map=tuple(axes.index(k) for k in keys))
+      params = dict(eqn.params, dimension_numbers=f_dn,
+                    slice_sizes=tuple(sizes[j] for j in axes) + (
+                        f.shape[-1],))
+      g = _bind_params(eqn.primitive, [f, idx], params)[0]
+      pos = batch_pos + [out_pos[j] for j in kept_f]
+      perm = [pos.index(p) for p in new_axes] + [len(pos)]
+      return jnp.transpose(g, perm)
+
+    return [new.replace(a=pick(t.a, t.a_axes, new.a_axes),
+                        b=pick(t.b, t.b_axes, new.b_axes))]
 
   def _conv_general_dilated(self, eqn, invals):
     x, t = invals
@@ -509,6 +555,58 @@ _PASSTHROUGH = frozenset({
 })
 
 
+def _low_rank_contract(x_spec: str, x: jax.Array, a_spec: str, a: jax.Array,
+                       b_spec: str, b: jax.Array, out: str, *, scale: float,
+                       precision: Any, preferred_element_type: Any
+                       ) -> jax.Array:
+  """`scale * einsum(x, a, b -> out)` as two explicit contractions, x first.
+
+  `x` is contracted with one factor first, then the result with the other:
+  `a @ b` (the dense delta) is never formed. Of the two orders, the one with
+  the smaller intermediate is used: `(x @ a) @ b` for an ordinary matmul,
+  `(x @ b^T) @ a^T` when the weight's output axes are the contracted ones (a
+  tied output head `x @ E.T`). `scale` multiplies the small intermediate.
+  """
+  # XLA:CPU runs the backward of a rank-sized contraction over several token
+  # axes (`btd,btr->dr`) several times slower than over one, so runs of
+  # `x`'s free axes (its token axes) are merged into one axis first.
+  free = [c for c in x_spec if c not in a_spec and c not in b_spec]
+  run = "".join(free)
+  if len(free) > 1 and run in x_spec and run in out:
+    z = next(c for c in string.ascii_letters
+             if c not in x_spec + a_spec + b_spec + out)
+    i = x_spec.index(run)
+    merged_shape = (x.shape[:i] + (math.prod(x.shape[i:i + len(run)]),)
+                    + x.shape[i + len(run):])
+    y = _low_rank_contract(
+        x_spec.replace(run, z), jnp.reshape(x, merged_shape), a_spec, a,
+        b_spec, b, out.replace(run, z), scale=scale, precision=precision,
+        preferred_element_type=preferred_element_type)
+    j = out.index(run)
+    return jnp.reshape(
+        y, y.shape[:j] + x.shape[i:i + len(run)] + y.shape[j + 1:])
+  sizes = {}
+  for spec, arr in ((x_spec, x), (a_spec, a), (b_spec, b)):
+    sizes.update(zip(spec, arr.shape))
+
+  def plan(first, second):
+    keep = set(second) | set(out)
+    h = "".join(dict.fromkeys(c for c in x_spec + first if c in keep))
+    return h, math.prod(sizes[c] for c in h)
+
+  (h_a, n_a), (h_b, n_b) = plan(a_spec, b_spec), plan(b_spec, a_spec)
+  if n_a <= n_b:
+    (f_spec, f), (s_spec, s), h_spec = (a_spec, a), (b_spec, b), h_a
+  else:
+    (f_spec, f), (s_spec, s), h_spec = (b_spec, b), (a_spec, a), h_b
+  h = jnp.einsum(f"{x_spec},{f_spec}->{h_spec}", x, f, precision=precision,
+                 preferred_element_type=preferred_element_type)
+  h = (scale * h).astype(s.dtype)
+  return jnp.einsum(f"{h_spec},{s_spec}->{out}", h, s,
+                    precision=precision,
+                    preferred_element_type=preferred_element_type)
+
+
 def _closed(j) -> jex.ClosedJaxpr:
   return j if isinstance(j, jex.ClosedJaxpr) else jex.ClosedJaxpr(j, ())
 
@@ -587,6 +685,11 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
 
   Raises:
     ValueError: When called, if `adapter` does not fit `params`.
+    LoraFallbackError: When called with `strict=True`, if an adapted weight
+      is used by an op that cannot be factored (names the weight and op).
+
+  Warns:
+    LoraFallbackWarning: Once per trace for each (weight, op) fallback.
   """
 
   @functools.wraps(fn)
@@ -687,8 +790,16 @@ class _AxesWalker:
       collapsed = set(dn.collapsed_slice_dims)
       if len(t[1]) == 2 and collapsed == {0}:  # An embedding lookup.
         self.record(t, {0: "i", 1: "o"})
-      else:
-        self.record(t, {j: "s" for j in collapsed})
+        return none
+      self.record(t, {j: "s" for j in collapsed})
+      if (set(dn.start_index_map) == collapsed and eqn.outvars
+          and not tuple(dn.operand_batching_dims)):
+        # Indexing stacked axes (`w[expert_ids]`): follow the selected slices.
+        kept = [j for j in range(len(t[1])) if j not in collapsed]
+        axes = [frozenset()] * len(eqn.outvars[0].aval.shape)
+        for j, pos in zip(kept, dn.offset_dims):
+          axes[pos] = t[1][j]
+        return [(t[0], axes)]
       return none
     if name == "dot_general":
       (lc, rc), (lb, rb) = p["dimension_numbers"]
@@ -732,8 +843,8 @@ class _AxesWalker:
     return none
 
 
-def infer_axes(fn: Callable[..., Any], config: Any, params: PyTree,
-               *args: Any, **kwargs: Any) -> dict[str, str]:
+def infer_axes(fn: Callable[..., Any], params: PyTree, *args: Any,
+               config: LoraConfig, **kwargs: Any) -> dict[str, str]:
   """Works out `LoraConfig.axes` entries from how `fn` uses its weights.
 
   Traces `fn(params, *args, **kwargs)` once (abstractly: arrays or
@@ -746,14 +857,15 @@ def infer_axes(fn: Callable[..., Any], config: Any, params: PyTree,
   output axis, and one adapter then spans all experts.
 
   Example:
-    >>> axes = lorajax.infer_axes(model.apply, config, params, x)
+    >>> axes = lorajax.infer_axes(model.apply, params, x, config=config)
     >>> config = dataclasses.replace(config, axes=axes)
 
   Args:
     fn: The model function, `fn(params, *args, **kwargs)`.
-    config: A `LoraConfig`; its `targets`/`exclude` choose the weights.
     params: The base params (arrays or `jax.ShapeDtypeStruct`).
     *args: Example positional inputs of `fn`.
+    config: A `LoraConfig` (keyword-only); its `targets`/`exclude` choose
+      the weights.
     **kwargs: Example keyword inputs of `fn`.
 
   Returns:
@@ -761,11 +873,16 @@ def infer_axes(fn: Callable[..., Any], config: Any, params: PyTree,
     axes string, for the targeted weights with more than two axes.
 
   Raises:
+    TypeError: If `config` is not a `LoraConfig`.
     ValueError: If an axis of a targeted weight is never used by a matmul, or
       its uses disagree.
   """
   import re  # pylint: disable=g-import-not-at-top
 
+  if not isinstance(config, LoraConfig):
+    raise TypeError(
+        "`config` must be a lorajax.LoraConfig (pass it by keyword:"
+        f" `infer_axes(fn, params, *args, config=...)`); got {config!r}.")
   flat = paths_lib.leaves_with_paths(params)
   wanted = {}
   for path, leaf in flat:

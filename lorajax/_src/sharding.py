@@ -1,6 +1,8 @@
-"""Sharded LoRA: adapter shardings from the base weights, sharded init, a
-jitted train step with explicit shardings, and global batches for
-multi-process runs.
+"""Sharded LoRA: adapter shardings, sharded init, train step, global batches.
+
+The adapter's shardings derive from the base weights'; the init and the train
+step are jitted with explicit shardings; global batches are assembled from
+each process's slice in multi-process runs.
 
 Everything here is plain public JAX: `jax.sharding.Mesh`, `NamedSharding`,
 `PartitionSpec`, `jax.jit(in_shardings=..., out_shardings=...,
