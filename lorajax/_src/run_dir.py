@@ -1,0 +1,133 @@
+"""The output directory of a fine-tuning run.
+
+Layout (`DONE` marker written last, so a crashed run is never complete):
+
+  config.json       the run's settings (checked again on `--resume`)
+  metrics.jsonl     one JSON object per step, and per evaluation
+  checkpoints/<N>/  orbax checkpoints (`lorajax.CheckpointManager`): adapter,
+                    optimizer state, step, LoRA config, run settings
+  adapter/          PEFT-format export (adapter_config.json + safetensors)
+  merged/           optional merged full weights (safetensors)
+  loss.png          the loss curve
+  samples.json      held-out answers before vs after
+  run.json          final summary; written last, marks the run complete
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+PyTree = Any
+
+DONE_FILE = "run.json"
+
+
+def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
+  """Writes JSON to a temp file in the same directory, then renames it."""
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  with os.fdopen(fd, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, (np.generic,)):
+    return x.item()
+  if isinstance(x, pathlib.Path):
+    return str(x)
+  raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def replace_dir(tmp: pathlib.Path, final: pathlib.Path) -> None:
+  """Moves a fully written `tmp` directory to `final` (replacing it)."""
+  if final.exists():
+    shutil.rmtree(final)
+  os.replace(tmp, final)
+
+
+def checkpoint_manager(directory: pathlib.Path, config: Any):
+  """The run's `lorajax.CheckpointManager` (orbax; keeps the last two)."""
+  from lorajax._src.checkpoint import CheckpointManager  # noqa: PLC0415
+
+  return CheckpointManager(directory, config, max_to_keep=2)
+
+
+def latest_step(directory: pathlib.Path) -> int | None:
+  """The newest checkpoint step in `directory`, or None."""
+  if not directory.is_dir():
+    return None
+  from lorajax._src.config import LoraConfig  # noqa: PLC0415
+
+  # Listing steps does not depend on the LoRA config.
+  with checkpoint_manager(directory, LoraConfig()) as mngr:
+    return mngr.latest_step()
+
+
+def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
+  """The records of a metrics JSONL file (missing file: empty list)."""
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines()
+          if line.strip()]
+
+
+def write_metrics(path: pathlib.Path, records: Iterable[dict]) -> None:
+  """Rewrites a metrics JSONL file atomically."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  with os.fdopen(fd, "w") as f:
+    for r in records:
+      f.write(json.dumps(r, default=_jsonable) + "\n")
+  os.replace(tmp, path)
+
+
+def plot_loss(records: Iterable[dict[str, Any]], path: str | os.PathLike,
+              title: str = "LoRA fine-tuning") -> None:
+  """Draws training loss per step (and eval loss points) into a PNG.
+
+  Args:
+    records: Metrics records: `{"step", "loss"}` for training steps, and
+      `{"step", "eval_loss"}` for evaluations.
+    path: The image file to write.
+    title: Plot title.
+  """
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  records = list(records)
+  tr = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  ev = [(r["step"], r["eval_loss"]) for r in records
+        if r.get("eval_loss") is not None and np.isfinite(r["eval_loss"])]
+  fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+  if tr:
+    steps, losses = map(np.asarray, zip(*tr))
+    ax.plot(steps, losses, label="train loss", lw=1.0, alpha=0.5)
+    if len(losses) >= 10:  # Exponential moving average, for the trend.
+      ema = np.empty_like(losses)
+      ema[0] = losses[0]
+      for i in range(1, len(losses)):
+        ema[i] = 0.8 * ema[i - 1] + 0.2 * losses[i]
+      ax.plot(steps, ema, label="train loss (EMA 0.8)", lw=1.8)
+  if ev:
+    ax.plot(*zip(*ev), "o", ms=7, label="held-out loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss per completion token")
+  ax.set_yscale("log")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.tmp.png")
+  fig.savefig(tmp)
+  plt.close(fig)
+  os.replace(tmp, path)
