@@ -67,6 +67,24 @@ def test_bf16_compute_close_to_f32(checkpoint):
   np.testing.assert_allclose(got, torch_logits(tm, ids), atol=0.1, rtol=0.05)
 
 
+def test_bfloat16_checkpoint_loads(tmp_path):
+  # Most released checkpoints store bfloat16 tensors, which numpy lacks.
+  tm = tiny_torch_llama().to(torch.bfloat16)
+  tm.save_pretrained(tmp_path / "bf16")
+  model, params = llama.from_pretrained(str(tmp_path / "bf16"))
+  q = params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+  assert q.dtype == jnp.float32
+  ref = tm.model.layers[0].self_attn.q_proj.weight.detach().float().numpy().T
+  np.testing.assert_array_equal(np.asarray(q), ref)  # bf16 -> f32 is exact
+  ids = random_ids(np.random.default_rng(5), 2, 8)
+  # The reference: transformers loading the same file in float32 (casting
+  # `tm` back would keep its rotary buffers rounded to bfloat16).
+  ref_model = transformers.LlamaForCausalLM.from_pretrained(
+      tmp_path / "bf16", torch_dtype=torch.float32).eval()
+  np.testing.assert_allclose(model.apply(params, ids),
+                             torch_logits(ref_model, ids), atol=ATOL, rtol=0)
+
+
 def test_generate_matches_transformers(checkpoint):
   tm, path = checkpoint
   model, params = llama.from_pretrained(path)

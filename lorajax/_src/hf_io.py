@@ -83,7 +83,7 @@ def load_params(path: str, config: LlamaConfig, *, dtype: Any) -> PyTree:
   unknown = []
   seen = set()
   for shard in _shards(path):
-    with safe_open(shard, framework="numpy") as f:
+    with safe_open(shard, framework="flax") as f:  # numpy lacks bfloat16
       for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
         if _IGNORED.fullmatch(key):
           continue

@@ -358,7 +358,7 @@ def load(
 
   pairs: dict[str, dict[str, np.ndarray]] = {}
   bad = []
-  with safe_open(w_path, framework="numpy") as f:
+  with safe_open(w_path, framework="flax") as f:  # numpy lacks bfloat16
     for key in f.keys():  # noqa: SIM118
       m = _KEY_RE.fullmatch(key)
       if not key.startswith(_PREFIX) or m is None:
