@@ -269,3 +269,42 @@ def test_train_config_validation():
   c = finetune.TrainConfig(epochs=2.5, batch_size=4, grad_accum=2)
   assert c.num_steps(100) == 32  # ceil(2.5 * 100 / 8)
   assert finetune.TrainConfig.from_dict(c.to_dict()) == c
+
+
+class _FakeTokenizer:
+  eos_id, pad_id = 2, 0
+
+  def apply_chat_template(self, messages, add_generation_prompt=True):
+    return "|".join(m["content"] for m in messages) + "|"
+
+  def encode(self, text, add_special_tokens=False):
+    return [100 + ord(c) % 50 for c in text]
+
+  def decode(self, ids, skip_special_tokens=True):
+    return " ".join(f"t{i}" for i in ids)
+
+
+class _FakeModel:
+  """Generates 5, 6, <end of turn 7>, 8: 7 is a stop id only in the config."""
+
+  tokenizer = _FakeTokenizer()
+  config = llama.LlamaConfig(eos_token_id=2, eos_token_ids=(2, 7))
+
+  def __init__(self):
+    self.eos_seen = None
+
+  def generate(self, params, ids, max_new_tokens, *, temperature,
+               attention_mask, eos_id):
+    self.eos_seen = eos_id
+    row = [5, 6, 7, 8] + [0] * (max_new_tokens - 4)
+    return np.asarray([row] * ids.shape[0], np.int32)
+
+
+def test_generate_answers_stops_at_every_end_token():
+  model = _FakeModel()
+  rec = data_lib.Record(messages=(("user", "hi"), ("assistant", "x")),
+                        source="t:1")
+  got = finetune.generate_answers(model, {}, None, [rec, rec],
+                                  max_new_tokens=8, batch_size=2)
+  assert got == ["t5 t6", "t5 t6"]
+  assert set(model.eos_seen) == {2, 7}

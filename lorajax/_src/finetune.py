@@ -437,7 +437,12 @@ def generate_answers(
     The decoded answers (special tokens dropped, whitespace stripped).
   """
   tok = model.tokenizer
-  eos = tok.eos_id
+  # Stop on every end token the model knows (Llama-3-style instruct models end
+  # a turn with a token other than the tokenizer's eos).
+  cfg = model.config
+  stops = {*(getattr(cfg, "eos_token_ids", None) or ()),
+           getattr(cfg, "eos_token_id", None), tok.eos_id} - {None}
+  eos = tuple(sorted(int(s) for s in stops)) or None
   run_params = params if adapter is None else _merge_jit(params, adapter)
   prompts = [prompt_ids(r, tok) for r in records]
   pad = tok.pad_id if tok.pad_id is not None else 0
@@ -460,8 +465,9 @@ def generate_answers(
       out = out[:, width:]
     for row in out[:len(chunk)]:
       row = list(row)
-      if eos is not None and eos in row:
-        row = row[:row.index(eos)]
+      ends = [i for i, t in enumerate(row) if t in stops]
+      if ends:
+        row = row[:ends[0]]
       answers.append(tok.decode(row, skip_special_tokens=True).strip())
   return answers
 
