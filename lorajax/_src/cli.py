@@ -483,15 +483,11 @@ def _run_finetune(args) -> int:
   peft.save(out / "adapter", state.adapter, overwrite=True,
             base_model_name_or_path=model_path)
   if args.merged_weights:
-    import shutil  # noqa: PLC0415
-
     import lorajax  # noqa: PLC0415
     from lorajax.models import llama  # noqa: PLC0415
 
-    if (out / "merged").exists():
-      shutil.rmtree(out / "merged")
     llama.save_pretrained(out / "merged", model.config,
-                          lorajax.merge(params, state.adapter))
+                          lorajax.merge(params, state.adapter), overwrite=True)
   records = run_dir.read_metrics(metrics_path)
   run_dir.plot_loss(records, out / "loss.png",
                     title=f"LoRA r={config.lora.rank} on"

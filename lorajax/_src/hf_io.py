@@ -3,8 +3,6 @@
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +12,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lorajax._src import fileio
 from lorajax._src.llama import LlamaConfig
 
 PyTree = Any
@@ -169,7 +168,8 @@ def to_hf_state(config: LlamaConfig, params: PyTree) -> dict[str, np.ndarray]:
 
 
 def save_pretrained(
-    directory: str | os.PathLike, config: LlamaConfig, params: PyTree
+    directory: str | os.PathLike, config: LlamaConfig, params: PyTree, *,
+    overwrite: bool = False,
 ) -> None:
   """Writes `config.json` + `model.safetensors` in Hugging Face layout.
 
@@ -178,36 +178,32 @@ def save_pretrained(
   `AutoModelForCausalLM.from_pretrained(directory)` reads the result.
 
   Args:
-    directory: Target directory; must not exist or be empty.
+    directory: Target directory; must not exist or be empty unless
+      `overwrite`.
     config: The model config.
     params: The params dict (lorajax layout).
+    overwrite: Replace an existing non-empty `directory` (the old one is
+      removed only once the new one is complete).
 
   Raises:
-    ValueError: If `directory` exists and is not empty.
+    ValueError: If `directory` exists and is not empty and not `overwrite`.
   """
   directory = os.fspath(directory)
-  if os.path.exists(directory) and os.listdir(directory):
+  if os.path.exists(directory) and os.listdir(directory) and not overwrite:
     raise ValueError(
-        f"{directory!r} exists and is not empty; choose a new directory or"
-        " remove it first."
+        f"{directory!r} exists and is not empty; choose a new directory,"
+        " remove it first, or pass `overwrite=True`."
     )
   state = to_hf_state(config, params)
   d = config.to_hf_dict()
   d["torch_dtype"] = str(next(iter(state.values())).dtype)
-  parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-  try:
+  def write(tmp: str) -> None:
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(d, f, indent=2)
     save_file(state, os.path.join(tmp, "model.safetensors"),
               metadata={"format": "pt"})
-    if os.path.exists(directory):
-      os.rmdir(directory)
-    os.rename(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+
+  fileio.write_dir_atomic(directory, write)
 
 
 def read_json(path: str) -> Mapping[str, Any] | None:

@@ -5,8 +5,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,6 +14,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lorajax._src import fileio
 from lorajax._src import paths as paths_lib
 from lorajax._src.adapter import LoraWeight
 
@@ -240,30 +239,12 @@ def save(
     tensors[f"{_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
     tensors[f"{_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b.T)
 
-  parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-peft-", dir=parent)
-  old = None
-  try:
+  def write(tmp: str) -> None:
     with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
       json.dump(config, f, indent=2)
     save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata=header)
-    if os.path.exists(directory):
-      if os.listdir(directory):
-        old = tempfile.mkdtemp(prefix=".old-peft-", dir=parent)
-        os.rmdir(old)
-        os.rename(directory, old)
-      else:
-        os.rmdir(directory)
-    os.rename(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None and not os.path.exists(directory):
-      os.rename(old, directory)
-      old = None
-    raise
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
+
+  fileio.write_dir_atomic(directory, write)
 
 
 def _check_config(cfg: Mapping[str, Any], where: str) -> None:

@@ -16,7 +16,6 @@ Layout (`DONE` marker written last, so a crashed run is never complete):
 import json
 import os
 import pathlib
-import shutil
 import tempfile
 from collections.abc import Iterable
 from typing import Any
@@ -44,13 +43,6 @@ def _jsonable(x: Any) -> Any:
   if isinstance(x, pathlib.Path):
     return str(x)
   raise TypeError(f"not JSON serialisable: {type(x)}")
-
-
-def replace_dir(tmp: pathlib.Path, final: pathlib.Path) -> None:
-  """Moves a fully written `tmp` directory to `final` (replacing it)."""
-  if final.exists():
-    shutil.rmtree(final)
-  os.replace(tmp, final)
 
 
 def checkpoint_manager(directory: pathlib.Path, config: Any):
