@@ -420,3 +420,13 @@ def test_toy_finetune_lowers_loss_and_keeps_params_frozen():
     losses.append(float(loss))
   assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
   chex.assert_trees_all_equal(jax.tree.map(np.array, params), frozen_copy)
+
+
+def test_summary_rejects_an_adapter_for_other_params():
+  params = _dict_params()
+  adapter = lorajax.init(params, lorajax.LoraConfig(rank=2,
+                                                    targets="layers/./w"),
+                         key=jax.random.key(0))
+  other = {"embed": params["embed"], "layers": params["layers"][:1]}
+  with pytest.raises(ValueError, match="structure does not fit"):
+    lorajax.summary(other, adapter)

@@ -60,8 +60,12 @@ def is_lora(x: Any) -> bool:
   return isinstance(x, LoraWeight)
 
 
-def _is_node(x: Any) -> bool:
+def is_node(x: Any) -> bool:
+  """`is_leaf` for adapter trees: a `LoraWeight` or a `None` placeholder."""
   return x is None or isinstance(x, LoraWeight)
+
+
+_is_node = is_node  # local shorthand
 
 
 def _einsum_specs(axes: str) -> tuple[str, str, str]:
@@ -152,7 +156,7 @@ def init(params: PyTree, config: LoraConfig, *, key: jax.Array) -> PyTree:
   return jax.tree_util.tree_unflatten(treedef, nodes)
 
 
-def _check_fit(params: PyTree, adapter: PyTree) -> None:
+def check_fit(params: PyTree, adapter: PyTree) -> None:
   """Raises a ValueError naming every weight the adapter does not fit."""
   a_flat, a_def = jax.tree_util.tree_flatten_with_path(
       adapter, is_leaf=_is_node
@@ -205,7 +209,7 @@ def _check_fit(params: PyTree, adapter: PyTree) -> None:
 
 
 def _apply(params: PyTree, adapter: PyTree, sign: float) -> PyTree:
-  _check_fit(params, adapter)
+  check_fit(params, adapter)
 
   def one(node, w):
     if node is None:

@@ -27,17 +27,13 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from lorajax._src import paths as paths_lib
-from lorajax._src.adapter import LoraWeight
+from lorajax._src.adapter import LoraWeight, is_node as _is_node
 from lorajax._src.config import LoraConfig
 
 PyTree = Any
 
 _FORMAT = "lorajax-checkpoint"
 _VERSION = 1
-
-
-def _is_node(x: Any) -> bool:
-  return x is None or isinstance(x, LoraWeight)
 
 
 def _adapter_nodes(adapter: PyTree, what: str) -> list[tuple[str, LoraWeight]]:

@@ -26,7 +26,7 @@ from jax import lax
 from jax.extend import core as jex
 
 from lorajax._src import paths as paths_lib
-from lorajax._src.adapter import LoraWeight, _check_fit
+from lorajax._src.adapter import LoraWeight, check_fit, is_node as _is_node
 from lorajax._src.config import LoraConfig
 
 PyTree = Any
@@ -626,10 +626,6 @@ def _bind(eqn, invals):
   return _bind_params(eqn.primitive, invals, eqn.params)
 
 
-def _is_node(x: Any) -> bool:
-  return x is None or isinstance(x, LoraWeight)
-
-
 def _is_dynamic(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic,
                         jax.ShapeDtypeStruct))
@@ -694,7 +690,7 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
 
   @functools.wraps(fn)
   def wrapped(params: PyTree, adapter: PyTree, *args: Any, **kwargs: Any):
-    _check_fit(params, adapter)
+    check_fit(params, adapter)
     nodes, a_def = jax.tree_util.tree_flatten_with_path(adapter,
                                                         is_leaf=_is_node)
     subtrees = a_def.flatten_up_to(params)

@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 from lorajax._src import fileio
 from lorajax._src import paths as paths_lib
-from lorajax._src.adapter import LoraWeight
+from lorajax._src.adapter import LoraWeight, is_node as _is_node
 
 PyTree = Any
 NameMap = Mapping[str, str] | Callable[[str], str | None] | None
@@ -29,10 +29,6 @@ _WEIGHT_LEAVES = ("kernel", "weight", "w")
 _CONFIG_KEYS = ("base_model_name_or_path", "task_type", "revision",
                 "lora_dropout", "inference_mode")
 _KEY_RE = re.compile(r"(.+)\.lora_([AB])(?:\.([^.]+))?\.weight")
-
-
-def _is_node(x: Any) -> bool:
-  return x is None or isinstance(x, LoraWeight)
 
 
 def _default_module(path: str) -> str | None:

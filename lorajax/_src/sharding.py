@@ -20,14 +20,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from lorajax._src import paths as paths_lib
-from lorajax._src.adapter import LoraWeight, init
+from lorajax._src.adapter import LoraWeight, init, is_node as _is_node
 from lorajax._src.config import LoraConfig
 
 PyTree = Any
-
-
-def _is_node(x: Any) -> bool:
-  return x is None or isinstance(x, LoraWeight)
 
 
 def _is_spec_leaf(x: Any) -> bool:

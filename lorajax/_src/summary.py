@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax._src import paths as paths_lib
-from lorajax._src.adapter import LoraWeight
+from lorajax._src import adapter as adapter_lib
 
 PyTree = Any
 
@@ -101,8 +101,9 @@ def summary(params: PyTree, adapter: PyTree) -> Summary:
   Returns:
     A `Summary`; `print(summary)` shows a per-weight table and the totals.
   """
-  is_node = lambda x: x is None or isinstance(x, LoraWeight)  # noqa: E731
-  nodes, a_def = jax.tree_util.tree_flatten_with_path(adapter, is_leaf=is_node)
+  adapter_lib.check_fit(params, adapter)
+  nodes, a_def = jax.tree_util.tree_flatten_with_path(
+      adapter, is_leaf=adapter_lib.is_node)
   weights = a_def.flatten_up_to(params)
   rows = []
   t_n = t_b = 0
