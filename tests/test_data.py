@@ -267,7 +267,7 @@ def test_train_config_validation():
   with pytest.raises(TypeError, match="`lora` must be a LoraConfig"):
     finetune.TrainConfig(lora={"rank": 4})
   c = finetune.TrainConfig(epochs=2.5, batch_size=4, grad_accum=2)
-  assert c.num_steps(100) == 32  # ceil(2.5 * 100 / 8)
+  assert c.num_steps(100) == 30  # 2.5 epochs of 100 // 8 = 12 full steps
   assert finetune.TrainConfig.from_dict(c.to_dict()) == c
 
 
@@ -308,3 +308,13 @@ def test_generate_answers_stops_at_every_end_token():
                                   max_new_tokens=8, batch_size=2)
   assert got == ["t5 t6", "t5 t6"]
   assert set(model.eos_seen) == {2, 7}
+
+
+@pytest.mark.parametrize("epochs,n,per,want", [
+    (1, 100, 8, 12),   # 12 full steps of 8 = one shuffled pass (4 left out)
+    (2, 100, 8, 24),
+    (0.5, 100, 8, 6),
+    (1, 5, 8, 1),      # fewer examples than a step: still one step
+])
+def test_steps_for_epochs_matches_the_batcher_epoch(epochs, n, per, want):
+  assert data_lib.steps_for_epochs(epochs, n, per) == want

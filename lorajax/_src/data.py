@@ -9,7 +9,6 @@ step compiles once per bucket and padding stays small.
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 from collections.abc import Iterator, Sequence
@@ -440,5 +439,11 @@ class Batcher:
 
 def steps_for_epochs(epochs: float, num_examples: int,
                      examples_per_step: int) -> int:
-  """Number of steps that covers `epochs` passes over the data."""
-  return max(1, math.ceil(epochs * num_examples / examples_per_step))
+  """Number of steps that covers `epochs` passes over the data.
+
+  Uses the batcher's epoch length (`num_examples // examples_per_step` full
+  steps; the remainder of a shuffle is left out), so `epochs=1` is exactly
+  one shuffled pass and never spills into the next epoch's order.
+  """
+  per_epoch = max(1, num_examples // examples_per_step)
+  return max(1, round(epochs * per_epoch))

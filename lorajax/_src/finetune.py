@@ -275,15 +275,16 @@ def make_train_step(
     def body(carry, mb):
       g_acc, s_acc, n_acc = carry
       (s, n), g = grad_fn(adapter, params, *mb)
-      g_acc = jax.tree.map(jnp.add, g_acc, g)
+      g_acc = jax.tree.map(lambda x, y: x + y.astype(jnp.float32), g_acc, g)
       return (g_acc, s_acc + s, n_acc + n), None
 
-    zeros = jax.tree.map(jnp.zeros_like, adapter)
+    # Accumulate in float32 whatever the adapter's storage dtype.
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), adapter)
     (g, s, n), _ = jax.lax.scan(
         body, (zeros, jnp.float32(0), jnp.float32(0)), (ids, att, lm)
     )
     denom = jnp.maximum(n, 1.0)
-    g = jax.tree.map(lambda x: x / denom, g)
+    g = jax.tree.map(lambda x, p: (x / denom).astype(p.dtype), g, adapter)
     updates, opt_state = optimizer.update(g, opt_state, adapter)
     adapter = optax.apply_updates(adapter, updates)
     metrics = {"loss": s / denom, "tokens": n,
