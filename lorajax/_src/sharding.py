@@ -346,24 +346,24 @@ def make_train_step(
       return adapter, opt_state, out[0], out[1]
     return adapter, opt_state, out
 
+  jitted = []  # Built on the first call; jax.jit handles later retracing.
+
   def step_fn(params, adapter, opt_state, batch):
-    abstract = _abstract((params, adapter, opt_state, batch))
-    k = ("step", jax.tree.structure(abstract), tuple(
-        (x.shape, x.dtype) for x in jax.tree.leaves(abstract)))
-    if k not in cache:
+    if not jitted:
       o_sh = opt_shardings(adapter)
       out_sh = (adapter_shardings, o_sh, replicated)
       if has_aux:
+        abstract = _abstract((params, adapter, opt_state, batch))
         aux_shape = jax.eval_shape(train, *abstract)[3]
         out_sh += (jax.tree.map(lambda _: replicated, aux_shape),)
-      cache[k] = jax.jit(
+      jitted.append(jax.jit(
           train,
           in_shardings=(param_shardings, adapter_shardings, o_sh,
                         batch_sharding),
           out_shardings=out_sh,
           donate_argnums=(1, 2) if donate else (),
-      )
-    return cache[k](params, adapter, opt_state, batch)
+      ))
+    return jitted[0](params, adapter, opt_state, batch)
 
   return TrainStep(init=init_fn, step=step_fn)
 
