@@ -35,3 +35,13 @@ def test_failed_write_keeps_the_old_directory(tmp_path):
     fileio.write_dir_atomic(target, broken)
   assert (target / "f.txt").read_text() == "old"
   assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_failed_json_write_keeps_the_old_file(tmp_path):
+  from lorajax._src import run_dir
+  path = tmp_path / "run.json"
+  run_dir.write_json_atomic(path, {"step": 1})
+  with pytest.raises(TypeError, match="not JSON serialisable"):
+    run_dir.write_json_atomic(path, {"step": object()})
+  assert '"step": 1' in path.read_text()
+  assert os.listdir(tmp_path) == ["run.json"]

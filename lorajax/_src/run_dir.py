@@ -27,14 +27,29 @@ PyTree = Any
 DONE_FILE = "run.json"
 
 
-def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
-  """Writes JSON to a temp file in the same directory, then renames it."""
+def _write_atomic(path: pathlib.Path, write: Any) -> None:
+  """Runs `write(file)` on a temp file beside `path`, then renames it."""
   path = pathlib.Path(path)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "w") as f:
+  try:
+    with os.fdopen(fd, "w") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
+  """Writes JSON to a temp file in the same directory, then renames it."""
+  def write(f):
     json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
     f.write("\n")
-  os.replace(tmp, path)
+
+  _write_atomic(path, write)
 
 
 def _jsonable(x: Any) -> Any:
@@ -73,11 +88,11 @@ def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
 
 def write_metrics(path: pathlib.Path, records: Iterable[dict]) -> None:
   """Rewrites a metrics JSONL file atomically."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "w") as f:
+  def write(f):
     for r in records:
       f.write(json.dumps(r, default=_jsonable) + "\n")
-  os.replace(tmp, path)
+
+  _write_atomic(path, write)
 
 
 def plot_loss(records: Iterable[dict[str, Any]], path: str | os.PathLike,
