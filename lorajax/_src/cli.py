@@ -35,34 +35,26 @@ _RESUME_KEYS = ("model", "train", "lora", "learning_rate", "weight_decay",
                 "max_grad_norm")
 
 
-def _positive_int(s: str) -> int:
-  try:
-    v = int(s)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected an integer; got {s!r}") from None
-  if v < 1:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {v}")
-  return v
+def _bounded(kind: type, minimum: float, strict: bool):
+  """An argparse type: a `kind` number above (or at least) `minimum`."""
+  noun = "an integer" if kind is int else "a number"
+  bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+
+  def parse(s: str):
+    try:
+      v = kind(s)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected {noun}; got {s!r}") from None
+    if not (v > minimum if strict else v >= minimum):
+      raise argparse.ArgumentTypeError(f"expected {noun} {bound}; got {v}")
+    return v
+
+  return parse
 
 
-def _nonneg_int(s: str) -> int:
-  try:
-    v = int(s)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected an integer; got {s!r}") from None
-  if v < 0:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {v}")
-  return v
-
-
-def _positive_float(s: str) -> float:
-  try:
-    v = float(s)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number; got {s!r}") from None
-  if not v > 0:
-    raise argparse.ArgumentTypeError(f"expected a number > 0; got {v}")
-  return v
+_positive_int = _bounded(int, 1, strict=False)
+_nonneg_int = _bounded(int, 0, strict=False)
+_positive_float = _bounded(float, 0, strict=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

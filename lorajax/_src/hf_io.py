@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lorajax._src import fileio
+from lorajax._src import paths as paths_lib
 from lorajax._src.llama import LlamaConfig
 
 PyTree = Any
@@ -100,9 +101,8 @@ def load_params(path: str, config: LlamaConfig, *, dtype: Any) -> PyTree:
         seen.add(key)
   if unknown:
     raise ValueError(
-        f"{path!r} holds weights that a Llama-family model does not have:\n  "
-        + "\n  ".join(unknown[:12])
-        + ("\n  ..." if len(unknown) > 12 else "")
+        f"{path!r} holds weights that a Llama-family model does not have:\n"
+        + paths_lib.format_paths(unknown)
         + "\nlorajax.models.llama supports Llama, SmolLM, Mistral and Qwen2"
         " checkpoints without extra modules."
     )
@@ -110,9 +110,8 @@ def load_params(path: str, config: LlamaConfig, *, dtype: Any) -> PyTree:
   missing = sorted(expected - seen)
   if missing:
     raise ValueError(
-        f"{path!r} lacks weights that its config.json implies:\n  "
-        + "\n  ".join(missing[:12])
-        + ("\n  ..." if len(missing) > 12 else "")
+        f"{path!r} lacks weights that its config.json implies:\n"
+        + paths_lib.format_paths(missing)
         + "\nCheck `num_hidden_layers` and `tie_word_embeddings` in"
         " config.json, or re-save the checkpoint."
     )
