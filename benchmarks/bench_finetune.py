@@ -38,7 +38,7 @@ def main() -> None:
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from lorajax._src import cli, run_dir  # noqa: PLC0415
+  from lorajax._src.app import cli, run_dir  # noqa: PLC0415
 
   extra = list(args.extra)
   if args.smoke:

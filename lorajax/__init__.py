@@ -1,25 +1,25 @@
 """lorajax: functional LoRA fine-tuning for JAX."""
 
 from lorajax import peft
-from lorajax._src.adapter import LoraWeight, delta, init, is_lora, merge, unmerge
-from lorajax._src.checkpoint import CheckpointManager
-from lorajax._src.config import LoraConfig, WeightPlan
-from lorajax._src.factored import (
+from lorajax._src.core.adapter import LoraWeight, delta, init, is_lora, merge, unmerge
+from lorajax._src.core.checkpoint import CheckpointManager
+from lorajax._src.core.config import LoraConfig, WeightPlan
+from lorajax._src.core.factored import (
     LoraFallbackError,
     LoraFallbackWarning,
     infer_axes,
     lora,
 )
-from lorajax._src.optim import decay_mask, lora_plus
-from lorajax._src.paths import path_str
-from lorajax._src.sharding import (
+from lorajax._src.core.optim import decay_mask, lora_plus
+from lorajax._src.core.paths import path_str
+from lorajax._src.core.sharding import (
     TrainStep,
     adapter_shardings,
     global_batch,
     init_sharded,
     make_train_step,
 )
-from lorajax._src.summary import Summary, summary
+from lorajax._src.core.summary import Summary, summary
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from lorajax._src.cli import main
+from lorajax._src.app.cli import main
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -19,7 +19,7 @@ The same loop as `lorajax finetune`, for use from your own JAX code:
 
 import pathlib
 
-from lorajax._src.data import (
+from lorajax._src.app.data import (
     Batch,
     Batcher,
     DataError,
@@ -29,7 +29,7 @@ from lorajax._src.data import (
     read_jsonl,
     tokenize,
 )
-from lorajax._src.finetune import (
+from lorajax._src.app.finetune import (
     DEFAULT_LEARNING_RATE,
     EvalResult,
     TrainConfig,
@@ -41,7 +41,7 @@ from lorajax._src.finetune import (
     make_train_step,
     train,
 )
-from lorajax._src.run_dir import plot_loss
+from lorajax._src.app.run_dir import plot_loss
 
 
 def bundled_data(split: str) -> pathlib.Path:

@@ -22,6 +22,6 @@ Example:
   >>> loaded = lorajax.peft.load(d, params)
 """
 
-from lorajax._src.peft import load, save
+from lorajax._src.core.peft import load, save
 
 __all__ = ("load", "save")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from lorajax._src import cli
-from lorajax._src import run_dir
+from lorajax._src.app import cli
+from lorajax._src.app import run_dir
 
 from _finetune_testing import write_reverse_data, write_tiny_model
 

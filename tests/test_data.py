@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lorajax import finetune
-from lorajax._src import data as data_lib
+from lorajax._src.app import data as data_lib
 from lorajax.models import llama
 
 from _finetune_testing import write_reverse_data, write_tiny_model

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from lorajax._src import fileio
+from lorajax._src.core import fileio
 
 
 def _write(content):
@@ -38,7 +38,7 @@ def test_failed_write_keeps_the_old_directory(tmp_path):
 
 
 def test_failed_json_write_keeps_the_old_file(tmp_path):
-  from lorajax._src import run_dir
+  from lorajax._src.app import run_dir
   path = tmp_path / "run.json"
   run_dir.write_json_atomic(path, {"step": 1})
   with pytest.raises(TypeError, match="not JSON serialisable"):

@@ -12,7 +12,7 @@ from _llama_testing import random_ids, tiny_torch_llama, torch_logits
 from gguf.quants import dequantize as ref_dequantize
 from gguf.quants import quantize as ref_quantize
 
-from lorajax._src import gguf_io
+from lorajax._src.models import gguf_io
 from lorajax.models import llama
 
 QT = gguf.GGMLQuantizationType

@@ -11,10 +11,10 @@ Example:
   >>> tok.decode(model.generate(params, ids, 20)[0])  # doctest: +SKIP
 """
 
-from lorajax._src.hf_io import save_pretrained
-from lorajax._src.llama import LlamaConfig, init_params
-from lorajax._src.model import LlamaModel, default_model_path, from_pretrained
-from lorajax._src.tokenizer import Tokenizer
+from lorajax._src.models.hf_io import save_pretrained
+from lorajax._src.models.llama import LlamaConfig, init_params
+from lorajax._src.models.model import LlamaModel, default_model_path, from_pretrained
+from lorajax._src.models.tokenizer import Tokenizer
 
 __all__ = (
     "LlamaConfig",

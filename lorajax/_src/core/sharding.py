@@ -19,9 +19,9 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
-from lorajax._src import paths as paths_lib
-from lorajax._src.adapter import LoraWeight, init, is_node as _is_node
-from lorajax._src.config import LoraConfig
+from lorajax._src.core import paths as paths_lib
+from lorajax._src.core.adapter import LoraWeight, init, is_node as _is_node
+from lorajax._src.core.config import LoraConfig
 
 PyTree = Any
 

@@ -9,10 +9,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorajax._src import gguf_io, hf_io
-from lorajax._src import llama as llama_lib
-from lorajax._src.llama import LlamaConfig
-from lorajax._src.tokenizer import Tokenizer
+from lorajax._src.models import gguf_io
+from lorajax._src.models import hf_io
+from lorajax._src.models import llama as llama_lib
+from lorajax._src.models.llama import LlamaConfig
+from lorajax._src.models.tokenizer import Tokenizer
 
 PyTree = Any
 

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lorajax._src import adapter as adapter_lib
-from lorajax._src import data as data_lib
-from lorajax._src.config import LoraConfig
+from lorajax._src.core import adapter as adapter_lib
+from lorajax._src.app import data as data_lib
+from lorajax._src.core.config import LoraConfig
 
 PyTree = Any
 

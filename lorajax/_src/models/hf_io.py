@@ -12,9 +12,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lorajax._src import fileio
-from lorajax._src import paths as paths_lib
-from lorajax._src.llama import LlamaConfig
+from lorajax._src.core import fileio
+from lorajax._src.core import paths as paths_lib
+from lorajax._src.models.llama import LlamaConfig
 
 PyTree = Any
 

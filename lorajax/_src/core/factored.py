@@ -25,9 +25,9 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex
 
-from lorajax._src import paths as paths_lib
-from lorajax._src.adapter import LoraWeight, check_fit, is_node as _is_node
-from lorajax._src.config import LoraConfig
+from lorajax._src.core import paths as paths_lib
+from lorajax._src.core.adapter import LoraWeight, check_fit, is_node as _is_node
+from lorajax._src.core.config import LoraConfig
 
 PyTree = Any
 

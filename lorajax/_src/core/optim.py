@@ -6,7 +6,7 @@ from typing import Any
 import jax
 import optax
 
-from lorajax._src.adapter import LoraWeight
+from lorajax._src.core.adapter import LoraWeight
 
 PyTree = Any
 

@@ -227,7 +227,7 @@ def _resolve_data(args) -> tuple[pathlib.Path, pathlib.Path | None]:
 
 def _config_from_args(args, seq_len: int | None):
   import lorajax  # noqa: PLC0415
-  from lorajax._src import finetune as ft  # noqa: PLC0415
+  from lorajax._src.app import finetune as ft  # noqa: PLC0415
 
   lora = lorajax.LoraConfig(rank=args.rank, alpha=args.alpha,
                             targets=args.targets)
@@ -247,7 +247,7 @@ def _config_from_args(args, seq_len: int | None):
 
 
 def _prepare_output(args) -> pathlib.Path:
-  from lorajax._src import run_dir  # noqa: PLC0415
+  from lorajax._src.app import run_dir  # noqa: PLC0415
 
   if args.output is None:
     if args.resume:
@@ -284,7 +284,7 @@ def _check_targets(lora: Any, params: Any, targets: str) -> None:
   try:
     lora.plan(params)
   except ValueError as e:
-    from lorajax._src import paths as paths_lib  # noqa: PLC0415
+    from lorajax._src.core import paths as paths_lib  # noqa: PLC0415
 
     if "match no weight" not in str(e):
       raise CliError(f"--targets {targets!r}: {e}") from None
@@ -330,10 +330,10 @@ def _run_finetune(args) -> int:
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from lorajax._src import data as data_lib  # noqa: PLC0415
-  from lorajax._src import finetune as ft  # noqa: PLC0415
-  from lorajax._src import run_dir  # noqa: PLC0415
-  from lorajax._src import summary as summary_lib  # noqa: PLC0415
+  from lorajax._src.app import data as data_lib  # noqa: PLC0415
+  from lorajax._src.app import finetune as ft  # noqa: PLC0415
+  from lorajax._src.app import run_dir  # noqa: PLC0415
+  from lorajax._src.core import summary as summary_lib  # noqa: PLC0415
 
   # Validate settings before the (slow) model load.
   config = _config_from_args(args, args.seq_len)
@@ -522,8 +522,8 @@ def _run_finetune(args) -> int:
 
 
 def _run_generate(args) -> int:
-  from lorajax._src import data as data_lib  # noqa: PLC0415
-  from lorajax._src import finetune as ft  # noqa: PLC0415
+  from lorajax._src.app import data as data_lib  # noqa: PLC0415
+  from lorajax._src.app import finetune as ft  # noqa: PLC0415
 
   adapter_dir = None
   base = args.model

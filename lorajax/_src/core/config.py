@@ -9,7 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from lorajax._src import paths as paths_lib
+from lorajax._src.core import paths as paths_lib
 
 # Names of a linear layer's weight leaf in Flax linen/NNX (`kernel`) and in
 # Hugging Face style or plain-dict params (`weight`, `w`).

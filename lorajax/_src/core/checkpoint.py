@@ -26,9 +26,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from lorajax._src import paths as paths_lib
-from lorajax._src.adapter import LoraWeight, is_node as _is_node
-from lorajax._src.config import LoraConfig
+from lorajax._src.core import paths as paths_lib
+from lorajax._src.core.adapter import LoraWeight, is_node as _is_node
+from lorajax._src.core.config import LoraConfig
 
 PyTree = Any
 

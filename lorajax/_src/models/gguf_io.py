@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from lorajax._src.llama import LlamaConfig
+from lorajax._src.models.llama import LlamaConfig
 
 PyTree = Any
 

@@ -8,8 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorajax._src import paths as paths_lib
-from lorajax._src.config import LoraConfig, WeightPlan, check_axes
+from lorajax._src.core import paths as paths_lib
+from lorajax._src.core.config import LoraConfig, WeightPlan, check_axes
 
 PyTree = Any
 

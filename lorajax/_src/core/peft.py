@@ -14,9 +14,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lorajax._src import fileio
-from lorajax._src import paths as paths_lib
-from lorajax._src.adapter import LoraWeight, is_node as _is_node
+from lorajax._src.core import fileio
+from lorajax._src.core import paths as paths_lib
+from lorajax._src.core.adapter import LoraWeight, is_node as _is_node
 
 PyTree = Any
 NameMap = Mapping[str, str] | Callable[[str], str | None] | None

@@ -62,7 +62,7 @@ def _jsonable(x: Any) -> Any:
 
 def checkpoint_manager(directory: pathlib.Path, config: Any):
   """The run's `lorajax.CheckpointManager` (orbax; keeps the last two)."""
-  from lorajax._src.checkpoint import CheckpointManager  # noqa: PLC0415
+  from lorajax._src.core.checkpoint import CheckpointManager  # noqa: PLC0415
 
   return CheckpointManager(directory, config, max_to_keep=2)
 
@@ -71,7 +71,7 @@ def latest_step(directory: pathlib.Path) -> int | None:
   """The newest checkpoint step in `directory`, or None."""
   if not directory.is_dir():
     return None
-  from lorajax._src.config import LoraConfig  # noqa: PLC0415
+  from lorajax._src.core.config import LoraConfig  # noqa: PLC0415
 
   # Listing steps does not depend on the LoRA config.
   with checkpoint_manager(directory, LoraConfig()) as mngr:
