@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lorajax._src.core import explicit
 from lorajax._src.core import paths as paths_lib
 from lorajax._src.core.config import LoraConfig, WeightPlan, check_axes
 
@@ -214,7 +215,18 @@ def _apply(params: PyTree, adapter: PyTree, sign: float) -> PyTree:
   def one(node, w):
     if node is None:
       return w
-    return (w.astype(jnp.float32) + sign * delta(node)).astype(w.dtype)
+    w_sh = explicit.sharding_of(w)
+    if w_sh is None:
+      return (w.astype(jnp.float32) + sign * delta(node)).astype(w.dtype)
+    # Explicit mesh: lay the factors out like the weight (whatever their own
+    # sharding), so the delta comes out sharded as `w` is.
+    w_entries = explicit.padded_spec(w_sh, w.ndim)
+    a_e, b_e = explicit.factor_entries(w_entries, node.axes)
+    node = dataclasses.replace(
+        node, a=explicit.reshard(node.a, w_sh.mesh, a_e),
+        b=explicit.reshard(node.b, w_sh.mesh, b_e))
+    d = explicit.reshard(delta(node), w_sh.mesh, w_entries)
+    return (w.astype(jnp.float32) + sign * d).astype(w.dtype)
 
   # The adapter is a prefix of params: mapping over it visits every weight.
   return jax.tree.map(one, adapter, params, is_leaf=_is_node)

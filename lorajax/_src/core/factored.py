@@ -25,6 +25,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex
 
+from lorajax._src.core import explicit
 from lorajax._src.core import paths as paths_lib
 from lorajax._src.core.adapter import LoraWeight, check_fit, is_node as _is_node
 from lorajax._src.core.config import LoraConfig
@@ -88,7 +89,25 @@ def _from_node(w: jax.Array, node: LoraWeight, path: str) -> _Tagged:
   b_src = s_ax + o_ax
   b = jnp.transpose(b, [b_src.index(j) for j in sorted(b_src)]
                     + [len(b_src)])
-  return _Tagged(w, a, b, axes, float(node.scale), path)
+  return _refit(_Tagged(w, a, b, axes, float(node.scale), path))
+
+
+def _refit(t: _Tagged) -> _Tagged:
+  """On an Explicit mesh, lays `a` and `b` out like `t.base`.
+
+  `a` takes the base's spec entries on its `s`/`i` axes, `b` on its `s`/`o`
+  axes; the rank axis is replicated. A no-op unless the base or a factor is
+  on a mesh with Explicit axes.
+  """
+  sh = explicit.mesh_sharding_of(t.base)
+  if sh is None or not any(
+      explicit.sharding_of(x) is not None for x in (t.base, t.a, t.b)):
+    return t
+  entries = explicit.padded_spec(sh, t.base.ndim)
+  a_e = tuple(entries[j] for j in t.a_axes) + (None,)
+  b_e = tuple(entries[j] for j in t.b_axes) + (None,)
+  return t.replace(a=explicit.reshard(t.a, sh.mesh, a_e),
+                   b=explicit.reshard(t.b, sh.mesh, b_e))
 
 
 def _letters():
@@ -108,7 +127,11 @@ def _delta(t: _Tagged, dtype: Any = jnp.float32) -> jax.Array:
 
 
 def _materialize(t: _Tagged) -> jax.Array:
-  return (t.base.astype(jnp.float32) + _delta(t)).astype(t.base.dtype)
+  d = _delta(_refit(t))
+  sh = explicit.sharding_of(t.base)
+  if sh is not None:
+    d = explicit.reshard(d, sh.mesh, explicit.padded_spec(sh, t.base.ndim))
+  return (t.base.astype(jnp.float32) + d).astype(t.base.dtype)
 
 
 def _reshape_groups(old: Sequence[int], new: Sequence[int]):
@@ -210,7 +233,8 @@ class _Interpreter:
         isinstance(x, _Tagged) for x in invals[1:]):
       t = invals[0]
       base = _bind(eqn, [t.base, *invals[1:]])[0]
-      return [t.replace(base=base)]
+      # A reshard / mesh_cast of the weight moves its factors with it.
+      return [_refit(t.replace(base=base))]
     invals = [self.plain(x, name) for x in invals]
     return _bind(eqn, invals)
 
@@ -356,7 +380,8 @@ class _Interpreter:
         "".join(xs), x.astype(dtype), a_spec, t.a.astype(dtype), b_spec,
         t.b.astype(dtype), out, scale=t.scale,
         precision=eqn.params.get("precision"),
-        preferred_element_type=eqn.params.get("preferred_element_type"))
+        preferred_element_type=eqn.params.get("preferred_element_type"),
+        out_sharding=explicit.sharding_of(base_out))
     return [(base_out + delta.astype(out_aval.dtype)).astype(out_aval.dtype)]
 
   def _gather(self, eqn, invals):
@@ -381,7 +406,13 @@ class _Interpreter:
     rows_a = _bind_params(eqn.primitive, [t.a, idx], params)[0]
     pos = dn.offset_dims[0]
     rows = jnp.moveaxis(rows_a, pos, -1).astype(base_out.dtype)
-    d = jnp.einsum("...r,or->...o", rows, t.b.astype(base_out.dtype))
+    d_sharding = explicit.sharding_of(base_out)
+    if d_sharding is not None:
+      entries = list(explicit.padded_spec(d_sharding, base_out.ndim))
+      entries.append(entries.pop(pos))
+      d_sharding = explicit.out_sharding(d_sharding, tuple(entries))
+    d = jnp.einsum("...r,or->...o", rows, t.b.astype(base_out.dtype),
+                   out_sharding=d_sharding)
     return [base_out + jnp.moveaxis(t.scale * d, -1, pos).astype(
         base_out.dtype)]
 
@@ -557,8 +588,8 @@ _PASSTHROUGH = frozenset({
 
 def _low_rank_contract(x_spec: str, x: jax.Array, a_spec: str, a: jax.Array,
                        b_spec: str, b: jax.Array, out: str, *, scale: float,
-                       precision: Any, preferred_element_type: Any
-                       ) -> jax.Array:
+                       precision: Any, preferred_element_type: Any,
+                       out_sharding: Any = None) -> jax.Array:
   """`scale * einsum(x, a, b -> out)` as two explicit contractions, x first.
 
   `x` is contracted with one factor first, then the result with the other:
@@ -566,13 +597,18 @@ def _low_rank_contract(x_spec: str, x: jax.Array, a_spec: str, a: jax.Array,
   the smaller intermediate is used: `(x @ a) @ b` for an ordinary matmul,
   `(x @ b^T) @ a^T` when the weight's output axes are the contracted ones (a
   tied output head `x @ E.T`). `scale` multiplies the small intermediate.
+  `out_sharding` (on Explicit meshes: the sharding of the base weight's
+  result) fixes the result's sharding and, on the axes it shares with the
+  intermediate, the intermediate's; its rank axis is replicated.
   """
   # XLA:CPU runs the backward of a rank-sized contraction over several token
   # axes (`btd,btr->dr`) several times slower than over one, so runs of
   # `x`'s free axes (its token axes) are merged into one axis first.
   free = [c for c in x_spec if c not in a_spec and c not in b_spec]
   run = "".join(free)
-  if len(free) > 1 and run in x_spec and run in out:
+  # (Not on Explicit meshes, where the reshape would need annotations.)
+  if (len(free) > 1 and run in x_spec and run in out
+      and out_sharding is None):
     z = next(c for c in string.ascii_letters
              if c not in x_spec + a_spec + b_spec + out)
     i = x_spec.index(run)
@@ -599,12 +635,19 @@ def _low_rank_contract(x_spec: str, x: jax.Array, a_spec: str, a: jax.Array,
     (f_spec, f), (s_spec, s), h_spec = (a_spec, a), (b_spec, b), h_a
   else:
     (f_spec, f), (s_spec, s), h_spec = (b_spec, b), (a_spec, a), h_b
+  h_sharding = None
+  if out_sharding is not None:
+    o_entries = explicit.padded_spec(out_sharding, len(out))
+    h_sharding = explicit.out_sharding(out_sharding, tuple(
+        o_entries[out.index(c)] if c in out else None for c in h_spec))
   h = jnp.einsum(f"{x_spec},{f_spec}->{h_spec}", x, f, precision=precision,
-                 preferred_element_type=preferred_element_type)
+                 preferred_element_type=preferred_element_type,
+                 out_sharding=h_sharding)
   h = (scale * h).astype(s.dtype)
   return jnp.einsum(f"{h_spec},{s_spec}->{out}", h, s,
                     precision=precision,
-                    preferred_element_type=preferred_element_type)
+                    preferred_element_type=preferred_element_type,
+                    out_sharding=out_sharding)
 
 
 def _closed(j) -> jex.ClosedJaxpr:
