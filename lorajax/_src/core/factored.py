@@ -27,7 +27,8 @@ from jax.extend import core as jex
 
 from lorajax._src.core import explicit
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, check_fit, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight, check_fit
+from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
 
 PyTree = Any
@@ -780,7 +781,7 @@ class _AxesWalker:
 
   def walk(self, jaxpr, ins):
     env = {}
-    read = lambda v: None if isinstance(v, jex.Literal) else env.get(v)  # noqa
+    read = lambda v: None if isinstance(v, jex.Literal) else env.get(v)
     for v, x in zip(jaxpr.invars, ins):
       env[v] = x
     for eqn in jaxpr.eqns:
