@@ -1,4 +1,4 @@
-"""The `lorajax` command line: `lorajax finetune` and `lorajax generate`."""
+"""The `lorajax` command line: `lorajax finetune`, `generate` and `plan`."""
 
 import argparse
 import datetime
@@ -144,6 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the user message (repeat for several prompts).")
   gen.add_argument("--system", default=None, help="optional system message.")
   gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
+
+  pl = sub.add_parser(
+      "plan", help="will a LoRA run fit on a TPU slice, and how fast is it?",
+      description="Compile one train step ahead of time for a TPU topology"
+      " (needs libtpu; the slice need not be attached) or the local devices,"
+      " from the model's shapes alone, and report per-chip memory against"
+      " HBM (fits or not), the compiler's step-time estimate, tokens/s, MFU,"
+      " the collectives and the compile time. Compiler estimates, not"
+      " measurements.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  from lorajax._src.app import plan as plan_lib  # noqa: PLC0415
+
+  plan_lib.add_arguments(pl)
   return parser
 
 
@@ -587,6 +600,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.command == "finetune":
       return _run_finetune(args)
+    if args.command == "plan":
+      from lorajax._src.app import plan as plan_lib  # noqa: PLC0415
+
+      return plan_lib.run(args)
     return _run_generate(args)
   except KeyboardInterrupt:
     _eprint("lorajax: interrupted; the output directory is incomplete (no"

@@ -274,7 +274,9 @@ class TrainStep(NamedTuple):
     init: `init(adapter) -> opt_state`, the optimizer state created on the
       devices with the adapter's shardings.
     step: `step(params, adapter, opt_state, batch) -> (adapter, opt_state,
-      loss)` (plus `aux` last with `has_aux=True`).
+      loss)` (plus `aux` last with `has_aux=True`). `step.lower(...)` with
+      the same arguments as arrays or `jax.ShapeDtypeStruct`s lowers it
+      ahead of time (`.compile()`, `.memory_analysis()`...).
   """
 
   init: Callable[[PyTree], PyTree]
@@ -348,7 +350,7 @@ def make_train_step(
 
   jitted = []  # Built on the first call; jax.jit handles later retracing.
 
-  def step_fn(params, adapter, opt_state, batch):
+  def build(params, adapter, opt_state, batch):
     if not jitted:
       o_sh = opt_shardings(adapter)
       out_sh = (adapter_shardings, o_sh, replicated)
@@ -363,8 +365,19 @@ def make_train_step(
           out_shardings=out_sh,
           donate_argnums=(1, 2) if donate else (),
       ))
-    return jitted[0](params, adapter, opt_state, batch)
+    return jitted[0]
 
+  def step_fn(params, adapter, opt_state, batch):
+    return build(params, adapter, opt_state, batch)(
+        params, adapter, opt_state, batch)
+
+  def lower(params, adapter, opt_state, batch):
+    return build(params, adapter, opt_state, batch).lower(
+        params, adapter, opt_state, batch)
+
+  # Ahead-of-time: `step.lower(...)` on `jax.ShapeDtypeStruct`s (for
+  # `.compile()` on devices that need not be attached, as `lorajax plan`).
+  step_fn.lower = lower
   return TrainStep(init=init_fn, step=step_fn)
 
 
