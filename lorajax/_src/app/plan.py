@@ -549,6 +549,27 @@ class PlanReport:
     return "\n".join(lines)
 
 
+def _remedies(mode: str, precision: str, remat: str) -> str:
+  tips = []
+  if remat != "full":
+    tips.append("--remat full")
+  if precision != "bf16":
+    tips.append("--precision bf16")
+  if mode == "full":
+    tips.append("--mode factored (LoRA)")
+  tips += ["a larger fsdp axis (more chips)",
+           "a smaller --batch-size or --seq-len"]
+  return ", ".join(tips[:-1]) + " or " + tips[-1]
+
+
+def _oom_bytes(msg: str) -> int:
+  """The largest size named in a compiler out-of-memory message."""
+  units = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 ** 4}
+  sizes = [float(v) * units[u.upper()] for v, u in
+           re.findall(r"\(([0-9.]+)\s*([KMGTkmgt]?)i?B?\)", msg)]
+  return int(max(sizes)) if sizes else 0
+
+
 def _measure(compiled: Any) -> float:
   """Runs the compiled step on zeros 4 times; the median of the last 3.
 
@@ -623,6 +644,7 @@ def plan(
     remat: str = "none",
     num_layers: int | None = None,
     learning_rate: float = 1e-4,
+    measure: bool = True,
 ) -> PlanReport:
   """Compiles one LoRA (or full fine-tuning) train step and reports on it.
 
@@ -647,6 +669,8 @@ def plan(
     remat: Remat policy of the layers: `none`, `full` or `dots`.
     num_layers: Override the model's depth (for quick plans).
     learning_rate: AdamW learning rate (it does not change the estimates).
+    measure: On local devices without a known peak FLOP rate, run the step
+      (on zeros, when it fits) to time it.
 
   Returns:
     A `PlanReport`.
@@ -766,17 +790,35 @@ def plan(
     arg_groups = {"frozen params": (abstract_params, psh),
                   "adapter": (abstract_adapter, ash),
                   "optimizer state": (opt_abs, opt_sh)}
-  compiled = lowered.compile()
+  oom = None
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler refuses programs whose temporaries exceed HBM.
+    if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e):
+      raise
+    compiled, oom = None, " ".join(str(e).split())
   compile_seconds = time.perf_counter() - t0
 
-  mem = compiled.memory_analysis()
-  arg_b = int(getattr(mem, "argument_size_in_bytes", 0))
-  out_b = int(getattr(mem, "output_size_in_bytes", 0))
-  alias_b = int(getattr(mem, "alias_size_in_bytes", 0))
-  temp_b = int(getattr(mem, "temp_size_in_bytes", 0))
-  code_b = int(getattr(mem, "generated_code_size_in_bytes", 0))
+  if compiled is not None:
+    mem = compiled.memory_analysis()
+    arg_b = int(getattr(mem, "argument_size_in_bytes", 0))
+    out_b = int(getattr(mem, "output_size_in_bytes", 0))
+    alias_b = int(getattr(mem, "alias_size_in_bytes", 0))
+    temp_b = int(getattr(mem, "temp_size_in_bytes", 0))
+    code_b = int(getattr(mem, "generated_code_size_in_bytes", 0))
+  else:
+    arg_b = sum(_per_chip_bytes(x, s.spec, axes)
+                for tree, shs in arg_groups.values()
+                for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(
+                    shs, is_leaf=lambda x: isinstance(x, NamedSharding))))
+    arg_b += 3 * _per_chip_bytes(ids, bspec, axes)
+    out_b = alias_b = code_b = 0
+    temp_b = _oom_bytes(oom)
+    notes.append(f"the compiler stopped: {oom[:300]}")
   total = arg_b + out_b - alias_b + temp_b + code_b
-  fits = bool(chip.hbm_bytes) and total <= chip.hbm_bytes
+  fits = compiled is not None and bool(chip.hbm_bytes) and (
+      total <= chip.hbm_bytes)
 
   breakdown = [{"name": "temporaries (activations, gradients, buffers)",
                 "bytes": temp_b}]
@@ -797,7 +839,7 @@ def plan(
     breakdown.append({"name": "outputs not aliased to inputs",
                       "bytes": out_b - alias_b})
   breakdown.sort(key=lambda b: -b["bytes"])
-  if not fits and chip.hbm_bytes:
+  if not fits:
     top = ", ".join(f"{b['name']} {b['bytes'] / GiB:.2f} GiB"
                     for b in breakdown[:3])
     leaves.sort(key=lambda t: -t[0])
@@ -805,11 +847,9 @@ def plan(
     notes.insert(0, (
         f"does not fit: {total / GiB:.2f} GiB per chip needed, "
         f"{chip.hbm_bytes / GiB:.2f} GiB available. Biggest consumers: {top}."
-        f" Largest arrays per chip: {big}. Try --remat full, a larger fsdp"
-        " axis (or more chips), a smaller --batch-size or --seq-len, or"
-        " --precision bf16."))
+        f" Largest arrays per chip: {big}. Try {_remedies(mode, precision, remat)}."))
 
-  cost = compiled.cost_analysis()
+  cost = compiled.cost_analysis() if compiled is not None else {}
   if isinstance(cost, list | tuple):
     cost = cost[0] if cost else {}
   cost = dict(cost or {})
@@ -831,7 +871,8 @@ def plan(
     secs = max(scale * c_flops / chip.peak_flops,
                scale * (c_bytes or 0.0) / chip.hbm_bandwidth)
     source = "roofline of cost_analysis (flops / peak, bytes / HBM bandwidth)"
-  if secs is None and topology in ("local", "cpu", "gpu") and fits:
+  if (secs is None and topology in ("local", "cpu", "gpu") and fits
+      and measure):
     secs = _measure(compiled)
     source = "measured on the local devices (median of 3 runs)"
   tps = tokens / secs if secs else None
@@ -854,7 +895,8 @@ def plan(
       mfu_estimate=mfu, model_flops=flops,
       compiler_flops=c_flops, compiler_bytes_accessed=c_bytes,
       compile_seconds=compile_seconds,
-      collectives=collectives(compiled.as_text()),
+      collectives=(collectives(compiled.as_text()) if compiled is not None
+                   else []),
       trainable_params=int(trainable), notes=notes)
 
 
