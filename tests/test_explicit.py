@@ -260,3 +260,31 @@ def test_checkpoint_round_trip_across_explicit_and_auto_meshes(
                        jax.tree.leaves(dst_ash)):
       assert x.sharding.is_equivalent_to(s, x.ndim)
       np.testing.assert_array_equal(np.asarray(x), np.asarray(r))
+
+
+def test_unannotated_model_on_explicit_mesh_says_what_to_annotate(host):
+  """Where JAX needs the user's annotation (the model's own matmul), the
+  error names the function and says how to annotate it."""
+  mesh = make_mesh("8", "explicit")
+  w = jax.device_put(np.ones((16, 32), np.float32),
+                     NamedSharding(mesh, P(None, "fsdp")))
+  x = jax.device_put(np.ones((8, 16), np.float32),
+                     NamedSharding(mesh, P("fsdp", None)))
+  params = {"w": w}
+  adapter = lorajax.init(params, lorajax.LoraConfig(
+      rank=2, alpha=4.0, targets="w"), key=jax.random.key(0))
+
+  def model(p, x):
+    return x @ p["w"]  # batch and output both on `fsdp`: ambiguous
+
+  with pytest.raises(Exception, match=r"lorajax.lora \(.*model\) itself.*"
+                     r"`out_sharding=`"):
+    jax.jit(lorajax.lora(model))(params, adapter, x)
+  psh = {"w": w.sharding}
+  train = lorajax.make_train_step(
+      lambda p, a, b: jnp.sum(model(lorajax.merge(p, a), b)),
+      optax.sgd(0.1), param_shardings=psh,
+      adapter_shardings=lorajax.adapter_shardings(psh, adapter),
+      batch_sharding=x.sharding)
+  with pytest.raises(Exception, match=r"`loss_fn` itself.*reshard"):
+    train.step(params, adapter, train.init(adapter), x)

@@ -107,3 +107,28 @@ def out_sharding(like: NamedSharding | None, entries: tuple[Any, ...]
   mesh = like.mesh
   return NamedSharding(mesh, PartitionSpec(
       *(_explicit_only(mesh, e) for e in entries)))
+
+
+_USER_HINT = (
+    " [lorajax: this error comes from {where} itself, before any LoRA"
+    " computation: on a mesh with Explicit axes JAX needs the model to say"
+    " how an ambiguous result is sharded. Pass `out_sharding=` to that"
+    " matmul/einsum (e.g. `jnp.einsum(..., out_sharding=P('data', None))`),"
+    " or `jax.sharding.reshard` its inputs first (e.g. all-gather an"
+    " FSDP-sharded weight with `reshard(w, P())`); or build the mesh with"
+    " `axis_types=(jax.sharding.AxisType.Auto,) * ndim` to let the compiler"
+    " choose. lorajax derives the adapter's shardings itself.]"
+)
+
+
+def is_sharding_type_error(e: BaseException) -> bool:
+  """True for JAX's Explicit-mode sharding errors."""
+  return type(e).__name__ in ("ShardingTypeError", "DuplicateSpecError")
+
+
+def with_user_hint(e: BaseException, where: str) -> BaseException:
+  """`e` again, its message extended with what the user must annotate."""
+  try:
+    return type(e)(f"{e}{_USER_HINT.format(where=where)}")
+  except TypeError:  # pragma: no cover - an unusual constructor
+    return e

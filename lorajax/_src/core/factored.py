@@ -377,12 +377,29 @@ class _Interpreter:
     a_spec = "".join(v[j] for j in t.a_axes) + r
     b_spec = "".join(v[j] for j in t.b_axes) + r
     dtype = jnp.result_type(x.dtype, t.base.dtype)
-    delta = _low_rank_contract(
-        "".join(xs), x.astype(dtype), a_spec, t.a.astype(dtype), b_spec,
-        t.b.astype(dtype), out, scale=t.scale,
-        precision=eqn.params.get("precision"),
-        preferred_element_type=eqn.params.get("preferred_element_type"),
-        out_sharding=explicit.sharding_of(base_out))
+    out_sharding = explicit.sharding_of(base_out)
+    try:
+      delta = _low_rank_contract(
+          "".join(xs), x.astype(dtype), a_spec, t.a.astype(dtype), b_spec,
+          t.b.astype(dtype), out, scale=t.scale,
+          precision=eqn.params.get("precision"),
+          preferred_element_type=eqn.params.get("preferred_element_type"),
+          out_sharding=out_sharding)
+    except Exception as e:
+      if out_sharding is None or type(e).__name__ not in (
+          "ShardingTypeError", "DuplicateSpecError"):
+        raise
+      raise type(e)(
+          f"lorajax.lora: on a mesh with Explicit axes, the low-rank term"
+          f" of {t.path!r} (x @ a @ b, with a {jax.typeof(t.a)} and b"
+          f" {jax.typeof(t.b)} laid out like the weight"
+          f" {jax.typeof(t.base)}) cannot produce this matmul's result"
+          f" sharding {out_sharding.spec} from activations"
+          f" {jax.typeof(x)}: {e} Annotate the matmul in your model: pass"
+          " `out_sharding=` to it, or `jax.sharding.reshard` the weight or"
+          " the activations first so that their contracted axes are"
+          " sharded alike."
+      ) from e
     return [(base_out + delta.astype(out_aval.dtype)).astype(out_aval.dtype)]
 
   def _gather(self, eqn, invals):
@@ -675,6 +692,10 @@ def _is_dynamic(x: Any) -> bool:
                         jax.ShapeDtypeStruct))
 
 
+def _name(fn: Any) -> str:
+  return getattr(fn, "__qualname__", None) or repr(fn)
+
+
 def _trace(fn, params, args, kwargs):
   """Traces `fn(params, *args, **kwargs)`; array leaves become inputs."""
   p_leaves, p_def = jax.tree.flatten(params)
@@ -744,7 +765,13 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
         tags.append(_from_node(sub, node, paths_lib.path_str(kp)))
       else:
         tags.extend([None] * len(jax.tree.leaves(sub)))
-    closed, out_shape, p_leaves, dyn = _trace(fn, params, args, kwargs)
+    try:
+      closed, out_shape, p_leaves, dyn = _trace(fn, params, args, kwargs)
+    except Exception as e:
+      if not explicit.is_sharding_type_error(e):
+        raise
+      raise explicit.with_user_hint(
+          e, f"the function passed to lorajax.lora ({_name(fn)})") from e
     inputs = [t if t is not None else w for t, w in zip(tags, p_leaves)]
     interp = _Interpreter(strict)
     outs = interp.eval_closed(closed, [*inputs, *dyn])

@@ -19,6 +19,7 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
+from lorajax._src.core import explicit
 from lorajax._src.core import paths as paths_lib
 from lorajax._src.core.adapter import LoraWeight, init, is_node as _is_node
 from lorajax._src.core.config import LoraConfig
@@ -341,7 +342,12 @@ def make_train_step(
 
   def train(params, adapter, opt_state, batch):
     grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=has_aux)
-    out, grads = grad_fn(params, adapter, batch)
+    try:
+      out, grads = grad_fn(params, adapter, batch)
+    except Exception as e:
+      if not explicit.is_sharding_type_error(e) or "[lorajax:" in str(e):
+        raise
+      raise explicit.with_user_hint(e, "`loss_fn`") from e
     updates, opt_state = optimizer.update(grads, opt_state, adapter)
     adapter = optax.apply_updates(adapter, updates)
     if has_aux:
