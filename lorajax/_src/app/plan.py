@@ -227,6 +227,9 @@ def _tpu_devices(topology: str):
         ' install "jax[tpu]"` for your jax version), or plan for the local'
         " devices with --topology local."
     ) from None
+  # libtpu takes a machine-wide lock file unless told that several
+  # processes may load it; compiling for a detached topology needs no lock.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     desc = topologies.get_topology_desc(topology_name=topology,
                                         platform="tpu")
@@ -600,7 +603,7 @@ def _mesh_str(mesh: Mapping[str, int]) -> str:
 
 
 def _llama_config(hf: dict[str, Any], precision: str, remat: str,
-                  num_layers: int | None) -> Any:
+                  num_layers: int | None, scan_layers: bool | None) -> Any:
   if num_layers is not None:
     hf = dict(hf, num_hidden_layers=int(num_layers))
   dtype = "bfloat16" if precision == "bf16" else "float32"
@@ -618,7 +621,12 @@ def _llama_config(hf: dict[str, Any], precision: str, remat: str,
         " lorajax does not have; use --remat none."
     )
   if "scan_layers" in fields:
-    extra["scan_layers"] = True
+    extra["scan_layers"] = scan_layers
+  elif scan_layers:
+    raise PlanError(
+        "Scanned layers need the Llama model's `scan_layers` option, which"
+        " this lorajax does not have."
+    )
   return dataclasses.replace(config, **extra) if extra else config
 
 
@@ -643,6 +651,7 @@ def plan(
     precision: str = "bf16",
     remat: str = "none",
     num_layers: int | None = None,
+    scan_layers: bool | None = None,
     learning_rate: float = 1e-4,
     measure: bool = True,
 ) -> PlanReport:
@@ -668,6 +677,9 @@ def plan(
       and optimizer state float32) or `f32`.
     remat: Remat policy of the layers: `none`, `full` or `dots`.
     num_layers: Override the model's depth (for quick plans).
+    scan_layers: Stack the layers and run them with `lax.scan` (True), as
+      a Python loop (False), or the model's default (None: scanned from 5
+      layers on).
     learning_rate: AdamW learning rate (it does not change the estimates).
     measure: On local devices without a known peak FLOP rate, run the step
       (on zeros, when it fits) to time it.
@@ -707,7 +719,7 @@ def plan(
         f" {batch_ways}; each of those devices takes an equal share of the"
         f" batch. Use a multiple of {batch_ways}."
     )
-  config = _llama_config(hf, precision, remat, num_layers)
+  config = _llama_config(hf, precision, remat, num_layers, scan_layers)
   param_dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
 
   abstract_params = jax.eval_shape(
@@ -734,7 +746,12 @@ def plan(
     return s / jnp.maximum(cnt, 1.0)
 
   optimizer = optax.adamw(learning_rate, mu_dtype=jnp.float32)
-  lora_config = LoraConfig(rank=rank, alpha=alpha, targets=targets)
+  stacked = any(
+      re.fullmatch(r"model/layers/[^0-9].*", paths_lib.path_str(kp))
+      for kp, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0])
+  lora_config = LoraConfig(
+      rank=rank, alpha=alpha, targets=targets,
+      axes={r"model/layers/.*": "sio"} if stacked else None)
   lora_plan = {} if mode == "full" else lora_config.plan(abstract_params)
   t0 = time.perf_counter()
   if mode == "full":
@@ -921,6 +938,8 @@ def add_arguments(p: Any) -> None:
   p.add_argument("--remat", choices=REMATS, default="none")
   p.add_argument("--num-layers", type=int, default=None,
                  help="override the model's depth (quick plans).")
+  p.add_argument("--scan", choices=("auto", "on", "off"), default="auto",
+                 help="scanned layers (auto: from 5 layers on).")
   p.add_argument("--json", action="store_true",
                  help="print one JSON object instead of text.")
 
@@ -931,7 +950,8 @@ def run(args: Any) -> int:
       args.model, topology=args.topology, mesh=args.mesh,
       batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
       alpha=args.alpha, targets=args.targets, mode=args.mode,
-      precision=args.precision, remat=args.remat, num_layers=args.num_layers)
+      precision=args.precision, remat=args.remat, num_layers=args.num_layers,
+      scan_layers={"auto": None, "on": True, "off": False}[args.scan])
   if args.json:
     print(json.dumps(report.to_dict()), flush=True)
   else:
