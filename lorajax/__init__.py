@@ -12,6 +12,7 @@ from lorajax._src.core.factored import (
 )
 from lorajax._src.core.optim import decay_mask, lora_plus
 from lorajax._src.core.paths import path_str
+from lorajax._src.core.precision import PrecisionPolicy, precision_policy
 from lorajax._src.core.sharding import (
     TrainStep,
     adapter_shardings,
@@ -29,6 +30,7 @@ __all__ = (
     "LoraFallbackError",
     "LoraFallbackWarning",
     "LoraWeight",
+    "PrecisionPolicy",
     "Summary",
     "TrainStep",
     "WeightPlan",
@@ -46,6 +48,7 @@ __all__ = (
     "merge",
     "path_str",
     "peft",
+    "precision_policy",
     "summary",
     "unmerge",
 )
