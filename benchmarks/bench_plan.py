@@ -21,7 +21,6 @@ against depth (4, 16, 32 layers of Llama-3.1-8B on v5p:2x2x2).
 """
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -38,16 +37,8 @@ sys.path.insert(0, str(ROOT))
 from lorajax._src.app import plan as plan_lib  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-MODES = ("factored", "merged", "full")
-REMATS = ("none", "full")
 V5P_SLICES = (("v5p:2x2x1", 4), ("v5p:2x2x2", 8), ("v5p:2x2x4", 16),
               ("v5p:2x4x4", 32), ("v5p:4x4x4", 64))
-
-
-def _remat_supported() -> bool:
-  from lorajax._src.models import llama as llama_lib  # noqa: PLC0415
-  return "remat" in {f.name for f in dataclasses.fields(
-      llama_lib.LlamaConfig)}
 
 
 def run_one(out, label, **kw):
@@ -76,48 +67,68 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=str(RESULTS / "plan.jsonl"))
   ap.add_argument("--only", default=None,
                   help="run only labels containing this string.")
+  ap.add_argument("--render", action="store_true",
+                  help="only re-render the markdown from the JSONL.")
   args = ap.parse_args(argv)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  remats = REMATS if _remat_supported() else ("none",)
-  modes = MODES[:2] if args.quick else MODES
-  if args.quick:
-    remats = ("none",)
+  if args.render:
+    render(out, out.with_suffix(".md"))
+    return 0
   common = dict(seq_len=4096, rank=16, alpha=32.0, targets="all-linear",
                 precision="bf16")
-  jobs = []
-  for topo in (("v5p:2x2x2",) if args.quick else ("v5p:2x2x2", "v6e:2x4")):
-    for mode in modes:
-      for remat in remats:
-        jobs.append((f"8b/{topo}/{mode}/remat={remat}", dict(
-            model="llama-3.1-8b", topology=topo, mesh="fsdp=8",
-            batch_size=8, mode=mode, remat=remat, **common)))
+
+  def b8(topo, mode, remat):
+    return (f"8b/{topo}/{mode}/remat={remat}", dict(
+        model="llama-3.1-8b", topology=topo, mesh="fsdp=8", batch_size=8,
+        mode=mode, remat=remat, **common))
+
+  def b70(mode, remat):
+    return (f"70b/v5p:4x4x4/{mode}/remat={remat}", dict(
+        model="llama-3.1-70b", topology="v5p:4x4x4", mesh="fsdp=64",
+        batch_size=64, mode=mode, remat=remat, **common))
+
+  def depth(n, scan):
+    return (f"depth/8b/v5p:2x2x2/factored/remat=full/layers={n}/"
+            f"{'scan' if scan else 'unrolled'}", dict(
+                model="llama-3.1-8b", topology="v5p:2x2x2", mesh="fsdp=8",
+                batch_size=8, mode="factored", remat="full", num_layers=n,
+                scan_layers=scan, **common))
+
+  # In priority order: compiles take minutes each on a small shared host,
+  # and each result is appended as soon as it is done.
+  jobs = [b8("v5p:2x2x2", "factored", "full"),
+          b8("v5p:2x2x2", "merged", "full"),
+          b8("v5p:2x2x2", "full", "full")]
   if not args.quick:
-    for mode in MODES:
-      for remat in remats:
-        jobs.append((f"70b/v5p:4x4x4/{mode}/remat={remat}", dict(
-            model="llama-3.1-70b", topology="v5p:4x4x4", mesh="fsdp=64",
-            batch_size=64, mode=mode, remat=remat, **common)))
+    jobs += [b8("v5p:2x2x2", "factored", "none"),
+             b70("factored", "full"),
+             b8("v6e:2x4", "factored", "full"),
+             b8("v6e:2x4", "full", "full"),
+             b70("full", "full"),
+             ("smallest", None),
+             depth(4, True), depth(16, True), depth(32, True),
+             depth(4, False),
+             b8("v5p:2x2x2", "merged", "none"), b8("v5p:2x2x2", "full", "none"),
+             b8("v6e:2x4", "merged", "full"), b8("v6e:2x4", "factored", "none"),
+             b8("v6e:2x4", "merged", "none"), b8("v6e:2x4", "full", "none"),
+             b70("merged", "full"), b70("factored", "none"),
+             b70("merged", "none"), b70("full", "none")]
   for label, kw in jobs:
     if args.only and args.only not in label:
       continue
+    if label == "smallest":
+      # The smallest v5p slice where the factored 70B step fits.
+      for topo, chips in V5P_SLICES:
+        rep = run_one(out, f"70b/smallest/{topo}/factored/remat=full",
+                      model="llama-3.1-70b", topology=topo,
+                      mesh=f"fsdp={chips}", batch_size=chips,
+                      mode="factored", remat="full", **common)
+        if rep.get("fits"):
+          break
+      continue
     run_one(out, label, **kw)
-  if not args.quick and (not args.only or "smallest" in args.only):
-    # The smallest v5p slice where the factored 70B step fits.
-    remat = remats[-1]
-    for topo, chips in V5P_SLICES:
-      rep = run_one(out, f"70b/smallest/{topo}/factored/remat={remat}",
-                    model="llama-3.1-70b", topology=topo,
-                    mesh=f"fsdp={chips}", batch_size=chips,
-                    mode="factored", remat=remat, **common)
-      if rep.get("fits"):
-        break
-  if not args.quick and (not args.only or "depth" in args.only):
-    for depth in (4, 16, 32):
-      run_one(out, f"depth/8b/v5p:2x2x2/factored/layers={depth}",
-              model="llama-3.1-8b", topology="v5p:2x2x2", mesh="fsdp=8",
-              batch_size=8, mode="factored", remat="none",
-              num_layers=depth, **common)
+    render(out, out.with_suffix(".md"))
   render(out, out.with_suffix(".md"))
   return 0
 

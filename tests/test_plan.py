@@ -87,8 +87,10 @@ def test_plan_on_local_cpu_devices(capsys, tiny_config):
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed")
 def test_plan_on_a_tpu_topology(capsys, tiny_config):
+  # Scanned layers (stacked adapters) with remat, on a 2x2 v5e slice.
   report = plan_lib.plan(tiny_config, topology="v5e:2x2", mesh="fsdp=4",
-                         batch_size=8, seq_len=64, rank=4, mode="factored")
+                         batch_size=8, seq_len=64, rank=4, mode="factored",
+                         scan_layers=True, remat="full")
   d = report.to_dict()
   check_fields(d)
   assert d["chip"] == "v5e" and d["chips"] == 4
@@ -102,6 +104,11 @@ def test_plan_on_a_tpu_topology(capsys, tiny_config):
   kinds = {c["kind"] for c in d["collectives"]}
   assert "all-gather" in kinds
   assert "FITS" in report.to_text()
+  # All linear layers of both (stacked) layers are adapted: rank 4 factors
+  # of q, k, v, o, gate, up, down.
+  h, f, kv = 64, 128, 32
+  mats = [(h, h), (h, kv), (h, kv), (h, h), (h, f), (h, f), (f, h)]
+  assert d["trainable_params"] == 2 * sum(4 * (i + o) for i, o in mats)
 
 
 def test_plan_that_does_not_fit_names_the_biggest_consumers(capsys):
