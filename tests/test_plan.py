@@ -5,6 +5,7 @@ bad flags. Expected FLOPs and bytes are computed by hand from the shapes."""
 import importlib.util
 import json
 import math
+import pathlib
 import re
 import sys
 
@@ -195,10 +196,42 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   ROOT %cp = f32[8]{0} collective-permute(f32[8]{0} %q)
 }
 """
+  # A loop without a recorded trip count: the bound its condition uses.
+  hlo += """
+%cond.2 (p: (s32[], f32[8])) -> pred[] {
+  %c = s32[]{:T(128)} constant(80)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%body.2 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %a2a = f32[4,4]{1,0} all-to-all(f32[4,4]{1,0} %u), dimensions={0}
+}
+
+%other (a: f32[8]) -> f32[8] {
+  %w2 = (s32[], f32[8]) while(%t2), condition=%cond.2, body=%body.2
+}
+"""
   got = {c["kind"]: c for c in plan_lib.collectives(hlo)}
+  assert got["all-to-all"]["count"] == 80
+  assert got["all-to-all"]["bytes"] == 80 * 16 * 4
   assert got["all-gather"]["count"] == 32
   assert got["all-gather"]["bytes"] == 32 * 64 * 128 * 2
   assert got["all-reduce"]["bytes"] == 32 * 8 * 4  # the result, not both
   assert got["reduce-scatter"]["bytes"] == 2 * 4 * 4
   assert got["collective-permute"]["count"] == 1
   assert got["collective-permute"]["static_count"] == 1
+
+
+def test_python_m_lorajax_plan_help():
+  import subprocess  # noqa: PLC0415
+  root = pathlib.Path(__file__).resolve().parent.parent
+  r = subprocess.run([sys.executable, "-m", "lorajax", "plan", "--help"],
+                     cwd=root, capture_output=True, text=True, timeout=120,
+                     check=False)
+  assert r.returncode == 0, r.stderr
+  for opt in ("--model", "--topology", "--mesh", "--batch-size", "--seq-len",
+              "--rank", "--mode", "--precision", "--remat", "--json"):
+    assert opt in r.stdout
+  for choice in ("factored", "merged", "full", "bf16", "f32", "dots"):
+    assert choice in r.stdout
