@@ -349,7 +349,9 @@ def model_flops_per_token(config: Any, lora_plan: Mapping[str, Any],
   `2 d_in d_out`. A LoRA-adapted matrix adds `2 r (d_in + d_out)` for each of
   the adapter's forward, input gradient and weight gradient. Attention
   (scores and values) counts `12 * layers * seq * heads * head_dim`
-  (forward + backward, no causal saving). Embedding lookups count 0.
+  (forward + backward, no causal saving). Embedding lookups count 0; a
+  tied output head counts as a frozen (or, fully fine-tuned, trained)
+  `hidden x vocab` matrix.
   """
   total = 0.0
   for keypath, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
@@ -364,6 +366,8 @@ def model_flops_per_token(config: Any, lora_plan: Mapping[str, Any],
     if plan is not None and mode != "full":
       total += layers * 6 * plan.rank * (d_in + d_out)
   c = config
+  if c.tie_word_embeddings:  # The embedding table is also the output head.
+    total += (6 if mode == "full" else 4) * c.hidden_size * c.vocab_size
   total += 12 * c.num_hidden_layers * seq_len * (
       c.num_attention_heads * c.head_dim)
   return float(total)
