@@ -191,7 +191,8 @@ HloModule m
 }
 
 ENTRY %main (a: f32[8]) -> f32[8] {
-  %w = (s32[], f32[8]) while(%t), condition=%cond.1, body=%body.1, backend_config={"known_trip_count":{"n":"32"}}
+  %w = (s32[], f32[8]) while(%t), condition=%cond.1, body=%body.1, \
+backend_config={"known_trip_count":{"n":"32"}}
   %rs = f32[2,4]{1,0} reduce-scatter(f32[8,4]{1,0} %z), dimensions={0}
   ROOT %cp = f32[8]{0} collective-permute(f32[8]{0} %q)
 }

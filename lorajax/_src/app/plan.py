@@ -887,7 +887,8 @@ def plan(
     notes.insert(0, (
         f"does not fit: {total / GiB:.2f} GiB per chip needed, "
         f"{chip.hbm_bytes / GiB:.2f} GiB available. Biggest consumers: {top}."
-        f" Largest arrays per chip: {big}. Try {_remedies(mode, precision, remat)}."))
+        f" Largest arrays per chip: {big}. Try"
+        f" {_remedies(mode, precision, remat)}."))
 
   cost = compiled.cost_analysis() if compiled is not None else {}
   if isinstance(cost, list | tuple):
