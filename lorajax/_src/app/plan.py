@@ -652,11 +652,30 @@ def _llama_config(hf: dict[str, Any], precision: str, remat: str,
   return dataclasses.replace(config, **extra) if extra else config
 
 
+def _train_core():
+  """The module holding lorajax's train step (core/train.py once unified)."""
+  try:
+    from lorajax._src.core import train as train_lib  # noqa: PLC0415
+  except ImportError:
+    train_lib = sharding_lib
+  return train_lib
+
+
 def _train_step(loss_fn, optimizer, psh, ash, bsh):
   """The real lorajax train step (the one place that names it)."""
-  return sharding_lib.make_train_step(
+  train = _train_core().make_train_step(
       loss_fn, optimizer, param_shardings=psh, adapter_shardings=ash,
       batch_sharding=bsh)
+  if not hasattr(train.step, "lower"):
+    raise RuntimeError(
+        "lorajax.make_train_step's `step` has no `lower` (ahead-of-time"
+        " lowering), which `lorajax plan` needs.")
+  return train
+
+
+def _opt_shardings(optimizer, abstract, shardings, replicated):
+  return _train_core()._opt_shardings(  # noqa: SLF001
+      optimizer, abstract, shardings, replicated)
 
 
 def plan(
@@ -782,9 +801,8 @@ def plan(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract_params, psh)
     opt_abs = jax.eval_shape(optimizer.init, abstract_params)
-    opt_sh = sharding_lib._opt_shardings(  # noqa: SLF001
-        optimizer, abstract_params, psh, NamedSharding(dev_mesh,
-                                                       PartitionSpec()))
+    opt_sh = _opt_shardings(optimizer, abstract_params, psh,
+                            NamedSharding(dev_mesh, PartitionSpec()))
 
     def full_step(params, opt_state, batch):
       def loss(p):
@@ -824,9 +842,8 @@ def plan(
                                batch)
     trainable = sum(math.prod(x.shape)
                     for x in jax.tree.leaves(abstract_adapter))
-    opt_sh = sharding_lib._opt_shardings(  # noqa: SLF001
-        optimizer, abstract_adapter, ash,
-        NamedSharding(dev_mesh, PartitionSpec()))
+    opt_sh = _opt_shardings(optimizer, abstract_adapter, ash,
+                            NamedSharding(dev_mesh, PartitionSpec()))
     arg_groups = {"frozen params": (abstract_params, psh),
                   "adapter": (abstract_adapter, ash),
                   "optimizer state": (opt_abs, opt_sh)}
