@@ -187,7 +187,8 @@ HloModule m
 
 %body.1 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
   %ag = bf16[64,128]{1,0} all-gather(bf16[16,128]{1,0} %x), dimensions={0}
-  %ar-start = (f32[8]{0}, f32[8]{0}) all-reduce-start(f32[8]{0} %y)
+  %ar-start = (f32[8]{0}, f32[8]{0}) all-reduce-start(f32[8]{0} %y, %y2)
+  %ag2 = (f32[2]{0}, f32[8]{0}) all-gather-start(f32[2]{0} %v), dimensions={0}
 }
 
 ENTRY %main (a: f32[8]) -> f32[8] {
@@ -216,9 +217,11 @@ backend_config={"known_trip_count":{"n":"32"}}
   got = {c["kind"]: c for c in plan_lib.collectives(hlo)}
   assert got["all-to-all"]["count"] == 80
   assert got["all-to-all"]["bytes"] == 80 * 16 * 4
-  assert got["all-gather"]["count"] == 32
-  assert got["all-gather"]["bytes"] == 32 * 64 * 128 * 2
-  assert got["all-reduce"]["bytes"] == 32 * 8 * 4  # the result, not both
+  assert got["all-gather"]["count"] == 64
+  assert got["all-gather"]["bytes"] == 32 * (64 * 128 * 2 + 8 * 4)
+  # A combined all-reduce of two arrays; an async all-gather's result only.
+  assert got["all-reduce"]["bytes"] == 32 * 2 * 8 * 4
+  assert got["all-gather"]["static_count"] == 2
   assert got["reduce-scatter"]["bytes"] == 2 * 4 * 4
   assert got["collective-permute"]["count"] == 1
   assert got["collective-permute"]["static_count"] == 1

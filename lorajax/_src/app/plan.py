@@ -393,13 +393,16 @@ _TRIP_RE = re.compile(r'known_trip_count[^0-9]*"?n"?\s*:\s*"?(\d+)')
 _CONST_RE = re.compile(r"=\s*s32\[\]\S*\s+constant\((\d+)\)")
 
 
-def _shape_bytes(shape: str, start: bool) -> int:
+def _shape_bytes(shape: str, kind: str, start: bool) -> int:
   shapes = [(dt, dims) for dt, dims in _SHAPE_RE.findall(shape)
             if dt in _DT_BYTES]
   if not shapes:
     return 0
-  if start and len(shapes) > 1:
-    shapes = shapes[len(shapes) // 2:]  # (operands, results): the results.
+  if start and kind in ("all-gather", "collective-permute"):
+    # Their async starts return (operands, results[, u32 contexts]).
+    shapes = [x for x in shapes if x[1]] or shapes
+    if len(shapes) > 1:
+      shapes = shapes[len(shapes) // 2:]
   return sum(_DT_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d)
              for dt, dims in shapes)
 
@@ -446,7 +449,7 @@ def collectives(hlo_text: str) -> list[dict[str, Any]]:
       if not m:
         continue
       kind = m.group("op")
-      nbytes = _shape_bytes(m.group("shape"), bool(m.group("start")))
+      nbytes = _shape_bytes(m.group("shape"), kind, bool(m.group("start")))
       s = stats.setdefault(kind, {"kind": kind, "count": 0, "bytes": 0,
                                   "static_count": 0})
       s["count"] += reps
