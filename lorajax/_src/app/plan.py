@@ -782,8 +782,14 @@ def plan(
   ids = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
   batch = (ids, ids, ids)
 
+  # The activations entering each layer's projections stay batch-sharded,
+  # so FSDP-sharded weights are all-gathered per layer (not activations
+  # all-reduced).
+  act_sh = NamedSharding(dev_mesh, PartitionSpec(bspec[0], None, None))
+
   def apply(p, input_ids, attention_mask):
-    return llama_lib.forward(p, config, input_ids, attention_mask)
+    return llama_lib.forward(p, config, input_ids, attention_mask,
+                             activation_sharding=act_sh)
 
   def token_loss(logits, input_ids, loss_mask):
     from lorajax._src.app.finetune import loss_sums  # noqa: PLC0415

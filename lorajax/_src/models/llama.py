@@ -372,12 +372,19 @@ def _attention(q, k, v, mask, dtype):
   return out.reshape(b, s, h * d)
 
 
-def _layer(p, config: LlamaConfig, x, cos, sin, mask, cache=None, index=None):
+def _constrain(x, sharding):
+  return x if sharding is None else jax.lax.with_sharding_constraint(
+      x, sharding)
+
+
+def _layer(p, config: LlamaConfig, x, cos, sin, mask, cache=None, index=None,
+           act_sharding=None):
   """One decoder layer. Returns `(x, (k, v))` (the new cache when given)."""
   b, s, _ = x.shape
   dt = x.dtype
   attn = p["self_attn"]
   h = _rms_norm(x, p["input_layernorm"]["scale"], config.rms_norm_eps)
+  h = _constrain(h, act_sharding)
   q = _linear(attn["q_proj"], h).reshape(
       b, s, config.num_attention_heads, config.head_dim)
   k = _linear(attn["k_proj"], h).reshape(
@@ -394,6 +401,7 @@ def _layer(p, config: LlamaConfig, x, cos, sin, mask, cache=None, index=None):
   o = _attention(q, k.astype(dt), v, mask, dt)
   x = x + _linear(attn["o_proj"], o)
   h = _rms_norm(x, p["post_attention_layernorm"]["scale"], config.rms_norm_eps)
+  h = _constrain(h, act_sharding)
   mlp = p["mlp"]
   g = _linear(mlp["gate_proj"], h)
   u = _linear(mlp["up_proj"], h)
@@ -549,11 +557,13 @@ def _remat(fn, config: LlamaConfig, *, prevent_cse: bool):
   return jax.checkpoint(fn, policy=policy, prevent_cse=prevent_cse)
 
 
-def _run_layers(params, config: LlamaConfig, x, cos, sin, mask):
+def _run_layers(params, config: LlamaConfig, x, cos, sin, mask,
+                act_sharding=None):
   """All decoder layers (scanned or unrolled, as `params` are laid out)."""
 
   def body(p, x):
-    return _layer(p, config, x, cos, sin, mask)[0]
+    return _layer(p, config, x, cos, sin, mask,
+                  act_sharding=act_sharding)[0]
 
   if is_stacked(params):
     # `prevent_cse=False` is safe inside scan and lets XLA share work.
@@ -600,8 +610,17 @@ def forward(
     input_ids: jax.Array,
     attention_mask: jax.Array | None = None,
     position_ids: jax.Array | None = None,
+    *,
+    activation_sharding: Any = None,
 ) -> jax.Array:
-  """Logits `(batch, seq, vocab)` in float32 (see `LlamaModel.apply`)."""
+  """Logits `(batch, seq, vocab)` in float32 (see `LlamaModel.apply`).
+
+  `activation_sharding` (a `jax.sharding.Sharding` for `(batch, seq,
+  hidden)` activations, e.g. `NamedSharding(mesh, P(("data", "fsdp")))`)
+  pins the normalised activations that enter each layer's projections, so
+  that with FSDP-sharded weights the compiler all-gathers the weights
+  instead of all-reducing activations. None leaves it to the compiler.
+  """
   input_ids = jnp.asarray(input_ids)
   if input_ids.ndim != 2:
     raise ValueError(
@@ -627,8 +646,9 @@ def forward(
   causal = jnp.tril(jnp.ones((s, s), bool))
   mask = causal[None] & key_valid[:, None, :]
   cos, sin = _rope_tables(config, jnp.asarray(position_ids))
-  x = _embed(params, input_ids, dtype)
-  x = _run_layers(params, config, x, cos, sin, mask)
+  x = _constrain(_embed(params, input_ids, dtype), activation_sharding)
+  x = _run_layers(params, config, x, cos, sin, mask,
+                  act_sharding=activation_sharding)
   return _logits(params, config, x)
 
 
