@@ -239,3 +239,24 @@ def test_python_m_lorajax_plan_help():
     assert opt in r.stdout
   for choice in ("factored", "merged", "full", "bf16", "f32", "dots"):
     assert choice in r.stdout
+
+
+def test_activation_sharding_keeps_the_logits():
+  """`llama.forward(..., activation_sharding=)` only pins a layout."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from jax.sharding import AxisType, NamedSharding  # noqa: PLC0415
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+  from lorajax._src.models import llama  # noqa: PLC0415
+  config = llama.LlamaConfig.from_hf_dict(TINY)
+  params = llama.init_params(config, key=jax.random.key(0))
+  ids = jax.random.randint(jax.random.key(1), (8, 16), 0, 256)
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"),
+                       axis_types=(AxisType.Auto,) * 2)
+  act = NamedSharding(mesh, P(("data", "fsdp"), None, None))
+  want = llama.forward(params, config, ids)
+  got = jax.jit(lambda p, i: llama.forward(
+      p, config, i, activation_sharding=act))(params, ids)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                             atol=1e-5)
