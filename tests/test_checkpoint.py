@@ -32,9 +32,9 @@ def run_steps(setup, adapter, opt_state, start, stop):
   params, _, _, train, bsh = setup
   losses = []
   for step in range(start, stop):
-    adapter, opt_state, loss = train.step(params, adapter, opt_state,
-                                          batch_of(step, bsh))
-    losses.append(float(loss))
+    adapter, opt_state, metrics = train.step(params, adapter, opt_state,
+                                             batch_of(step, bsh))
+    losses.append(float(metrics["loss"]))
   return adapter, opt_state, losses
 
 
@@ -104,7 +104,7 @@ KILL_SCRIPT = textwrap.dedent("""
     mgr = lorajax.CheckpointManager(sys.argv[2], ex.CONFIG, max_to_keep=2)
     for step in range(5):
       batch = lorajax.global_batch(ex.global_batch_numpy(step), bsh)
-      adapter, opt_state, loss = train.step(params, adapter, opt_state, batch)
+      adapter, opt_state, _ = train.step(params, adapter, opt_state, batch)
       mgr.save(step + 1, adapter, opt_state)
       if step + 1 == int(sys.argv[3]):
         os.kill(os.getpid(), signal.SIGKILL)  # mid-save, no clean-up
