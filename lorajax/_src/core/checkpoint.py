@@ -60,6 +60,7 @@ def _adapter_nodes(adapter: PyTree, what: str) -> list[tuple[str, LoraWeight]]:
 def _weight_meta(path: str, n: LoraWeight) -> dict[str, Any]:
   return {
       "path": path, "axes": n.axes, "scale": n.scale, "alpha": n.alpha,
+      "rslora": n.rslora,
       "a": list(n.a.shape), "b": list(n.b.shape),
       "dtype": np.dtype(n.a.dtype).name,
   }
@@ -481,8 +482,8 @@ class CheckpointManager:
         out.append(None)
         continue
       arrs = state["adapter"][str(next(it))]
-      out.append(LoraWeight(a=arrs["a"], b=arrs["b"], scale=n.scale,
-                            axes=n.axes, alpha=n.alpha))
+      out.append(LoraWeight(a=arrs["a"], b=arrs["b"], alpha=n.alpha,
+                            axes=n.axes, rslora=n.rslora))
     new_adapter = jax.tree_util.tree_unflatten(a_def, out)
     new_opt = None
     if opt_state is not None:

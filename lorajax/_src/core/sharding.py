@@ -180,7 +180,7 @@ def adapter_shardings(
     out.append(LoraWeight(
         a=NamedSharding(named.mesh, a_spec),
         b=NamedSharding(named.mesh, b_spec),
-        scale=node.scale, axes=node.axes, alpha=node.alpha,
+        alpha=node.alpha, axes=node.axes, rslora=node.rslora,
     ))
   unused = [k for k, _, _ in compiled if k not in used]
   if unused:
