@@ -11,8 +11,7 @@ import jax.numpy as jnp
 
 from lorajax._src.core import paths as paths_lib
 from lorajax._src.core.config import LoraConfig, WeightPlan, check_axes
-
-PyTree = Any
+from lorajax._src.core.typing import PyTree
 
 _LETTERS = "abcdefghijklmnopqstuvwxyz"  # no 'r': it names the rank axis.
 

@@ -27,10 +27,10 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight
+from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
-
-PyTree = Any
+from lorajax._src.core.typing import PyTree
 
 _FORMAT = "lorajax-checkpoint"
 _VERSION = 1
@@ -162,8 +162,8 @@ class CheckpointManager:
   Example:
     >>> with lorajax.CheckpointManager(path, config, max_to_keep=3) as mgr:
     ...   for step in range(n):
-    ...     adapter, opt_state, loss = train.step(params, adapter, opt_state,
-    ...                                           batch)
+    ...     adapter, opt_state, metrics = train.step(params, adapter,
+    ...                                              opt_state, batch)
     ...     mgr.save(step + 1, adapter, opt_state)
     >>> # later, on any mesh: templates give shapes and target shardings
     >>> adapter, opt_state, step = mgr.restore(adapter=adapter0,
@@ -241,6 +241,30 @@ class CheckpointManager:
     return self._mgr
 
   # Queries.
+  @staticmethod
+  def saved_steps(directory: str | os.PathLike) -> list[int]:
+    """The finished saves in `directory`, oldest first, without a manager.
+
+    Reads the directory only (no `LoraConfig` needed, nothing written), e.g.
+    to decide whether a run can resume.
+
+    Args:
+      directory: A checkpoint directory (missing: no steps).
+
+    Returns:
+      The saved steps, oldest first.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+      return []
+    mgr = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=("state", "meta"))
+    try:
+      return sorted(mgr.all_steps())
+    finally:
+      mgr.close()
+
   def all_steps(self) -> list[int]:
     """The saved steps (finished saves only), oldest first."""
     return sorted(self._live().all_steps())

@@ -26,10 +26,10 @@ from jax import lax
 from jax.extend import core as jex
 
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, check_fit, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight, check_fit
+from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
-
-PyTree = Any
+from lorajax._src.core.typing import PyTree
 
 
 class LoraFallbackWarning(UserWarning):

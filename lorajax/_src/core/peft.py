@@ -11,14 +11,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lorajax._src.core import fileio
+from lorajax._src.core import fileio, safetensors_io
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight
+from lorajax._src.core.adapter import is_node as _is_node
+from lorajax._src.core.typing import PyTree
 
-PyTree = Any
 NameMap = Mapping[str, str] | Callable[[str], str | None] | None
 
 CONFIG_NAME = "adapter_config.json"
@@ -104,9 +104,9 @@ def save(
   become `r` and `lora_alpha`; other modules get full-name entries in
   `rank_pattern` / `alpha_pattern`. `use_rslora` is the adapters' `rslora`
   flag (the most common one if they differ, and the others get the alpha
-  that keeps their scale), so PEFT's scale equals each adapter's `scale`. `target_modules` lists the short module names (e.g.
-  `q_proj`) when that selects exactly the adapted modules, otherwise their
-  full names. Files go to a temporary directory that is renamed into place.
+  that keeps their scale), so PEFT's scale equals each adapter's `scale`.
+  `target_modules` lists the short module names (e.g. `q_proj`) when that
+  selects exactly the adapted modules, otherwise their full names. Files go to a temporary directory that is renamed into place.
 
   Args:
     directory: The output directory. It must not exist or be empty unless
@@ -330,7 +330,7 @@ def load(
 
   pairs: dict[str, dict[str, np.ndarray]] = {}
   bad = []
-  with safe_open(w_path, framework="flax") as f:  # numpy lacks bfloat16
+  with safetensors_io.SafetensorsFile(w_path) as f:  # reads bfloat16
     for key in f.keys():  # noqa: SIM118
       m = _KEY_RE.fullmatch(key)
       if not key.startswith(_PREFIX) or m is None:

@@ -7,10 +7,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorajax._src.core import paths as paths_lib
 from lorajax._src.core import adapter as adapter_lib
-
-PyTree = Any
+from lorajax._src.core import paths as paths_lib
+from lorajax._src.core.typing import PyTree
 
 
 @dataclasses.dataclass(frozen=True)
