@@ -1,7 +1,14 @@
 """lorajax: functional LoRA fine-tuning for JAX."""
 
 from lorajax import peft
-from lorajax._src.core.adapter import LoraWeight, delta, init, is_lora, merge, unmerge
+from lorajax._src.core.adapter import (
+    LoraWeight,
+    delta,
+    init,
+    is_lora,
+    merge,
+    unmerge,
+)
 from lorajax._src.core.checkpoint import CheckpointManager
 from lorajax._src.core.config import LoraConfig, WeightPlan
 from lorajax._src.core.factored import (

@@ -503,7 +503,7 @@ def _run_finetune(args) -> int:
       "wall_seconds": time.perf_counter() - t_start,
       "adapter": str(out / "adapter"),
       "merged": str(out / "merged") if args.merged_weights else None,
-      "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      "finished": datetime.datetime.now(datetime.UTC).isoformat(),
   }
   run_dir.write_json_atomic(out / run_dir.DONE_FILE, summary)
   print(

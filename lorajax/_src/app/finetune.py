@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lorajax._src.core import adapter as adapter_lib
 from lorajax._src.app import data as data_lib
+from lorajax._src.core import adapter as adapter_lib
 from lorajax._src.core.config import LoraConfig
 
 PyTree = Any

@@ -27,7 +27,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight
+from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
 
 PyTree = Any

@@ -26,7 +26,8 @@ from jax import lax
 from jax.extend import core as jex
 
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, check_fit, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight, check_fit
+from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
 
 PyTree = Any
@@ -787,7 +788,7 @@ class _AxesWalker:
       if len(t[1]) == 2 and collapsed == {0}:  # An embedding lookup.
         self.record(t, {0: "i", 1: "o"})
         return none
-      self.record(t, {j: "s" for j in collapsed})
+      self.record(t, dict.fromkeys(collapsed, "s"))
       if (set(dn.start_index_map) == collapsed and eqn.outvars
           and not tuple(dn.operand_batching_dims)):
         # Indexing stacked axes (`w[expert_ids]`): follow the selected slices.
@@ -801,9 +802,9 @@ class _AxesWalker:
       (lc, rc), (lb, rb) = p["dimension_numbers"]
       for x, con, bat in ((invals[0], lc, lb), (invals[1], rc, rb)):
         if x is not None:
-          roles = {j: "o" for j in range(len(x[1]))}
-          roles.update({j: "i" for j in con})
-          roles.update({j: "s" for j in bat})
+          roles = dict.fromkeys(range(len(x[1])), "o")
+          roles.update(dict.fromkeys(con, "i"))
+          roles.update(dict.fromkeys(bat, "s"))
           self.record(x, roles)
       return none
     if name == "conv_general_dilated" and invals[1] is not None:

@@ -16,7 +16,8 @@ from safetensors.numpy import save_file
 
 from lorajax._src.core import fileio
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight
+from lorajax._src.core.adapter import is_node as _is_node
 
 PyTree = Any
 NameMap = Mapping[str, str] | Callable[[str], str | None] | None

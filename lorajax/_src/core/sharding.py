@@ -20,7 +20,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, init, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight, init
+from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
 
 PyTree = Any

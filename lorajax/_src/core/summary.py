@@ -7,8 +7,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorajax._src.core import paths as paths_lib
 from lorajax._src.core import adapter as adapter_lib
+from lorajax._src.core import paths as paths_lib
 
 PyTree = Any
 

@@ -9,8 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorajax._src.models import gguf_io
-from lorajax._src.models import hf_io
+from lorajax._src.models import gguf_io, hf_io
 from lorajax._src.models import llama as llama_lib
 from lorajax._src.models.llama import LlamaConfig
 from lorajax._src.models.tokenizer import Tokenizer
