@@ -292,7 +292,8 @@ def _check_targets(lora: Any, params: Any, targets: str) -> None:
              if getattr(x, "ndim", 0) == 2]
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
     raise CliError(
-        f"--targets {targets!r} matches no weight of the model. The model's 2-D weights have paths like {shown}. Pass a"
+        f"--targets {targets!r} matches no weight of the model. The model's"
+        f" 2-D weights have paths like {shown}. Pass a"
         " regex that fullmatches such paths (e.g."
         " 'model/layers/.*/self_attn/(q|v)_proj/kernel') or a preset:"
         " 'all-linear', 'attention', 'mlp'."

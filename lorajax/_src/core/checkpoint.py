@@ -450,12 +450,11 @@ class CheckpointManager:
         str(i): {"a": _abstract_leaf(n.a, f"{p!r}.a"),
                  "b": _abstract_leaf(n.b, f"{p!r}.b")}
         for i, (p, n) in enumerate(nodes)}}
-    if meta["opt_state"]:
-      if opt_state is not None:
-        flat, _ = jax.tree_util.tree_flatten_with_path(opt_state)
-        target["opt_state"] = {
-            str(i): _abstract_leaf(x, jax.tree_util.keystr(p))
-            for i, (p, x) in enumerate(flat)}
+    if meta["opt_state"] and opt_state is not None:
+      flat, _ = jax.tree_util.tree_flatten_with_path(opt_state)
+      target["opt_state"] = {
+          str(i): _abstract_leaf(x, jax.tree_util.keystr(p))
+          for i, (p, x) in enumerate(flat)}
     try:
       state = self._live().restore(
           step,

@@ -418,8 +418,7 @@ class _Interpreter:
               axes.index(k) for k in dn.collapsed_slice_dims),
           start_index_map=tuple(axes.index(k) for k in keys))
       params = dict(eqn.params, dimension_numbers=f_dn,
-                    slice_sizes=tuple(sizes[j] for j in axes) + (
-                        f.shape[-1],))
+                    slice_sizes=(*(sizes[j] for j in axes), f.shape[-1]))
       g = _bind_params(eqn.primitive, [f, idx], params)[0]
       pos = batch_pos + [out_pos[j] for j in kept_f]
       perm = [pos.index(p) for p in new_axes] + [len(pos)]
@@ -524,12 +523,12 @@ class _Interpreter:
   def _cond(self, eqn, invals):
     index, *ops = invals
     index = self.plain(index, "cond index")
-    branches = [
-        (lambda br: lambda *o: [self.plain(x, "cond output")
-                                for x in self.eval_closed(br, o)])(
-                                    _closed(br))
-        for br in eqn.params["branches"]
-    ]
+
+    def branch(closed):
+      return lambda *o: [self.plain(x, "cond output")
+                         for x in self.eval_closed(closed, o)]
+
+    branches = [branch(_closed(br)) for br in eqn.params["branches"]]
     return list(lax.switch(index, branches, *ops))
 
   def _while(self, eqn, invals):
@@ -577,8 +576,8 @@ def _low_rank_contract(x_spec: str, x: jax.Array, a_spec: str, a: jax.Array,
     z = next(c for c in string.ascii_letters
              if c not in x_spec + a_spec + b_spec + out)
     i = x_spec.index(run)
-    merged_shape = (x.shape[:i] + (math.prod(x.shape[i:i + len(run)]),)
-                    + x.shape[i + len(run):])
+    merged_shape = (*x.shape[:i], math.prod(x.shape[i:i + len(run)]),
+                    *x.shape[i + len(run):])
     y = _low_rank_contract(
         x_spec.replace(run, z), jnp.reshape(x, merged_shape), a_spec, a,
         b_spec, b, out.replace(run, z), scale=scale, precision=precision,
@@ -874,7 +873,7 @@ def infer_axes(fn: Callable[..., Any], params: PyTree, *args: Any,
     ValueError: If an axis of a targeted weight is never used by a matmul, or
       its uses disagree.
   """
-  import re  # pylint: disable=g-import-not-at-top
+  import re  # noqa: PLC0415
 
   if not isinstance(config, LoraConfig):
     raise TypeError(
@@ -884,7 +883,7 @@ def infer_axes(fn: Callable[..., Any], params: PyTree, *args: Any,
   wanted = {}
   for path, leaf in flat:
     shape, dtype = tuple(leaf.shape), leaf.dtype
-    if len(shape) > 2 and config._is_target(path, len(shape), dtype):  # pylint: disable=protected-access
+    if len(shape) > 2 and config._is_target(path, len(shape), dtype):  # noqa: SLF001
       wanted[path] = shape
   closed, _, p_leaves, dyn = _trace(fn, params, args, kwargs)
   del p_leaves

@@ -176,7 +176,7 @@ def save(
                                  rel_tol=1e-6))
 
   use_rslora = any(is_rs(n) for _, n, _, _ in entries)
-  denom = (lambda r: math.sqrt(r)) if use_rslora else (lambda r: r)
+  denom = math.sqrt if use_rslora else (lambda r: r)
   ranks, alphas = {}, {}
   for module, node, _, _ in entries:
     ranks[module] = node.rank

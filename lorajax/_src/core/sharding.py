@@ -133,7 +133,8 @@ def adapter_shardings(
     try:
       rx = re.compile(k)
     except re.error as e:
-      raise ValueError(f"`overrides` key {k!r} is not a valid regex: {e}.")
+      raise ValueError(
+          f"`overrides` key {k!r} is not a valid regex: {e}.") from e
     if not (isinstance(v, tuple | list) and len(v) == 2 and all(
         isinstance(s, PartitionSpec) for s in v)):
       raise TypeError(

@@ -218,8 +218,9 @@ def read_gguf(path: str) -> tuple[dict[str, Any], list[_GGUFTensor]]:
       pos += 8 * n_dims
       ggml_type, offset = take("<IQ")
       infos.append((name, tuple(reversed(dims)), ggml_type, offset))
-  except struct.error:
-    raise ValueError(f"{path!r} is truncated: its GGUF header is cut off.")
+  except struct.error as e:
+    raise ValueError(
+        f"{path!r} is truncated: its GGUF header is cut off.") from e
   align = int(fields.get("general.alignment", 32))
   start = (pos + align - 1) // align * align
   tensors = []

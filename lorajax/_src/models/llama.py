@@ -440,8 +440,8 @@ def _generate(params, config, input_ids, attention_mask, key, eos_ids, pad_id,
   mask = causal[None] & key_valid[:, None, :]
   x = _embed(params, input_ids, dtype)
   new_cache = []
-  for p, c in zip(layers, cache):
-    x, c = _layer(p, config, x, cos, sin, mask, cache=c, index=0)
+  for p, layer_cache in zip(layers, cache):
+    x, c = _layer(p, config, x, cos, sin, mask, cache=layer_cache, index=0)
     new_cache.append(c)
   logits = _logits(params, config, x[:, -1:])[:, 0]
   key, sub = jax.random.split(key)
@@ -462,8 +462,9 @@ def _generate(params, config, input_ids, attention_mask, key, eos_ids, pad_id,
     mask = (jnp.arange(total) <= slot)[None, None, :] & key_valid[:, None, :]
     x = _embed(params, tok[:, None], dtype)
     new_cache = []
-    for p, c in zip(layers, cache):
-      x, c = _layer(p, config, x, cos, sin, mask, cache=c, index=slot)
+    for p, layer_cache in zip(layers, cache):
+      x, c = _layer(p, config, x, cos, sin, mask, cache=layer_cache,
+                    index=slot)
       new_cache.append(c)
     logits = _logits(params, config, x)[:, 0]
     key, sub = jax.random.split(key)
