@@ -30,7 +30,8 @@ def _args(files, out, *extra, steps=8):
   return ["finetune", "--model", str(files["model"]), "--train",
           str(files["train"]), "--eval", str(files["eval"]),
           "--eval-examples", "4", "--max-new-tokens", "4", "--batch-size",
-          "4", "--lr", "2e-2", "--rank", "8", "--alpha", "8", "--steps", str(steps),
+          "4", "--lr", "2e-2", "--rank", "8", "--alpha", "8", "--steps",
+          str(steps),
           "--no-progress", "--output", str(out), *extra]
 
 
