@@ -215,6 +215,7 @@ def _context_length(model: Any) -> int | None:
 
 
 def _resolve_data(args) -> tuple[pathlib.Path, pathlib.Path | None]:
+  ev: pathlib.Path | None
   if args.train is None:
     train = _data_path(DEFAULT_TRAIN)
     ev = pathlib.Path(args.eval) if args.eval else _data_path(DEFAULT_EVAL)
@@ -557,19 +558,19 @@ def _run_generate(args) -> int:
           f"The adapter in {str(adapter_dir)!r} does not fit the model: {e}"
       ) from None
   records = []
-  for p in args.prompt:
+  for prompt in args.prompt:
     msgs = []
     if args.system:
       msgs.append(("system", args.system))
-    msgs += [("user", p), ("assistant", "")]
+    msgs += [("user", prompt), ("assistant", "")]
     records.append(data_lib.Record(tuple(msgs), "--prompt"))
   answers = ft.generate_answers(model, params, adapter, records,
                                 max_new_tokens=args.max_new_tokens,
                                 batch_size=len(records))
-  for p, a in zip(args.prompt, answers):
+  for prompt, answer in zip(args.prompt, answers):
     if len(records) > 1:
-      print(f"> {p}")
-    print(a, flush=True)
+      print(f"> {prompt}")
+    print(answer, flush=True)
   return 0
 
 

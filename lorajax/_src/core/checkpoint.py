@@ -108,7 +108,7 @@ def _checksums(leaves: list[jax.Array]) -> list[int]:
   """One checksum per array, computed where the arrays live."""
   if not leaves:
     return []
-  kw = {}
+  kw: dict[str, Any] = {}
   mesh = next((getattr(x.sharding, "mesh", None) for x in leaves
                if isinstance(getattr(x, "sharding", None), NamedSharding)),
               None)
@@ -206,7 +206,12 @@ class CheckpointManager:
         item_names=("state", "meta"),
     )
     ref = weakref.ref(self)
-    self._atexit = lambda: (m := ref()) is not None and m.close()
+
+    def finish_at_exit() -> None:
+      if (m := ref()) is not None:
+        m.close()
+
+    self._atexit = finish_at_exit
     # Finish pending saves at exit. This must run before Python's thread
     # pools refuse new work (they stop at the threading-shutdown hooks, which
     # run before `atexit`), so it is registered as such a hook where the

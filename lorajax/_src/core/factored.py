@@ -585,7 +585,7 @@ def _low_rank_contract(x_spec: str, x: jax.Array, a_spec: str, a: jax.Array,
     j = out.index(run)
     return jnp.reshape(
         y, y.shape[:j] + x.shape[i:i + len(run)] + y.shape[j + 1:])
-  sizes = {}
+  sizes: dict[str, int] = {}
   for spec, arr in ((x_spec, x), (a_spec, a), (b_spec, b)):
     sizes.update(zip(spec, arr.shape))
 
@@ -694,7 +694,7 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
     nodes, a_def = jax.tree_util.tree_flatten_with_path(adapter,
                                                         is_leaf=_is_node)
     subtrees = a_def.flatten_up_to(params)
-    tags = []
+    tags: list[_Tagged | None] = []
     for (kp, node), sub in zip(nodes, subtrees):
       if isinstance(node, LoraWeight):
         tags.append(_from_node(sub, node, paths_lib.path_str(kp)))

@@ -356,9 +356,9 @@ def load(
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   by_module: dict[str, int] = {}
   for idx, (kp, _) in enumerate(flat):
-    m = _module_name(paths_lib.path_str(kp), name_map)
-    if m is not None:
-      by_module[m] = idx
+    module_name = _module_name(paths_lib.path_str(kp), name_map)
+    if module_name is not None:
+      by_module[module_name] = idx
   errors = []
   nodes: list[Any] = [None] * len(flat)
   for module, ab in pairs.items():

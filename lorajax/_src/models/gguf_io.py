@@ -162,7 +162,7 @@ def read_gguf(path: str) -> tuple[dict[str, Any], list[_GGUFTensor]]:
   import gguf  # noqa: PLC0415
 
   mm = np.memmap(path, dtype=np.uint8, mode="r")
-  buf = memoryview(mm)
+  buf = mm.data
   pos = 0
 
   def take(fmt):
@@ -356,6 +356,7 @@ def load_gguf(path: str, *, dtype: Any):
     if permute and m and m.group(2) == "attn_q":
       w = unpermute_rotary(w, config.num_attention_heads)
     elif permute and m and m.group(2) == "attn_k":
+      assert config.num_key_value_heads is not None  # Set by __post_init__.
       w = unpermute_rotary(w, config.num_key_value_heads)
     if transpose:
       w = w.T
