@@ -1,7 +1,14 @@
 """lorajax: functional LoRA fine-tuning for JAX."""
 
 from lorajax import peft
-from lorajax._src.core.adapter import LoraWeight, delta, init, is_lora, merge, unmerge
+from lorajax._src.core.adapter import (
+    LoraWeight,
+    delta,
+    init,
+    is_lora,
+    merge,
+    unmerge,
+)
 from lorajax._src.core.checkpoint import CheckpointManager
 from lorajax._src.core.config import LoraConfig, WeightPlan
 from lorajax._src.core.factored import (
@@ -12,9 +19,13 @@ from lorajax._src.core.factored import (
 )
 from lorajax._src.core.optim import decay_mask, lora_plus
 from lorajax._src.core.paths import path_str
-from lorajax._src.core.sharding import adapter_shardings, global_batch, init_sharded
-from lorajax._src.core.train import TrainStep, make_train_step
+from lorajax._src.core.sharding import (
+    adapter_shardings,
+    global_batch,
+    init_sharded,
+)
 from lorajax._src.core.summary import Summary, summary
+from lorajax._src.core.train import TrainStep, make_train_step
 
 __version__ = "0.1.0"
 

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lorajax._src.app import data as data_lib
 from lorajax._src.core import adapter as adapter_lib
 from lorajax._src.core import train as train_lib
-from lorajax._src.app import data as data_lib
 from lorajax._src.core.config import LoraConfig
 
 PyTree = Any
@@ -462,8 +462,8 @@ def generate_answers(
     out = np.asarray(out)
     if out.shape[1] == width + max_new_tokens:
       out = out[:, width:]
-    for row in out[:len(chunk)]:
-      row = list(row)
+    for out_row in out[:len(chunk)]:
+      row = list(out_row)
       ends = [i for i, t in enumerate(row) if t in stops]
       if ends:
         row = row[:ends[0]]

@@ -16,7 +16,8 @@ from safetensors.numpy import save_file
 
 from lorajax._src.core import fileio
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight
+from lorajax._src.core.adapter import is_node as _is_node
 
 PyTree = Any
 NameMap = Mapping[str, str] | Callable[[str], str | None] | None
@@ -175,7 +176,7 @@ def save(
                                  rel_tol=1e-6))
 
   use_rslora = any(is_rs(n) for _, n, _, _ in entries)
-  denom = (lambda r: math.sqrt(r)) if use_rslora else (lambda r: r)
+  denom = math.sqrt if use_rslora else (lambda r: r)
   ranks, alphas = {}, {}
   for module, node, _, _ in entries:
     ranks[module] = node.rank
@@ -355,9 +356,9 @@ def load(
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   by_module: dict[str, int] = {}
   for idx, (kp, _) in enumerate(flat):
-    m = _module_name(paths_lib.path_str(kp), name_map)
-    if m is not None:
-      by_module[m] = idx
+    module_name = _module_name(paths_lib.path_str(kp), name_map)
+    if module_name is not None:
+      by_module[module_name] = idx
   errors = []
   nodes: list[Any] = [None] * len(flat)
   for module, ab in pairs.items():

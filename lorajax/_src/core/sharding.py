@@ -19,7 +19,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, init, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight, init
+from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
 from lorajax._src.core.typing import PyTree
 
@@ -130,7 +131,8 @@ def adapter_shardings(
     try:
       rx = re.compile(k)
     except re.error as e:
-      raise ValueError(f"`overrides` key {k!r} is not a valid regex: {e}.")
+      raise ValueError(
+          f"`overrides` key {k!r} is not a valid regex: {e}.") from e
     if not (isinstance(v, tuple | list) and len(v) == 2 and all(
         isinstance(s, PartitionSpec) for s in v)):
       raise TypeError(

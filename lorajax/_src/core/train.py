@@ -92,8 +92,7 @@ def _split(batch: PyTree, k: int) -> PyTree:
       bad.append(f"{paths_lib.path_str(path) or '<batch>'}: shape"
                  f" {tuple(getattr(x, 'shape', ()))}")
       continue
-    x = x.reshape(n // k, k, *x.shape[1:])
-    out.append(jnp.swapaxes(x, 0, 1))
+    out.append(jnp.swapaxes(x.reshape(n // k, k, *x.shape[1:]), 0, 1))
   if bad:
     raise ValueError(
         f"`accum_steps={k}` splits every batch leaf's leading axis into {k}"
