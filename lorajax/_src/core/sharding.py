@@ -154,7 +154,7 @@ def adapter_shardings(
         + f"\n({e})"
     ) from None
   used = set()
-  out = []
+  out: list[Any] = []
   for (keypath, node), sh in zip(a_flat, s_sub):
     if node is None:
       out.append(None)
@@ -179,9 +179,11 @@ def adapter_shardings(
           )
     else:
       a_spec, b_spec = lora_specs(named.spec, node.axes, path)
+    # A pytree of shardings mirroring the adapter: LoraWeight nodes whose
+    # children are NamedShardings instead of arrays.
     out.append(LoraWeight(
-        a=NamedSharding(named.mesh, a_spec),
-        b=NamedSharding(named.mesh, b_spec),
+        a=NamedSharding(named.mesh, a_spec),  # type: ignore[arg-type]
+        b=NamedSharding(named.mesh, b_spec),  # type: ignore[arg-type]
         scale=node.scale, axes=node.axes, alpha=node.alpha,
     ))
   unused = [k for k, _, _ in compiled if k not in used]

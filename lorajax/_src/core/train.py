@@ -51,7 +51,9 @@ def _is_spec_leaf(x: Any) -> bool:
   return x is None or isinstance(x, PartitionSpec | Sharding)
 
 
-def _mesh_of(shardings: PyTree) -> jax.sharding.Mesh:
+def _mesh_of(
+    shardings: PyTree,
+) -> jax.sharding.Mesh | jax.sharding.AbstractMesh:
   for s in jax.tree.leaves(shardings, is_leaf=_is_spec_leaf):
     if isinstance(s, NamedSharding):
       return s.mesh
