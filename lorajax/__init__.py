@@ -11,24 +11,24 @@ their own extras (`pip install 'lorajax[models]'`, `'lorajax[finetune]'`).
 
 from lorajax import optim, peft, sharding
 from lorajax._src.core.adapter import (
-  LoraWeight,
-  delta,
-  init,
-  is_lora,
-  is_node,
-  merge,
-  unmerge,
+    LoraWeight,
+    delta,
+    init,
+    is_lora,
+    is_node,
+    merge,
+    unmerge,
 )
 from lorajax._src.core.checkpoint import (
-  CheckpointManager,
-  CorruptCheckpointError,
+    CheckpointManager,
+    CorruptCheckpointError,
 )
 from lorajax._src.core.config import LoraConfig
 from lorajax._src.core.deprecations import deprecation_getattr as _getattr
 from lorajax._src.core.factored import (
-  LoraFallbackError,
-  LoraFallbackWarning,
-  lora,
+    LoraFallbackError,
+    LoraFallbackWarning,
+    lora,
 )
 from lorajax._src.core.sharding import adapter_shardings, init_sharded
 from lorajax._src.core.summary import summary

@@ -114,7 +114,7 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
   setup, ref_adapter, ref_opt, ref_losses = uninterrupted
   proc = subprocess.run(
       [sys.executable, "-c", KILL_SCRIPT, ROOT, str(tmp_path), "4"],
-      capture_output=True, text=True, timeout=120)
+      capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == -9, proc.stderr[-2000:]
   with lorajax.CheckpointManager(tmp_path, ex.CONFIG) as mgr:
     # Step 4's save may or may not have finished before the kill; an
@@ -149,7 +149,7 @@ EXIT_SCRIPT = textwrap.dedent("""
 def test_async_save_finishes_before_exit(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-c", EXIT_SCRIPT, ROOT, str(tmp_path)],
-      capture_output=True, text=True, timeout=120)
+      capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   params = {"big": {"kernel": jax.ShapeDtypeStruct((2048, 2048), np.float32)}}
   config = lorajax.LoraConfig(rank=256)
@@ -315,7 +315,8 @@ def test_corrupt_step_falls_back_to_previous(tmp_path, uninterrupted, kind):
                                        opt_state=fresh(setup)[1])
     assert step == 2
     leaves_equal((got, got_opt), (adapter, opt_state))
-    with pytest.raises(lorajax.CorruptCheckpointError, match=rf"step 3 .*{why}"):
+    with pytest.raises(lorajax.CorruptCheckpointError,
+                       match=rf"step 3 .*{why}"):
       mgr.restore(3, adapter=fresh(setup)[0])
     # Saving step 3 again replaces the corrupt one.
     mgr.save(3, adapter, opt_state)
@@ -341,11 +342,11 @@ def test_all_steps_corrupt_raises(tmp_path, uninterrupted):
   with lorajax.CheckpointManager(tmp_path, ex.CONFIG) as mgr:
     mgr.save(1, adapter)
   _corrupt_missing_meta(os.path.join(tmp_path, "1"))
-  with lorajax.CheckpointManager(tmp_path, ex.CONFIG) as mgr:
-    with pytest.warns(RuntimeWarning, match="step 1"):
-      with pytest.raises(FileNotFoundError,
-                         match=r"No readable checkpoint.*corrupt steps: \[1\]"):
-        mgr.restore(adapter=adapter)
+  with (lorajax.CheckpointManager(tmp_path, ex.CONFIG) as mgr,
+        pytest.warns(RuntimeWarning, match="step 1"),
+        pytest.raises(FileNotFoundError,
+                      match=r"No readable checkpoint.*corrupt steps: \[1\]")):
+    mgr.restore(adapter=adapter)
 
 
 def _template(config):

@@ -6,12 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _finetune_testing import write_reverse_data, write_tiny_model
 
 from lorajax import finetune
 from lorajax._src.app import data as data_lib
 from lorajax.models import llama
-
-from _finetune_testing import write_reverse_data, write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +247,7 @@ def test_grad_accumulation_equals_big_batch(tiny, tmp_path):
                                atol=1e-6)
   # The loss it reports is the mean completion-token loss of the model.
   merged = jax.tree.map(jnp.asarray, params)
-  import lorajax  # noqa: PLC0415
+  import lorajax
 
   logits = model.apply(lorajax.merge(merged, state.adapter),
                        batch.input_ids, batch.attention_mask)

@@ -3,6 +3,7 @@
 import dataclasses
 import warnings
 
+import _testing
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import _testing
 import lorajax
 
 RTOL, ATOL = 2e-4, 2e-5  # f32, accumulations in a different order.
@@ -276,7 +276,7 @@ def test_vmap_over_adapters():
   got = jax.vmap(lorajax.lora(fn), in_axes=(None, 0, None))(params, adapters,
                                                             x)
   for i in range(3):
-    one = jax.tree.map(lambda a: a[i], adapters)
+    one = jax.tree.map(lambda a, i=i: a[i], adapters)
     np.testing.assert_allclose(got[i], fn(lorajax.merge(params, one), x),
                                rtol=RTOL, atol=ATOL)
 
@@ -303,9 +303,9 @@ def _dense_weight_dots(jaxpr, shapes):
   shapes = {tuple(s) for s in shapes} | {tuple(s[::-1]) for s in shapes}
   found = []
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      if tuple(eqn.outvars[0].aval.shape) in shapes:
-        found.append(eqn.outvars[0].aval.shape)
+    if (eqn.primitive.name == "dot_general"
+        and tuple(eqn.outvars[0].aval.shape) in shapes):
+      found.append(eqn.outvars[0].aval.shape)
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       found += _dense_weight_dots(sub, shapes)
   return found
@@ -387,7 +387,7 @@ def test_infer_axes_reports_unused_axes():
                        config=lorajax.LoraConfig(targets="w"))
 
 
-# -- indexing stacked weights, shardings, tied heads ----------------------------
+# -- indexing stacked weights, shardings, tied heads --------------------------
 
 
 def _moe_gathered(params, x):
@@ -463,5 +463,6 @@ def test_tied_head_contracts_output_axis_without_dense_product():
 
 def test_infer_axes_needs_a_config():
   with pytest.raises(TypeError, match=r"`config` must be a lorajax.LoraConfig"):
-    lorajax.sharding.infer_axes(lambda p, x: x @ p["w"], {"w": jnp.ones((2, 2))},
-                       jnp.ones((1, 2)), config={"rank": 2})
+    lorajax.sharding.infer_axes(lambda p, x: x @ p["w"],
+                                {"w": jnp.ones((2, 2))}, jnp.ones((1, 2)),
+                                config={"rank": 2})

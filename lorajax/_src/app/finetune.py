@@ -446,8 +446,8 @@ def generate_answers(
     out = np.asarray(out)
     if out.shape[1] == width + max_new_tokens:
       out = out[:, width:]
-    for row in out[:len(chunk)]:
-      row = list(row)
+    for out_row in out[:len(chunk)]:
+      row = list(out_row)
       ends = [i for i, t in enumerate(row) if t in stops]
       if ends:
         row = row[:ends[0]]

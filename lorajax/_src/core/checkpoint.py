@@ -108,7 +108,7 @@ def _checksums(leaves: list[jax.Array]) -> list[int]:
   """One checksum per array, computed where the arrays live."""
   if not leaves:
     return []
-  kw = {}
+  kw: dict[str, Any] = {}
   mesh = next((getattr(x.sharding, "mesh", None) for x in leaves
                if isinstance(getattr(x, "sharding", None), NamedSharding)),
               None)
@@ -206,7 +206,12 @@ class CheckpointManager:
         item_names=("state", "meta"),
     )
     ref = weakref.ref(self)
-    self._atexit = lambda: (m := ref()) is not None and m.close()
+
+    def finish_at_exit() -> None:
+      if (m := ref()) is not None:
+        m.close()
+
+    self._atexit = finish_at_exit
     # Finish pending saves at exit. This must run before Python's thread
     # pools refuse new work (they stop at the threading-shutdown hooks, which
     # run before `atexit`), so it is registered as such a hook where the
@@ -474,12 +479,11 @@ class CheckpointManager:
         str(i): {"a": _abstract_leaf(n.a, f"{p!r}.a"),
                  "b": _abstract_leaf(n.b, f"{p!r}.b")}
         for i, (p, n) in enumerate(nodes)}}
-    if meta["opt_state"]:
-      if opt_state is not None:
-        flat, _ = jax.tree_util.tree_flatten_with_path(opt_state)
-        target["opt_state"] = {
-            str(i): _abstract_leaf(x, jax.tree_util.keystr(p))
-            for i, (p, x) in enumerate(flat)}
+    if meta["opt_state"] and opt_state is not None:
+      flat, _ = jax.tree_util.tree_flatten_with_path(opt_state)
+      target["opt_state"] = {
+          str(i): _abstract_leaf(x, jax.tree_util.keystr(p))
+          for i, (p, x) in enumerate(flat)}
     try:
       state = self._live().restore(
           step,

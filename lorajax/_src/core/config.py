@@ -499,6 +499,7 @@ def _init_with_dtype_alias(self, *, dtype: Any = None, **kwargs: Any):
   _dataclass_init(self, **kwargs)
 
 
-_init_with_dtype_alias.__signature__ = inspect.signature(_dataclass_init)
+setattr(_init_with_dtype_alias, "__signature__",  # noqa: B010
+        inspect.signature(_dataclass_init))
 _init_with_dtype_alias.__doc__ = _dataclass_init.__doc__
-LoraConfig.__init__ = _init_with_dtype_alias
+LoraConfig.__init__ = _init_with_dtype_alias  # type: ignore[method-assign]

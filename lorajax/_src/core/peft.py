@@ -106,7 +106,8 @@ def save(
   flag (the most common one if they differ, and the others get the alpha
   that keeps their scale), so PEFT's scale equals each adapter's `scale`.
   `target_modules` lists the short module names (e.g. `q_proj`) when that
-  selects exactly the adapted modules, otherwise their full names. Files go to a temporary directory that is renamed into place.
+  selects exactly the adapted modules, otherwise their full names. Files go
+  to a temporary directory that is renamed into place.
 
   Args:
     directory: The output directory. It must not exist or be empty unless
@@ -350,9 +351,9 @@ def load(
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   by_module: dict[str, int] = {}
   for idx, (kp, _) in enumerate(flat):
-    m = _module_name(paths_lib.path_str(kp), name_map)
-    if m is not None:
-      by_module[m] = idx
+    module_name = _module_name(paths_lib.path_str(kp), name_map)
+    if module_name is not None:
+      by_module[module_name] = idx
   errors = []
   nodes: list[Any] = [None] * len(flat)
   for module, ab in pairs.items():

@@ -91,7 +91,7 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
             " data bytes or of the wrong length; the file is truncated or"
             " corrupt")
       self._entries[name] = (dtype, shape, begin, end)
-    self._map: np.memmap | None = None
+    self._map: np.ndarray | None = None
 
   def _error(self, what: str) -> ValueError:
     return ValueError(f"{self.path}: not a valid safetensors file: it {what}."
@@ -100,7 +100,7 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
   def _data(self) -> np.ndarray:
     if self._map is None:
       if os.path.getsize(self.path) == self._start:
-        self._map = np.zeros(0, np.uint8)  # type: ignore[assignment]
+        self._map = np.zeros(0, np.uint8)
       else:
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r",
                               offset=self._start)
@@ -122,7 +122,7 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
   def __len__(self) -> int:
     return len(self._entries)
 
-  def keys(self):  # noqa: D102 (Mapping's)
+  def keys(self):
     return self._entries.keys()
 
   def get_tensor(self, name: str) -> np.ndarray:

@@ -131,7 +131,8 @@ def adapter_shardings(
     try:
       rx = re.compile(k)
     except re.error as e:
-      raise ValueError(f"`overrides` key {k!r} is not a valid regex: {e}.")
+      raise ValueError(
+          f"`overrides` key {k!r} is not a valid regex: {e}.") from e
     if not (isinstance(v, tuple | list) and len(v) == 2 and all(
         isinstance(s, PartitionSpec) for s in v)):
       raise TypeError(
@@ -153,7 +154,7 @@ def adapter_shardings(
         + f"\n({e})"
     ) from None
   used = set()
-  out = []
+  out: list[Any] = []
   for (keypath, node), sh in zip(a_flat, s_sub):
     if node is None:
       out.append(None)
@@ -178,6 +179,8 @@ def adapter_shardings(
           )
     else:
       a_spec, b_spec = lora_specs(named.spec, node.axes, path)
+    # A pytree of shardings mirroring the adapter: LoraWeight nodes whose
+    # children are NamedShardings instead of arrays.
     out.append(LoraWeight(
         a=NamedSharding(named.mesh, a_spec),
         b=NamedSharding(named.mesh, b_spec),

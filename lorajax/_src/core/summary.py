@@ -77,7 +77,7 @@ class Summary:
     return "\n".join(lines)
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
   for unit in ("B", "KiB", "MiB", "GiB"):
     if n < 1024 or unit == "GiB":
       return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"

@@ -51,7 +51,9 @@ def _is_spec_leaf(x: Any) -> bool:
   return x is None or isinstance(x, PartitionSpec | Sharding)
 
 
-def _mesh_of(shardings: PyTree) -> jax.sharding.Mesh:
+def _mesh_of(
+    shardings: PyTree,
+) -> jax.sharding.Mesh | jax.sharding.AbstractMesh:
   for s in jax.tree.leaves(shardings, is_leaf=_is_spec_leaf):
     if isinstance(s, NamedSharding):
       return s.mesh
@@ -92,8 +94,7 @@ def _split(batch: PyTree, k: int) -> PyTree:
       bad.append(f"{paths_lib.path_str(path) or '<batch>'}: shape"
                  f" {tuple(getattr(x, 'shape', ()))}")
       continue
-    x = x.reshape(n // k, k, *x.shape[1:])
-    out.append(jnp.swapaxes(x, 0, 1))
+    out.append(jnp.swapaxes(x.reshape(n // k, k, *x.shape[1:]), 0, 1))
   if bad:
     raise ValueError(
         f"`accum_steps={k}` splits every batch leaf's leading axis into {k}"
