@@ -90,6 +90,10 @@ def test_resume_continues_from_saved_step(files, tmp_path, capsys):
   assert cli.main(_args(files, part, "--save-every", "2", steps=4)) == 0
   # Simulate a crash after step 4's checkpoint: the run marker is gone.
   (part / "run.json").unlink()
+  # A run started before 0.2 named the storage dtype `dtype`: still resumes.
+  cfg = json.loads((part / "config.json").read_text())
+  cfg["lora"]["dtype"] = cfg["lora"].pop("param_dtype")
+  (part / "config.json").write_text(json.dumps(cfg))
   capsys.readouterr()
   assert cli.main(_args(files, part, "--resume", steps=6)) == 0
   printed = capsys.readouterr().out

@@ -316,6 +316,15 @@ def _check_targets(lora: Any, params: Any, targets: str) -> None:
 
 
 def _check_resume_config(saved: dict, current: dict, out: pathlib.Path):
+  if isinstance(saved.get("lora"), dict):
+    # Runs saved before 0.2 name the storage dtype `dtype`: normalise.
+    from lorajax._src.core.config import LoraConfig  # noqa: PLC0415
+
+    try:
+      lora = LoraConfig.from_dict(saved["lora"]).to_dict()
+    except (TypeError, ValueError):
+      lora = saved["lora"]
+    saved = {**saved, "lora": lora}
   diffs = [f"{k}: run has {saved.get(k)!r}, now {current.get(k)!r}"
            for k in _RESUME_KEYS if saved.get(k) != current.get(k)]
   if diffs:
