@@ -6,12 +6,8 @@ from typing import Any
 import jax
 import optax
 
-from lorajax._src.core.adapter import LoraWeight
+from lorajax._src.core.adapter import LoraWeight, is_lora
 from lorajax._src.core.typing import PyTree
-
-
-def _is_node(x: Any) -> bool:
-  return isinstance(x, LoraWeight)
 
 
 def labels(tree: PyTree) -> PyTree:
@@ -23,7 +19,7 @@ def labels(tree: PyTree) -> PyTree:
                         rslora=x.rslora)
     return "other"
 
-  return jax.tree.map(one, tree, is_leaf=_is_node)
+  return jax.tree.map(one, tree, is_leaf=is_lora)
 
 
 def decay_mask(tree: PyTree) -> PyTree:
