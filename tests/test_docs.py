@@ -58,7 +58,7 @@ def _docstring(module_name: str, name: str, griffe_package) -> str:
   # A constant or alias: its docstring is the string literal after the
   # assignment, which only static analysis (griffe) sees.
   member = griffe_package
-  for part in module_name.split(".")[1:] + [name]:
+  for part in [*module_name.split(".")[1:], name]:
     member = member[part]
   return member.docstring.value.strip() if member.docstring else ""
 

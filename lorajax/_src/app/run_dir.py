@@ -22,8 +22,6 @@ from typing import Any
 
 import numpy as np
 
-PyTree = Any
-
 DONE_FILE = "run.json"
 
 

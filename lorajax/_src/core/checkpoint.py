@@ -30,8 +30,7 @@ from lorajax._src.core import paths as paths_lib
 from lorajax._src.core.adapter import LoraWeight
 from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
-
-PyTree = Any
+from lorajax._src.core.typing import PyTree
 
 _FORMAT = "lorajax-checkpoint"
 _VERSION = 1

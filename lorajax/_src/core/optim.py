@@ -7,8 +7,7 @@ import jax
 import optax
 
 from lorajax._src.core.adapter import LoraWeight
-
-PyTree = Any
+from lorajax._src.core.typing import PyTree
 
 
 def _is_node(x: Any) -> bool:

@@ -18,8 +18,8 @@ from lorajax._src.core import fileio
 from lorajax._src.core import paths as paths_lib
 from lorajax._src.core.adapter import LoraWeight
 from lorajax._src.core.adapter import is_node as _is_node
+from lorajax._src.core.typing import PyTree
 
-PyTree = Any
 NameMap = Mapping[str, str] | Callable[[str], str | None] | None
 
 CONFIG_NAME = "adapter_config.json"

@@ -14,9 +14,8 @@ from safetensors.numpy import save_file
 
 from lorajax._src.core import fileio
 from lorajax._src.core import paths as paths_lib
+from lorajax._src.core.typing import PyTree
 from lorajax._src.models.llama import LlamaConfig
-
-PyTree = Any
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 _LAYER_MODULES = {
