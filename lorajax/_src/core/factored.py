@@ -29,7 +29,7 @@ from lorajax._src.core import paths as paths_lib
 from lorajax._src.core.adapter import LoraWeight, check_fit
 from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
-from lorajax._src.core.typing import PyTree
+from lorajax._src.core.typing import Array, Float, PyTree
 
 
 class LoraFallbackWarning(UserWarning):
@@ -55,9 +55,9 @@ class _Tagged:
   `base + scale * sum_r a[..., r] * b[..., r]`.
   """
 
-  base: jax.Array
-  a: jax.Array
-  b: jax.Array
+  base: Float[Array, "*weight"]
+  a: Float[Array, "*a_axes rank"]
+  b: Float[Array, "*b_axes rank"]
   roles: str = dataclasses.field(metadata=dict(static=True))
   scale: float = dataclasses.field(metadata=dict(static=True))
   path: str = dataclasses.field(metadata=dict(static=True))
@@ -74,7 +74,8 @@ class _Tagged:
     return dataclasses.replace(self, **kw)
 
 
-def _from_node(w: jax.Array, node: LoraWeight, path: str) -> _Tagged:
+def _from_node(w: Float[Array, "*weight"], node: LoraWeight,
+               path: str) -> _Tagged:
   axes = node.axes
   s_ax = [j for j, c in enumerate(axes) if c == "s"]
   i_ax = [j for j, c in enumerate(axes) if c == "i"]
@@ -95,7 +96,7 @@ def _letters():
   return iter(string.ascii_letters)
 
 
-def _delta(t: _Tagged, dtype: Any = jnp.float32) -> jax.Array:
+def _delta(t: _Tagged, dtype: Any = jnp.float32) -> Float[Array, "*weight"]:
   """The dense `scale * a @ b` in `t`'s current layout (fallbacks only)."""
   names = _letters()
   v = [next(names) for _ in t.roles]
@@ -107,7 +108,7 @@ def _delta(t: _Tagged, dtype: Any = jnp.float32) -> jax.Array:
   return (t.scale * d).astype(dtype)
 
 
-def _materialize(t: _Tagged) -> jax.Array:
+def _materialize(t: _Tagged) -> Float[Array, "*weight"]:
   return (t.base.astype(jnp.float32) + _delta(t)).astype(t.base.dtype)
 
 
@@ -554,11 +555,17 @@ _PASSTHROUGH = frozenset({
 })
 
 
-def _low_rank_contract(x_spec: str, x: jax.Array, a_spec: str, a: jax.Array,
-                       b_spec: str, b: jax.Array, out: str, *, scale: float,
-                       precision: Any, preferred_element_type: Any
-                       ) -> jax.Array:
+def _low_rank_contract(
+    x_spec: str, x: Float[Array, "*x"], a_spec: str, a: Float[Array, "..."],
+    b_spec: str, b: Float[Array, "..."], out: str, *, scale: float,
+    precision: Any, preferred_element_type: Any) -> Float[Array, "..."]:
   """`scale * einsum(x, a, b -> out)` as two explicit contractions, x first.
+
+  The shapes are those of the einsum specs: `x` is `x_spec`, `a` is `a_spec`,
+  `b` is `b_spec` and the result `out`. For the plain matmul of a 2-D weight
+  that is `x: (*b, d_in)`, `a: (d_in, rank)`, `b: (d_out, rank)` (the
+  interpreter keeps the rank axis last in both factors) and a result
+  `(*b, d_out)`.
 
   `x` is contracted with one factor first, then the result with the other:
   `a @ b` (the dense delta) is never formed. Of the two orders, the one with
