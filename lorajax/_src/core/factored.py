@@ -174,7 +174,7 @@ def rules_markdown() -> str:
       "# Primitives `lorajax.lora` factors",
       "",
       "Generated from the rule table in `lorajax/_src/core/factored.py` by"
-      " `rules_markdown()`; `tests/test_jax_compat.py` checks that this file"
+      " `rules_markdown()`; `tests/test_factored_rules.py` checks that this file"
       " matches. An adapted weight reaching any primitive not listed here"
       " gets the merged weight `W + scale * a @ b` for that use"
       " (`LoraFallbackWarning`, or `LoraFallbackError` under"

@@ -6,7 +6,7 @@ rule table is keyed on, and small reader functions for the `eqn.params`
 entries of those primitives (dimension numbers, a scan's `num_consts`, the
 body of a call). When a JAX upgrade renames a primitive or a parameter, this
 module is the only one to change, and `check_installed_jax()` (run by
-`tests/test_jax_compat.py`) says exactly what moved instead of a `KeyError`
+`tests/test_factored_rules.py`) says exactly what moved instead of a `KeyError`
 deep inside a trace.
 
 Primitives come from `jax.extend.core.primitives` by attribute name (several
