@@ -16,14 +16,14 @@ import pytest
 
 import lorajax
 from lorajax._src.core import adapter as adapter_lib
-from lorajax._src.core import factored
+from lorajax._src.core import lora_kind
 
 beartype = pytest.importorskip("beartype")
 jaxtyping = pytest.importorskip("jaxtyping")
 
 _CHECKED = {
     adapter_lib: ("delta",),
-    factored: ("_delta", "_materialize", "_low_rank_contract", "_from_node"),
+    lora_kind: ("low_rank_contract",),
 }
 
 
@@ -48,7 +48,7 @@ def _perturbed(params, config, key):
 
 def test_annotations_are_not_checked_by_default():
   assert not hasattr(adapter_lib.delta, "__wrapped__")
-  assert not hasattr(factored._low_rank_contract, "__wrapped__")
+  assert not hasattr(lora_kind.low_rank_contract, "__wrapped__")
 
 
 def test_checked_contraction_rejects_a_non_float_input(checked):
@@ -56,7 +56,7 @@ def test_checked_contraction_rejects_a_non_float_input(checked):
   x = jnp.ones((3, 4), jnp.int32)
   a, b = jnp.ones((4, 2)), jnp.ones((5, 2))
   with pytest.raises(jaxtyping.TypeCheckError, match="x"):
-    factored._low_rank_contract("bi", x, "ir", a, "or", b, "bo", scale=1.0,
+    lora_kind.low_rank_contract("bi", x, "ir", a, "or", b, "bo", scale=1.0,
                                 precision=None, preferred_element_type=None)
 
 

@@ -220,24 +220,29 @@ def check_fit(params: PyTree, adapter: PyTree) -> None:
           f"{path!r}: expected a LoraWeight or None; got {type(node)}."
       )
       continue
-    shape = tuple(getattr(w, "shape", ()))
-    try:
-      check_axes(node.axes, shape, path)
-    except ValueError as e:
-      errors.append(str(e))
-      continue
-    if node.a.ndim != node.axes.count("s") + node.axes.count("i") + 1 or (
-        node.b.ndim != node.axes.count("s") + node.axes.count("o") + 1
-    ) or node.weight_shape != shape or node.a.shape[-1] != node.b.shape[
-        node.axes.count("s")]:
-      errors.append(
-          f"{path!r}: weight shape {shape} with axes {node.axes!r} does not"
-          f" fit adapter a{tuple(node.a.shape)} b{tuple(node.b.shape)}."
-          " Re-create the adapter for these params."
-      )
+    errors += check_node(node, tuple(getattr(w, "shape", ())), path)
   if errors:
     raise ValueError("The adapter does not fit the params:\n- "
                      + "\n- ".join(errors))
+
+
+def check_node(node: LoraWeight, shape: tuple[int, ...], path: str
+               ) -> list[str]:
+  """Problems fitting one `LoraWeight` to a weight of `shape` at `path`."""
+  try:
+    check_axes(node.axes, shape, path)
+  except ValueError as e:
+    return [str(e)]
+  if node.a.ndim != node.axes.count("s") + node.axes.count("i") + 1 or (
+      node.b.ndim != node.axes.count("s") + node.axes.count("o") + 1
+  ) or node.weight_shape != shape or node.a.shape[-1] != node.b.shape[
+      node.axes.count("s")]:
+    return [
+        f"{path!r}: weight shape {shape} with axes {node.axes!r} does not"
+        f" fit adapter a{tuple(node.a.shape)} b{tuple(node.b.shape)}."
+        " Re-create the adapter for these params."
+    ]
+  return []
 
 
 def _apply(params: PyTree, adapter: PyTree, sign: float) -> PyTree:
