@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from lorajax._src.core import paths as paths_lib
 from lorajax._src.core.config import LoraConfig, WeightPlan, check_axes
-from lorajax._src.core.typing import PyTree
+from lorajax._src.core.typing import Array, Float, PRNGKeyArray, PyTree
 
 _LETTERS = "abcdefghijklmnopqstuvwxyz"  # no 'r': it names the rank axis.
 
@@ -107,7 +107,8 @@ def _einsum_specs(axes: str) -> tuple[str, str, str]:
   return f"{s}{i}r", f"{s}r{o}", "".join(names)
 
 
-def delta(node: LoraWeight, dtype: Any = jnp.float32) -> jax.Array:
+def delta(node: LoraWeight,
+          dtype: Any = jnp.float32) -> Float[Array, "*weight"]:
   """The dense update `scale * (a contracted with b)`, in weight axis order.
 
   Args:
@@ -127,7 +128,8 @@ def delta(node: LoraWeight, dtype: Any = jnp.float32) -> jax.Array:
   return (node.scale * d).astype(dtype)
 
 
-def _init_one(plan: WeightPlan, config: LoraConfig, key: jax.Array):
+def _init_one(plan: WeightPlan, config: LoraConfig,
+              key: PRNGKeyArray) -> LoraWeight:
   dtype = jnp.dtype(config.param_dtype)
   d_in = math.prod(plan.in_shape)
   if config.init == "lora":
@@ -144,7 +146,7 @@ def _init_one(plan: WeightPlan, config: LoraConfig, key: jax.Array):
   )
 
 
-def _path_key(key: jax.Array, path: str) -> jax.Array:
+def _path_key(key: PRNGKeyArray, path: str) -> PRNGKeyArray:
   # A key per weight from its path, so adding or removing a target leaves
   # every other weight's initialisation unchanged.
   return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
@@ -218,30 +220,36 @@ def check_fit(params: PyTree, adapter: PyTree) -> None:
           f"{path!r}: expected a LoraWeight or None; got {type(node)}."
       )
       continue
-    shape = tuple(getattr(w, "shape", ()))
-    try:
-      check_axes(node.axes, shape, path)
-    except ValueError as e:
-      errors.append(str(e))
-      continue
-    if node.a.ndim != node.axes.count("s") + node.axes.count("i") + 1 or (
-        node.b.ndim != node.axes.count("s") + node.axes.count("o") + 1
-    ) or node.weight_shape != shape or node.a.shape[-1] != node.b.shape[
-        node.axes.count("s")]:
-      errors.append(
-          f"{path!r}: weight shape {shape} with axes {node.axes!r} does not"
-          f" fit adapter a{tuple(node.a.shape)} b{tuple(node.b.shape)}."
-          " Re-create the adapter for these params."
-      )
+    errors += check_node(node, tuple(getattr(w, "shape", ())), path)
   if errors:
     raise ValueError("The adapter does not fit the params:\n- "
                      + "\n- ".join(errors))
 
 
+def check_node(node: LoraWeight, shape: tuple[int, ...], path: str
+               ) -> list[str]:
+  """Problems fitting one `LoraWeight` to a weight of `shape` at `path`."""
+  try:
+    check_axes(node.axes, shape, path)
+  except ValueError as e:
+    return [str(e)]
+  if node.a.ndim != node.axes.count("s") + node.axes.count("i") + 1 or (
+      node.b.ndim != node.axes.count("s") + node.axes.count("o") + 1
+  ) or node.weight_shape != shape or node.a.shape[-1] != node.b.shape[
+      node.axes.count("s")]:
+    return [
+        f"{path!r}: weight shape {shape} with axes {node.axes!r} does not"
+        f" fit adapter a{tuple(node.a.shape)} b{tuple(node.b.shape)}."
+        " Re-create the adapter for these params."
+    ]
+  return []
+
+
 def _apply(params: PyTree, adapter: PyTree, sign: float) -> PyTree:
   check_fit(params, adapter)
 
-  def one(node, w):
+  def one(node: LoraWeight | None,
+          w: Float[Array, "*weight"]) -> Float[Array, "*weight"]:
     if node is None:
       return w
     return (w.astype(jnp.float32) + sign * delta(node)).astype(w.dtype)
