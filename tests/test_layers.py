@@ -15,10 +15,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SRC = ROOT / "lorajax" / "_src"
 
-# Third-party top-level modules the core may import (ml_dtypes comes with
-# jax; typing_extensions with everything).
+# Third-party top-level modules the core may import (its dependencies in
+# pyproject.toml; ml_dtypes comes with jax).
 CORE_ALLOWED = {"jax", "jaxlib", "optax", "orbax", "safetensors", "numpy",
-                "ml_dtypes", "lorajax"}
+                "ml_dtypes", "jaxtyping", "lorajax"}
 CORE_FORBIDDEN_LORAJAX = ("lorajax._src.models", "lorajax._src.app",
                           "lorajax.models", "lorajax.finetune")
 MODELS_FORBIDDEN = ("lorajax._src.app", "lorajax.finetune", "tqdm",
