@@ -60,6 +60,7 @@ def _adapter_nodes(adapter: PyTree, what: str) -> list[tuple[str, LoraWeight]]:
 def _weight_meta(path: str, n: LoraWeight) -> dict[str, Any]:
   return {
       "path": path, "axes": n.axes, "scale": n.scale, "alpha": n.alpha,
+      "rslora": n.rslora,
       "a": list(n.a.shape), "b": list(n.b.shape),
       "dtype": np.dtype(n.a.dtype).name,
   }
@@ -161,8 +162,8 @@ class CheckpointManager:
   Example:
     >>> with lorajax.CheckpointManager(path, config, max_to_keep=3) as mgr:
     ...   for step in range(n):
-    ...     adapter, opt_state, loss = train.step(params, adapter, opt_state,
-    ...                                           batch)
+    ...     adapter, opt_state, metrics = train.step(params, adapter,
+    ...                                              opt_state, batch)
     ...     mgr.save(step + 1, adapter, opt_state)
     >>> # later, on any mesh: templates give shapes and target shardings
     >>> adapter, opt_state, step = mgr.restore(adapter=adapter0,
@@ -245,6 +246,30 @@ class CheckpointManager:
     return self._mgr
 
   # Queries.
+  @staticmethod
+  def saved_steps(directory: str | os.PathLike) -> list[int]:
+    """The finished saves in `directory`, oldest first, without a manager.
+
+    Reads the directory only (no `LoraConfig` needed, nothing written), e.g.
+    to decide whether a run can resume.
+
+    Args:
+      directory: A checkpoint directory (missing: no steps).
+
+    Returns:
+      The saved steps, oldest first.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+      return []
+    mgr = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=("state", "meta"))
+    try:
+      return sorted(mgr.all_steps())
+    finally:
+      mgr.close()
+
   def all_steps(self) -> list[int]:
     """The saved steps (finished saves only), oldest first."""
     return sorted(self._live().all_steps())
@@ -485,8 +510,8 @@ class CheckpointManager:
         out.append(None)
         continue
       arrs = state["adapter"][str(next(it))]
-      out.append(LoraWeight(a=arrs["a"], b=arrs["b"], scale=n.scale,
-                            axes=n.axes, alpha=n.alpha))
+      out.append(LoraWeight(a=arrs["a"], b=arrs["b"], alpha=n.alpha,
+                            axes=n.axes, rslora=n.rslora))
     new_adapter = jax.tree_util.tree_unflatten(a_def, out)
     new_opt = None
     if opt_state is not None:

