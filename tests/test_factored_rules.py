@@ -149,7 +149,7 @@ def test_straight_through_estimator_gradient(ste):
     lorajax.lora(fn, strict=True)(params, adapter, x)
 
 
-# -- MoE: ragged_dot ------------------------------------------------------------
+# -- MoE: ragged_dot -----------------------------------------------------------
 
 
 def _ragged_moe(params, x, group_sizes):
@@ -230,7 +230,7 @@ def test_fused_qkv_gate_up_and_input_axis_concatenation():
   _check(_fused_qkv, params, adapter, x)  # strict=True: no fallback.
 
 
-# -- fallbacks that must stay correct -------------------------------------------
+# -- fallbacks that must stay correct ------------------------------------------
 
 
 def test_weight_in_scan_carry_falls_back_and_is_reported():
@@ -358,9 +358,9 @@ def test_lazy_base_runs_through_scan_and_matmul():
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _OutScale:
-  """A toy adapter kind: `W * (1 + l)` with one trainable `l` per output."""
+  """A toy adapter kind: `W * (1 + lam)` with one trainable `lam` per output."""
 
-  l: jax.Array  # (d_out,)
+  lam: jax.Array  # (d_out,)
 
 
 class _OutScaleKind(extend.AdapterKind):
@@ -369,19 +369,19 @@ class _OutScaleKind(extend.AdapterKind):
   name = "out_scale"
 
   def factored(self, node, base, path):
-    return extend.Factored(base, (node.l,), "oi", ("o",), self, None, path)
+    return extend.Factored(base, (node.lam,), "oi", ("o",), self, None, path)
 
   def check(self, node, shape, path):
-    ok = len(shape) == 2 and node.l.shape == shape[:1]
-    return [] if ok else [f"{path!r}: `l` must have shape {shape[:1]}"]
+    ok = len(shape) == 2 and node.lam.shape == shape[:1]
+    return [] if ok else [f"{path!r}: `lam` must have shape {shape[:1]}"]
 
   def materialize(self, v):
     w = extend.dense(v.base)
-    (l,) = v.parts
+    (lam,) = v.parts
     shape = [1] * v.ndim
     (o,) = v.held(0)
-    shape[o] = l.shape[0]
-    return w * (1 + l.reshape(shape))
+    shape[o] = lam.shape[0]
+    return w * (1 + lam.reshape(shape))
 
   def dot_general(self, v, use):
     (lc, rc), _ = jax_compat.dot_dims(use.params)
@@ -396,21 +396,21 @@ def test_registered_adapter_kind_runs_through_structural_ops():
   extend.register_adapter_kind(_OutScale, _OutScaleKind())
   w = jax.random.normal(jax.random.key(0), (5, 4))  # (d_out, d_in)
   params = {"w": w}
-  l = 0.5 * jax.random.normal(jax.random.key(1), (5,))
+  lam = 0.5 * jax.random.normal(jax.random.key(1), (5,))
   x = jax.random.normal(jax.random.key(2), (3, 4))
   fn = lambda p, x: x @ p["w"].T  # noqa: E731  (a transpose, then a dot)
-  adapter = {"w": _OutScale(l)}
+  adapter = {"w": _OutScale(lam)}
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     got = jax.jit(lorajax.lora(fn, strict=True))(params, adapter, x)
-  np.testing.assert_allclose(got, (x @ w.T) * (1 + l), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got, (x @ w.T) * (1 + lam), rtol=1e-5, atol=1e-6)
   g = jax.grad(lambda ad: jnp.sum(lorajax.lora(fn)(params, ad, x) ** 2))(
       adapter)
-  g_ref = jax.grad(lambda l: jnp.sum(((x @ w.T) * (1 + l)) ** 2))(l)
-  np.testing.assert_allclose(g["w"].l, g_ref, rtol=1e-4, atol=1e-5)
+  g_ref = jax.grad(lambda lam: jnp.sum(((x @ w.T) * (1 + lam)) ** 2))(lam)
+  np.testing.assert_allclose(g["w"].lam, g_ref, rtol=1e-4, atol=1e-5)
   # An elementwise use takes the kind's materialised weight (reported).
   with pytest.warns(lorajax.LoraFallbackWarning, match="`mul`"):
     got = lorajax.lora(lambda p: p["w"] * 2.0)(params, adapter)
-  np.testing.assert_allclose(got, 2.0 * w * (1 + l)[:, None], rtol=1e-5)
-  with pytest.raises(ValueError, match=r"'w': `l` must have shape \(4,\)"):
+  np.testing.assert_allclose(got, 2.0 * w * (1 + lam)[:, None], rtol=1e-5)
+  with pytest.raises(ValueError, match=r"'w': `lam` must have shape \(4,\)"):
     lorajax.lora(fn)({"w": w.T}, adapter, x)

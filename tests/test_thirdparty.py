@@ -70,7 +70,7 @@ def _check(fn, params, adapter, *args):
     np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-4 * max(1.0, peak))
 
 
-# -- flax linen -----------------------------------------------------------------
+# -- flax linen ----------------------------------------------------------------
 
 
 def test_flax_linen_attention_einsum_scan_remat():
@@ -105,7 +105,7 @@ def test_flax_linen_attention_einsum_scan_remat():
   _check(model.apply, params, adapter, x)
 
 
-# -- flax nnx ---------------------------------------------------------------------
+# -- flax nnx ------------------------------------------------------------------
 
 
 def test_flax_nnx_attention_linear_einsum():
@@ -134,7 +134,7 @@ def test_flax_nnx_attention_linear_einsum():
   _check(fn, state, adapter, x)
 
 
-# -- equinox --------------------------------------------------------------------
+# -- equinox -------------------------------------------------------------------
 
 
 def test_equinox_attention_linear_mlp():
@@ -164,7 +164,7 @@ def test_equinox_attention_linear_mlp():
   _check(fn, params, adapter, x)
 
 
-# -- penzai -----------------------------------------------------------------------
+# -- penzai --------------------------------------------------------------------
 
 
 def test_penzai_llamalike_transformer():
