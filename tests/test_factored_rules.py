@@ -302,7 +302,7 @@ class _Int8Rows(extend.LazyBase):
     return self.codes.astype(self.scales.dtype) * self.scales
 
   def structural(self, op):
-    if op.name != "dynamic_slice" and op.name != "squeeze":
+    if op.name not in {"dynamic_slice", "squeeze"}:
       return None
     # Both stored arrays hold every weight axis; size-1 axes of `scales`
     # must not be sliced past their size, so only stacked-axis ops here.
