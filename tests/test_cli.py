@@ -236,7 +236,7 @@ def test_failed_run_is_not_marked_complete(files, tmp_path, capsys):
   # and the directory has no run.json.
   out = tmp_path / "run"
   args = _args(files, out, steps=4)
-  args[args.index("--lr") + 1] = "1e30"
+  args[args.index("--lr") + 1] = "1.0"
   code = cli.main(args)
   err = capsys.readouterr().err
   assert code == 2
