@@ -351,8 +351,7 @@ def _describe(e: BaseException, session: _Session) -> tuple[str, int]:
             " permissions." + resume + details), 2
   if isinstance(e, (ValueError, TypeError, FloatingPointError)):
     msg = " ".join(str(e).split()) if "\n" not in str(e) else str(e)
-    return msg + (resume if isinstance(e, FloatingPointError) else "") + (
-        details if session.command == "finetune" and out else ""), 2
+    return msg + (details if session.command == "finetune" and out else ""), 2
   return (f"unexpected {type(e).__name__}: {e}. This is a bug in lorajax;"
           " please report it with the details." + details + " Run with"
           " LORAJAX_DEBUG=1 to see the traceback."), 1
@@ -410,13 +409,6 @@ def _model_path(path: str | None) -> pathlib.Path:
           " Hugging Face model directory. Pass the directory that holds"
           " config.json and the *.safetensors weights, or a .gguf file."
       )
-    if not (p / "tokenizer.json").exists():
-      raise CliError(
-          f"Model directory {str(p)!r} has no tokenizer.json, which lorajax"
-          " needs to turn text into tokens (and back). Copy tokenizer.json"
-          " (and tokenizer_config.json, which holds the chat template) from"
-          " the original model into it."
-      )
     for f in sorted(p.iterdir()):
       if f.suffix in (".json", ".safetensors", ".jinja"):
         problem = fileio.path_problem(f, kind="file")
@@ -446,6 +438,13 @@ def _inspect_model(p: pathlib.Path):
         raise CliError(f"Model config {str(p / 'config.json')!r} is not a"
                        " JSON object.")
       config = llama.LlamaConfig.from_hf_dict(d, dtype=jnp.float32)
+      if not (p / "tokenizer.json").exists():
+        raise CliError(
+            f"Model directory {str(p)!r} has no tokenizer.json, which lorajax"
+            " needs to turn text into tokens (and back). Copy tokenizer.json"
+            " (and tokenizer_config.json, which holds the chat template) from"
+            " the original model into it."
+        )
     else:
       fields, tensors = gguf_io.read_gguf(str(p))
       config = gguf_io.read_config(fields, {t.name for t in tensors}, str(p),
