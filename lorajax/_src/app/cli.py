@@ -91,9 +91,17 @@ _wd_float = _bounded(float, 0, False, 10.0, "0.01")
 _epochs_float = _bounded(float, 0, True, 1e6, "3")
 
 
+class _Parser(argparse.ArgumentParser):
+  """Reports a bad option in one line (no usage block), exit status 2."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)"
+              "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The argument parser of the `lorajax` command."""
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="lorajax", description=DESCRIPTION,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -394,14 +402,12 @@ def _model_path(path: str | None) -> pathlib.Path:
           " --model with a Hugging Face directory or a .gguf file."
       ) from None
   p = pathlib.Path(path).expanduser()
-  if not os.path.lexists(p) or (not p.exists() and p.is_symlink()):
-    raise CliError(
-        f"Model path {str(p)!r} does not exist. Pass --model with a Hugging"
-        " Face model directory (config.json + *.safetensors) or a .gguf file."
-    )
   problem = fileio.path_problem(p, kind="any")
   if problem is not None:
-    raise CliError(f"Model path {str(p)!r} {problem}.")
+    raise CliError(
+        f"Model path {str(p)!r} {problem}. Pass --model with a Hugging Face"
+        " model directory (config.json + *.safetensors) or a .gguf file."
+    )
   if p.is_dir():
     if not (p / "config.json").is_file():
       raise CliError(
@@ -701,14 +707,10 @@ def _run_finetune(args, session: _Session) -> int:
 
   config = _config_from_args(args, args.seq_len)
   for p, what in ((train_path, "--train"), (eval_path, "--eval")):
-    if p is None:
-      continue
-    if not os.path.lexists(p):
-      raise CliError(f"{what} file {str(p)!r} does not exist. Pass the path"
-                     " of a JSONL file.")
-    problem = fileio.path_problem(p, kind="file")
+    problem = None if p is None else fileio.path_problem(p, kind="file")
     if problem is not None:
-      raise CliError(f"{what} file {str(p)!r} {problem}.")
+      raise CliError(f"{what} file {str(p)!r} {problem}. Pass the path of a"
+                     " readable JSONL file.")
   train_records = data_lib.read_jsonl(train_path)
   if eval_path is not None and args.eval_examples:
     data_lib.read_jsonl(eval_path)
