@@ -548,9 +548,9 @@ def _unshare_available() -> bool:
 def test_full_disk_on_a_real_tiny_filesystem(files, tmp_path):
   mnt = tmp_path / "mnt"
   mnt.mkdir()
+  argv = _ft(files, mnt / "run", "--save-every", "1", steps=4)
   py = (f"import sys; sys.path.insert(0, {str(ROOT)!r});"
-        " from lorajax._src.app import cli;"
-        f" sys.exit(cli.main({_ft(files, mnt / 'run', '--save-every', '1', steps=4)!r}))")
+        f" from lorajax._src.app import cli; sys.exit(cli.main({argv!r}))")
   r = subprocess.run(
       ["unshare", "-rm", "sh", "-c",
        f"mount -t tmpfs -o size=120k tmpfs {mnt} && exec {sys.executable}"
@@ -563,6 +563,7 @@ def test_full_disk_on_a_real_tiny_filesystem(files, tmp_path):
   assert r.returncode == 2, r.stderr[-3000:]
   assert "Traceback" not in r.stderr and "ERROR:absl" not in r.stderr
   assert "The disk is full" in err, r.stderr[-3000:]
+  assert "--resume --output" in err and "lorajax.log" in err
 
 
 # ---------------------------------------------------------------------------
