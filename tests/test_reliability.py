@@ -333,6 +333,12 @@ CASES = {
                                    f["train"]), "--eval-examples", 4)
                          + ["--max-new-tokens", "300"], t / "out"),
         r"--max-new-tokens 300 is not below the model's context length 256"),
+    "max-new-tokens-plus-prompt-beyond-context": Case(
+        lambda f, t, d: (_set(_set(_ft(f, t / "out"), "--eval",
+                                   f["train"]), "--eval-examples", 4)
+                         + ["--max-new-tokens", "250"], t / "out"),
+        r"--max-new-tokens 250 does not fit: the longest held-out prompt in"
+        r" '.*train\.jsonl' takes \d+ tokens", before_load=False),
     "seq-len-beyond-context": _flag_case(
         "--seq-len", "512", r"--seq-len 512 exceeds the model's context"
         r" length 256\. Use --seq-len 256 or less"),
@@ -514,7 +520,7 @@ def test_full_disk_is_one_message_and_resumable(files, tmp_path, capsys,
 
   monkeypatch.setattr(ckpt_lib.CheckpointManager, "save", full_disk_save)
   out = tmp_path / "run"
-  code, _, err = _run(_ft(files, out, "--save-every", "1", steps=3), capsys)
+  code, _, err = _run(_ft(files, out, "--save-every", "1", steps=2), capsys)
   _assert_clean_error(code, err, "finetune",
                       r"The disk is full \(no space left on device\).*"
                       r"--resume --output .*Details: .*lorajax\.log")
@@ -526,10 +532,10 @@ def test_full_disk_is_one_message_and_resumable(files, tmp_path, capsys,
   # was written, so it restarts from step 0 in place).
   monkeypatch.setattr(ckpt_lib.CheckpointManager, "save", real_save)
   code, stdout, err = _run(_ft(files, out, "--save-every", "1", "--resume",
-                               steps=3), capsys)
+                               steps=2), capsys)
   assert code == 0, err
-  assert "restarts from step 0 of 3 in place" in stdout
-  assert json.loads((out / "run.json").read_text())["steps"] == 3
+  assert "restarts from step 0 of 2 in place" in stdout
+  assert json.loads((out / "run.json").read_text())["steps"] == 2
 
 
 def _unshare_available() -> bool:
@@ -579,15 +585,16 @@ def _start_and_signal(files, out, sig):
   deadline = time.time() + 240
   metrics = out / "metrics.jsonl"
   while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and metrics.read_text().count("\n") >= 1:
-      break  # Training has started; no checkpoint is due before the end.
-    time.sleep(0.2)
+    if (out / "config.json").exists() and metrics.exists():
+      break  # The run has started; no checkpoint is due before the end.
+    time.sleep(0.05)
   assert proc.poll() is None, proc.communicate()
   proc.send_signal(sig)
   stdout, stderr = proc.communicate(timeout=120)
   return proc.returncode, stdout, stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL],
                          ids=["SIGINT", "SIGKILL"])
 def test_interrupt_before_first_checkpoint_resumes(files, tmp_path, capsys,

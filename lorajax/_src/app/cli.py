@@ -433,7 +433,7 @@ def _inspect_model(p: pathlib.Path):
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from lorajax._src.models import gguf_io, hf_io, llama  # noqa: PLC0415
+  from lorajax._src.models import gguf_io, llama  # noqa: PLC0415
 
   try:
     if p.is_dir():
@@ -476,7 +476,6 @@ def _inspect_model(p: pathlib.Path):
         " checkpoint (config.json, *.safetensors and tokenizer.json, or a"
         " .gguf file)."
     ) from None
-  del hf_io
   return config, abstract
 
 
@@ -773,6 +772,17 @@ def _run_finetune(args, session: _Session) -> int:
   if eval_path is not None and args.eval_examples:
     eval_ex = data_lib.load_dataset(eval_path, model.tokenizer,
                                     max_length=limit)[:args.eval_examples]
+  if eval_ex and ctx is not None:
+    longest = max(len(ft.prompt_ids(e.record, model.tokenizer))
+                  for e in eval_ex)
+    width = ft._bucket(longest)  # noqa: SLF001
+    if width + args.max_new_tokens > ctx:
+      raise CliError(
+          f"--max-new-tokens {args.max_new_tokens} does not fit: the longest"
+          f" held-out prompt in {str(eval_path)!r} takes {longest} tokens"
+          f" (padded to {width}), and prompt plus answer must fit the"
+          f" model's context length {ctx}. Use --max-new-tokens"
+          f" {max(1, ctx - width)} or less, or shorter held-out prompts.")
   seq_len = args.seq_len or ft._auto_seq_len(train_ex)  # noqa: SLF001
   if ctx is not None:
     seq_len = min(seq_len, ctx)
