@@ -27,12 +27,10 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import safetensors.numpy
-
-from lorajax._src.app import cli
-from lorajax._src.app import run_dir
-from lorajax._src.core import checkpoint as ckpt_lib
-
 from _finetune_testing import write_reverse_data, write_tiny_model
+
+from lorajax._src.app import cli, run_dir
+from lorajax._src.core import checkpoint as ckpt_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -329,14 +327,14 @@ CASES = {
         r"--rank 40 is larger than the smallest targeted weight dimension,"
         r" 32 "),
     "max-new-tokens-beyond-context": Case(
-        lambda f, t, d: (_set(_set(_ft(f, t / "out"), "--eval",
-                                   f["train"]), "--eval-examples", 4)
-                         + ["--max-new-tokens", "300"], t / "out"),
+        lambda f, t, d: ([*_set(_set(_ft(f, t / "out"), "--eval",
+                                     f["train"]), "--eval-examples", 4),
+                          "--max-new-tokens", "300"], t / "out"),
         r"--max-new-tokens 300 is not below the model's context length 256"),
     "max-new-tokens-plus-prompt-beyond-context": Case(
-        lambda f, t, d: (_set(_set(_ft(f, t / "out"), "--eval",
-                                   f["train"]), "--eval-examples", 4)
-                         + ["--max-new-tokens", "250"], t / "out"),
+        lambda f, t, d: ([*_set(_set(_ft(f, t / "out"), "--eval",
+                                     f["train"]), "--eval-examples", 4),
+                          "--max-new-tokens", "250"], t / "out"),
         r"--max-new-tokens 250 does not fit: the longest held-out prompt in"
         r" '.*train\.jsonl' takes \d+ tokens", before_load=False),
     "seq-len-beyond-context": _flag_case(
@@ -473,7 +471,7 @@ def _corrupt_step(step_dir: pathlib.Path) -> None:
 
 
 def test_corrupt_newest_checkpoint_is_replaced(done_run, tmp_path, capsys):
-  import lorajax  # noqa: PLC0415
+  import lorajax
 
   out = _copy_run(done_run, tmp_path)
   (out / "run.json").unlink()
@@ -730,8 +728,8 @@ def test_generate_uses_recorded_base(done_run, tmp_path, capsys):
 
 
 def test_peft_load_names_file_not_safetensor_error(done_run, tmp_path):
-  from lorajax import peft  # noqa: PLC0415
-  from lorajax.models import llama  # noqa: PLC0415
+  from lorajax import peft
+  from lorajax.models import llama
 
   _, params = llama.from_pretrained(
       json.loads((done_run / "config.json").read_text())["model"])
@@ -755,8 +753,9 @@ def test_peft_load_names_file_not_safetensor_error(done_run, tmp_path):
 
 
 def test_checkpoint_restore_does_not_create_mistyped_dir(tmp_path):
-  import jax  # noqa: PLC0415
-  import lorajax  # noqa: PLC0415
+  import jax
+
+  import lorajax
 
   config = lorajax.LoraConfig(rank=2, alpha=4.0)
   params = {"dense": {"kernel": np.ones((4, 3), np.float32)}}

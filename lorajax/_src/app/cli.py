@@ -1,10 +1,11 @@
 """The `lorajax` command line: `lorajax finetune` and `lorajax generate`."""
 
 import argparse
-import datetime
-import importlib.resources
+import contextlib
 import dataclasses
+import datetime
 import errno
+import importlib.resources
 import json
 import logging
 import math
@@ -30,6 +31,20 @@ prints held-out exact-match accuracy before and after."""
 
 class CliError(Exception):
   """A user-facing error: printed as one paragraph, exit status 2."""
+
+
+# Library errors name the argument; the command line names its flag.
+_FLAG_OF_ARGUMENT = {"`TrainConfig.learning_rate`": "`--lr`"}
+
+# What `lorajax[finetune]` adds to the core (the models extra included).
+FINETUNE_EXTRA = ("gguf", "tokenizers", "jinja2", "tqdm", "matplotlib")
+
+
+def missing_extras() -> list[str]:
+  """The modules of the `finetune` extra that cannot be imported."""
+  import importlib.util  # noqa: PLC0415
+
+  return [m for m in FINETUNE_EXTRA if importlib.util.find_spec(m) is None]
 
 
 def _data_path(name: str) -> pathlib.Path:
@@ -215,7 +230,7 @@ class _Session:
     self.command = command
     self.out: pathlib.Path | None = None  # Set once config.json exists.
     self.lines: list[str] = []
-    self._file = None
+    self._file: Any = None
     self._saved: list[Any] = []
 
   # Writing.
@@ -233,7 +248,7 @@ class _Session:
     self.out = out
     try:
       self._file = (out / LOG_FILE).open("a", encoding="utf-8")
-      stamp = datetime.datetime.now(datetime.timezone.utc).isoformat()
+      stamp = datetime.datetime.now(datetime.UTC).isoformat()
       self._file.write(f"--- lorajax {self.command} {stamp} ---\n")
       for line in self.lines:
         self._file.write(line if line.endswith("\n") else line + "\n")
@@ -243,7 +258,9 @@ class _Session:
 
   @property
   def log_path(self) -> pathlib.Path | None:
-    return None if self._file is None else self.out / LOG_FILE
+    if self._file is None or self.out is None:
+      return None
+    return self.out / LOG_FILE
 
   def warn(self, msg: str) -> None:
     """A lorajax warning: one line on stderr, and in the log."""
@@ -257,10 +274,8 @@ class _Session:
 
     class Handler(logging.Handler):
       def emit(self, record):
-        try:
+        with contextlib.suppress(Exception):  # Logging must never raise.
           session.write(self.format(record))
-        except Exception:  # noqa: BLE001 (logging must never raise)
-          pass
 
     handler = Handler()
     handler.setFormatter(logging.Formatter(
@@ -298,10 +313,8 @@ class _Session:
     threading.excepthook = hook
     warnings.showwarning = show
     if self._file is not None:
-      try:
+      with contextlib.suppress(OSError):
         self._file.close()
-      except OSError:
-        pass
       self._file = None
 
 
@@ -309,11 +322,11 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _chain(e: BaseException) -> list[BaseException]:
-  out, seen = [], set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    out.append(e)
-    e = e.__cause__ or e.__context__
+  out: list[BaseException] = []
+  cur: BaseException | None = e
+  while cur is not None and all(cur is not x for x in out):
+    out.append(cur)
+    cur = cur.__cause__ or cur.__context__
   return out
 
 
@@ -347,18 +360,21 @@ def _describe(e: BaseException, session: _Session) -> tuple[str, int]:
             " space, or choose an --output on a disk with room." + resume
             + details), 2
   if isinstance(e, OSError):
-    cause = {errno.EACCES: "permission denied (EACCES)",
-             errno.EPERM: "operation not permitted (EPERM)",
-             errno.ENOENT: "no such file or directory (ENOENT)",
-             errno.EROFS: "read-only file system (EROFS)",
-             errno.ENOTDIR: "a path component is not a directory (ENOTDIR)",
-             errno.EISDIR: "is a directory (EISDIR)"}.get(
-                 e.errno, e.strerror or str(e))
+    causes = {errno.EACCES: "permission denied (EACCES)",
+              errno.EPERM: "operation not permitted (EPERM)",
+              errno.ENOENT: "no such file or directory (ENOENT)",
+              errno.EROFS: "read-only file system (EROFS)",
+              errno.ENOTDIR: "a path component is not a directory"
+                             " (ENOTDIR)",
+              errno.EISDIR: "is a directory (EISDIR)"}
+    cause = causes.get(e.errno or 0, e.strerror or str(e))
     name = f" on {e.filename!r}" if e.filename else ""
     return (f"File system error{name}: {cause}. Check the path and its"
             " permissions." + resume + details), 2
   if isinstance(e, (ValueError, TypeError, FloatingPointError)):
     msg = " ".join(str(e).split()) if "\n" not in str(e) else str(e)
+    for arg, flag in _FLAG_OF_ARGUMENT.items():  # Library names -> flags.
+      msg = msg.replace(arg, flag)
     return msg + (details if session.command == "finetune" and out else ""), 2
   return (f"unexpected {type(e).__name__}: {e}. This is a bug in lorajax;"
           " please report it with the details." + details + " Run with"
@@ -523,6 +539,7 @@ def _check_new_tokens(n: int, ctx: int | None, flag="--max-new-tokens"):
 
 
 def _resolve_data(args) -> tuple[pathlib.Path, pathlib.Path | None]:
+  ev: pathlib.Path | None
   if args.train is None:
     train = _data_path(DEFAULT_TRAIN)
     ev = pathlib.Path(args.eval) if args.eval else _data_path(DEFAULT_EVAL)
@@ -656,7 +673,7 @@ def _check_targets(lora: Any, params: Any, args: Any) -> None:
     ) from None
   dims = {path: min(math.prod(w.in_shape), math.prod(w.out_shape))
           for path, w in plan.items()}
-  smallest = min(dims, key=dims.get)
+  smallest = min(dims, key=lambda p: dims[p])
   if lora.rank > dims[smallest]:
     raise CliError(
         f"--rank {lora.rank} is larger than the smallest targeted weight"
@@ -963,7 +980,7 @@ def _train_and_export(args, session, model, params, model_path, train_ex,
       "wall_seconds": time.perf_counter() - t_start,
       "adapter": str(out / "adapter"),
       "merged": str(out / "merged") if args.merged_weights else None,
-      "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      "finished": datetime.datetime.now(datetime.UTC).isoformat(),
   }
   run_dir.write_json_atomic(out / run_dir.DONE_FILE, summary)
   timing = (f"median step {summary['median_step_seconds']:.2f}s, first step"
@@ -1050,11 +1067,11 @@ def _run_generate(args, session: _Session) -> int:
           f"The adapter in {str(adapter_dir)!r} does not fit the model: {e}"
       ) from None
   records = []
-  for p in args.prompt:
+  for prompt in args.prompt:
     msgs = []
     if args.system:
       msgs.append(("system", args.system))
-    msgs += [("user", p), ("assistant", "")]
+    msgs += [("user", prompt), ("assistant", "")]
     records.append(data_lib.Record(tuple(msgs), "--prompt"))
   if ctx is not None:
     longest = max(len(ft.prompt_ids(r, model.tokenizer)) for r in records)
@@ -1069,10 +1086,10 @@ def _run_generate(args, session: _Session) -> int:
   answers = ft.generate_answers(model, params, adapter, records,
                                 max_new_tokens=args.max_new_tokens,
                                 batch_size=len(records))
-  for p, a in zip(args.prompt, answers):
+  for prompt, answer in zip(args.prompt, answers):
     if len(records) > 1:
-      print(f"> {p}")
-    print(a, flush=True)
+      print(f"> {prompt}")
+    print(answer, flush=True)
   return 0
 
 
@@ -1096,6 +1113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
   except SystemExit as e:  # argparse: --help (0) or a bad option (2).
     return e.code if isinstance(e.code, int) else 2
+  missing = missing_extras()
+  if missing:
+    _eprint(
+        f"lorajax {args.command}: error: the command line needs the"
+        f" `finetune` extra, and {', '.join(missing)} is not installed."
+        " Install it with: pip install 'lorajax[finetune]'"
+    )
+    return 2
   if os.environ.get("LORAJAX_DEBUG") == "1":
     session = _Session(args.command)
     run = _run_finetune if args.command == "finetune" else _run_generate

@@ -26,10 +26,10 @@ from jax import lax
 from jax.extend import core as jex
 
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, check_fit, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight, check_fit
+from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
-
-PyTree = Any
+from lorajax._src.core.typing import Array, Float, PyTree
 
 
 class LoraFallbackWarning(UserWarning):
@@ -55,9 +55,9 @@ class _Tagged:
   `base + scale * sum_r a[..., r] * b[..., r]`.
   """
 
-  base: jax.Array
-  a: jax.Array
-  b: jax.Array
+  base: Float[Array, "*weight"]
+  a: Float[Array, "*a_axes rank"]
+  b: Float[Array, "*b_axes rank"]
   roles: str = dataclasses.field(metadata=dict(static=True))
   scale: float = dataclasses.field(metadata=dict(static=True))
   path: str = dataclasses.field(metadata=dict(static=True))
@@ -74,7 +74,8 @@ class _Tagged:
     return dataclasses.replace(self, **kw)
 
 
-def _from_node(w: jax.Array, node: LoraWeight, path: str) -> _Tagged:
+def _from_node(w: Float[Array, "*weight"], node: LoraWeight,
+               path: str) -> _Tagged:
   axes = node.axes
   s_ax = [j for j, c in enumerate(axes) if c == "s"]
   i_ax = [j for j, c in enumerate(axes) if c == "i"]
@@ -95,7 +96,7 @@ def _letters():
   return iter(string.ascii_letters)
 
 
-def _delta(t: _Tagged, dtype: Any = jnp.float32) -> jax.Array:
+def _delta(t: _Tagged, dtype: Any = jnp.float32) -> Float[Array, "*weight"]:
   """The dense `scale * a @ b` in `t`'s current layout (fallbacks only)."""
   names = _letters()
   v = [next(names) for _ in t.roles]
@@ -107,7 +108,7 @@ def _delta(t: _Tagged, dtype: Any = jnp.float32) -> jax.Array:
   return (t.scale * d).astype(dtype)
 
 
-def _materialize(t: _Tagged) -> jax.Array:
+def _materialize(t: _Tagged) -> Float[Array, "*weight"]:
   return (t.base.astype(jnp.float32) + _delta(t)).astype(t.base.dtype)
 
 
@@ -417,8 +418,7 @@ class _Interpreter:
               axes.index(k) for k in dn.collapsed_slice_dims),
           start_index_map=tuple(axes.index(k) for k in keys))
       params = dict(eqn.params, dimension_numbers=f_dn,
-                    slice_sizes=tuple(sizes[j] for j in axes) + (
-                        f.shape[-1],))
+                    slice_sizes=(*(sizes[j] for j in axes), f.shape[-1]))
       g = _bind_params(eqn.primitive, [f, idx], params)[0]
       pos = batch_pos + [out_pos[j] for j in kept_f]
       perm = [pos.index(p) for p in new_axes] + [len(pos)]
@@ -523,12 +523,12 @@ class _Interpreter:
   def _cond(self, eqn, invals):
     index, *ops = invals
     index = self.plain(index, "cond index")
-    branches = [
-        (lambda br: lambda *o: [self.plain(x, "cond output")
-                                for x in self.eval_closed(br, o)])(
-                                    _closed(br))
-        for br in eqn.params["branches"]
-    ]
+
+    def branch(closed):
+      return lambda *o: [self.plain(x, "cond output")
+                         for x in self.eval_closed(closed, o)]
+
+    branches = [branch(_closed(br)) for br in eqn.params["branches"]]
     return list(lax.switch(index, branches, *ops))
 
   def _while(self, eqn, invals):
@@ -555,11 +555,17 @@ _PASSTHROUGH = frozenset({
 })
 
 
-def _low_rank_contract(x_spec: str, x: jax.Array, a_spec: str, a: jax.Array,
-                       b_spec: str, b: jax.Array, out: str, *, scale: float,
-                       precision: Any, preferred_element_type: Any
-                       ) -> jax.Array:
+def _low_rank_contract(
+    x_spec: str, x: Float[Array, "*x"], a_spec: str, a: Float[Array, "..."],
+    b_spec: str, b: Float[Array, "..."], out: str, *, scale: float,
+    precision: Any, preferred_element_type: Any) -> Float[Array, "..."]:
   """`scale * einsum(x, a, b -> out)` as two explicit contractions, x first.
+
+  The shapes are those of the einsum specs: `x` is `x_spec`, `a` is `a_spec`,
+  `b` is `b_spec` and the result `out`. For the plain matmul of a 2-D weight
+  that is `x: (*b, d_in)`, `a: (d_in, rank)`, `b: (d_out, rank)` (the
+  interpreter keeps the rank axis last in both factors) and a result
+  `(*b, d_out)`.
 
   `x` is contracted with one factor first, then the result with the other:
   `a @ b` (the dense delta) is never formed. Of the two orders, the one with
@@ -576,8 +582,8 @@ def _low_rank_contract(x_spec: str, x: jax.Array, a_spec: str, a: jax.Array,
     z = next(c for c in string.ascii_letters
              if c not in x_spec + a_spec + b_spec + out)
     i = x_spec.index(run)
-    merged_shape = (x.shape[:i] + (math.prod(x.shape[i:i + len(run)]),)
-                    + x.shape[i + len(run):])
+    merged_shape = (*x.shape[:i], math.prod(x.shape[i:i + len(run)]),
+                    *x.shape[i + len(run):])
     y = _low_rank_contract(
         x_spec.replace(run, z), jnp.reshape(x, merged_shape), a_spec, a,
         b_spec, b, out.replace(run, z), scale=scale, precision=precision,
@@ -585,7 +591,7 @@ def _low_rank_contract(x_spec: str, x: jax.Array, a_spec: str, a: jax.Array,
     j = out.index(run)
     return jnp.reshape(
         y, y.shape[:j] + x.shape[i:i + len(run)] + y.shape[j + 1:])
-  sizes = {}
+  sizes: dict[str, int] = {}
   for spec, arr in ((x_spec, x), (a_spec, a), (b_spec, b)):
     sizes.update(zip(spec, arr.shape))
 
@@ -694,7 +700,7 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
     nodes, a_def = jax.tree_util.tree_flatten_with_path(adapter,
                                                         is_leaf=_is_node)
     subtrees = a_def.flatten_up_to(params)
-    tags = []
+    tags: list[_Tagged | None] = []
     for (kp, node), sub in zip(nodes, subtrees):
       if isinstance(node, LoraWeight):
         tags.append(_from_node(sub, node, paths_lib.path_str(kp)))
@@ -787,7 +793,7 @@ class _AxesWalker:
       if len(t[1]) == 2 and collapsed == {0}:  # An embedding lookup.
         self.record(t, {0: "i", 1: "o"})
         return none
-      self.record(t, {j: "s" for j in collapsed})
+      self.record(t, dict.fromkeys(collapsed, "s"))
       if (set(dn.start_index_map) == collapsed and eqn.outvars
           and not tuple(dn.operand_batching_dims)):
         # Indexing stacked axes (`w[expert_ids]`): follow the selected slices.
@@ -801,9 +807,9 @@ class _AxesWalker:
       (lc, rc), (lb, rb) = p["dimension_numbers"]
       for x, con, bat in ((invals[0], lc, lb), (invals[1], rc, rb)):
         if x is not None:
-          roles = {j: "o" for j in range(len(x[1]))}
-          roles.update({j: "i" for j in con})
-          roles.update({j: "s" for j in bat})
+          roles = dict.fromkeys(range(len(x[1])), "o")
+          roles.update(dict.fromkeys(con, "i"))
+          roles.update(dict.fromkeys(bat, "s"))
           self.record(x, roles)
       return none
     if name == "conv_general_dilated" and invals[1] is not None:
@@ -853,7 +859,8 @@ def infer_axes(fn: Callable[..., Any], params: PyTree, *args: Any,
   output axis, and one adapter then spans all experts.
 
   Example:
-    >>> axes = lorajax.infer_axes(model.apply, params, x, config=config)
+    >>> axes = lorajax.sharding.infer_axes(model.apply, params, x,
+    ...                                    config=config)
     >>> config = dataclasses.replace(config, axes=axes)
 
   Args:
@@ -873,7 +880,7 @@ def infer_axes(fn: Callable[..., Any], params: PyTree, *args: Any,
     ValueError: If an axis of a targeted weight is never used by a matmul, or
       its uses disagree.
   """
-  import re  # pylint: disable=g-import-not-at-top
+  import re  # noqa: PLC0415
 
   if not isinstance(config, LoraConfig):
     raise TypeError(
@@ -883,7 +890,7 @@ def infer_axes(fn: Callable[..., Any], params: PyTree, *args: Any,
   wanted = {}
   for path, leaf in flat:
     shape, dtype = tuple(leaf.shape), leaf.dtype
-    if len(shape) > 2 and config._is_target(path, len(shape), dtype):  # pylint: disable=protected-access
+    if len(shape) > 2 and config._is_target(path, len(shape), dtype):  # noqa: SLF001
       wanted[path] = shape
   closed, _, p_leaves, dyn = _trace(fn, params, args, kwargs)
   del p_leaves

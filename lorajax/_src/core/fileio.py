@@ -72,6 +72,7 @@ def chmod_default(path: str | os.PathLike) -> None:
 
 def chmod_tree_default(root: str | os.PathLike) -> None:
   """`chmod_default` on `root` and everything below it."""
+  root = os.fspath(root)
   chmod_default(root)
   for dirpath, dirnames, filenames in os.walk(root):
     for name in (*dirnames, *filenames):
