@@ -245,6 +245,8 @@ class _Session:
 
   def attach(self, out: pathlib.Path) -> None:
     """From now on, logs go to `<out>/lorajax.log` too."""
+    if self.out == out and self._file is not None:
+      return
     self.out = out
     try:
       self._file = (out / LOG_FILE).open("a", encoding="utf-8")
@@ -851,13 +853,15 @@ def _run_finetune(args, session: _Session) -> int:
               step or 0)] if step else [])
       (out / run_dir.DONE_FILE).unlink(missing_ok=True)
       run_dir.write_json_atomic(out / "config.json", settings)
+      session.attach(out)
     else:
       out.mkdir(parents=True, exist_ok=True)
-      # config.json first: from here on the directory is a resumable run.
+      # config.json first: from here on the directory is a resumable run, and
+      # an interruption's message must say how to resume it.
       run_dir.write_json_atomic(out / "config.json", settings)
+      session.attach(out)
       metrics_path.write_text("")
       mngr = run_dir.checkpoint_manager(ckpt_dir, config.lora)
-    session.attach(out)
     return _train_and_export(args, session, model, params, model_path,
                              train_ex, eval_ex, config, settings, state,
                              mngr, total, seq_len, t_start)
