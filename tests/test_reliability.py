@@ -785,3 +785,16 @@ def test_read_metrics_torn_tail_and_corruption(tmp_path):
   p.write_text('{"step": 1}\n[1, 2]\n{"step": 3}\n')
   with pytest.raises(ValueError, match=r"metrics\.jsonl:2: damaged line"):
     run_dir.read_metrics(p)
+
+
+@pytest.mark.parametrize("kw", [
+    {"learning_rate": float("inf")}, {"learning_rate": float("nan")},
+    {"learning_rate": -1e-3}, {"epochs": float("inf")},
+    {"weight_decay": float("nan")}, {"max_grad_norm": float("inf")},
+])
+def test_library_train_config_rejects_non_finite_settings(kw):
+  from lorajax import finetune  # noqa: PLC0415
+
+  (name,) = kw
+  with pytest.raises(ValueError, match=f"`{name}` must be a finite number"):
+    finetune.TrainConfig(**kw)
