@@ -793,7 +793,7 @@ def test_read_metrics_torn_tail_and_corruption(tmp_path):
     {"weight_decay": float("nan")}, {"max_grad_norm": float("inf")},
 ])
 def test_library_train_config_rejects_non_finite_settings(kw):
-  from lorajax import finetune  # noqa: PLC0415
+  from lorajax import finetune
 
   (name,) = kw
   with pytest.raises(ValueError, match=f"`{name}` must be a finite number"):
