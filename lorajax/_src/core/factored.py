@@ -140,6 +140,8 @@ _RULES = (
          " factors are left to the compiler"),
     Rule("reduce_precision", "passthrough", "acts on the base"),
     Rule("optimization_barrier", "passthrough", "acts on the base"),
+    Rule("reshard", "passthrough", "reshards the base; the factors are left"
+         " to the compiler"),
     Rule("jit", "call", "body interpreted inline"),
     Rule("closed_call", "call", "body interpreted inline"),
     Rule("remat", "remat", "body interpreted inside `jax.checkpoint` with the"
