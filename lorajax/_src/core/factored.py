@@ -505,7 +505,9 @@ def _inputs(params: PyTree, adapter: PyTree) -> list[Any]:
                                   for x, t in zip(leaves, train)])
       out.append(kind.factored(node, leaf, path))
     elif _is_lazy(leaf):
-      out.append(Factored(leaf, (), "", (), BASE_ONLY, None, path))
+      # No adapter: roles only have to be uniform for layouts to move it.
+      out.append(Factored(leaf, (), "s" * len(leaf.shape), (), BASE_ONLY,
+                          None, path))
     else:
       out.append(leaf)
   return out

@@ -209,11 +209,11 @@ class LoraKind(AdapterKind):
     roles = tagged[0].roles
     if any(p.kind is not self or p.roles != roles for p in tagged):
       return None
+    if any(not isinstance(p.base, jax.Array) for p in tagged):
+      return None  # A lazy base would be dequantized whole: no gain.
     role = roles[dim]
     base = jnp.concatenate([dense(p.base) if isinstance(p, Factored) else p
                             for p in pieces], dim)
-    if any(not isinstance(p.base, jax.Array) for p in tagged):
-      return None  # A lazy base would be dequantized whole: no gain.
     held_a = [j for j, c in enumerate(roles) if c in "si"]
     held_b = [j for j, c in enumerate(roles) if c in "so"]
     dtype = tagged[0].parts[1].dtype
