@@ -140,6 +140,8 @@ _RULES = (
          " factors are left to the compiler"),
     Rule("reduce_precision", "passthrough", "acts on the base"),
     Rule("optimization_barrier", "passthrough", "acts on the base"),
+    Rule("reshard", "passthrough", "reshards the base; the factors are left"
+         " to the compiler"),
     Rule("jit", "call", "body interpreted inline"),
     Rule("closed_call", "call", "body interpreted inline"),
     Rule("remat", "remat", "body interpreted inside `jax.checkpoint` with the"
@@ -505,7 +507,9 @@ def _inputs(params: PyTree, adapter: PyTree) -> list[Any]:
                                   for x, t in zip(leaves, train)])
       out.append(kind.factored(node, leaf, path))
     elif _is_lazy(leaf):
-      out.append(Factored(leaf, (), "", (), BASE_ONLY, None, path))
+      # No adapter: roles only have to be uniform for layouts to move it.
+      out.append(Factored(leaf, (), "s" * len(leaf.shape), (), BASE_ONLY,
+                          None, path))
     else:
       out.append(leaf)
   return out
