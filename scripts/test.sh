@@ -16,7 +16,7 @@ if [ "${1:-}" = "--jax-min" ]; then
   [ -x .venv-jaxmin/bin/python ] || "$PYTHON" -m venv .venv-jaxmin
   .venv-jaxmin/bin/python -m pip install -q --upgrade pip
   .venv-jaxmin/bin/python -m pip install -q -e . "jax==$JAX_MIN" \
-    "jaxlib==$JAX_MIN" pytest
+    "jaxlib==$JAX_MIN" pytest flax
   .venv-jaxmin/bin/python -c "import jax; print('jax', jax.__version__)"
   exec .venv-jaxmin/bin/python -m pytest -q -p no:cacheprovider \
     tests/test_factored_rules.py tests/test_factored.py tests/test_config.py \
