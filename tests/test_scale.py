@@ -297,8 +297,8 @@ def test_precision_policies():
   assert cast["w"].dtype == jnp.bfloat16 and cast["ids"].dtype == jnp.int32
   sds = bf16.cast_params(jax.ShapeDtypeStruct((4, 4), jnp.float32))
   assert sds.dtype == jnp.bfloat16
-  cfg = bf16.lora_config(lorajax.LoraConfig(rank=2, dtype="bfloat16"))
-  assert cfg.dtype == "float32" and cfg.rank == 2
+  cfg = bf16.lora_config(lorajax.LoraConfig(rank=2, param_dtype="bfloat16"))
+  assert cfg.param_dtype == "float32" and cfg.rank == 2
 
 
 def _task_batches(steps, rng):
@@ -320,8 +320,8 @@ def test_bf16_policy_tracks_f32_finetune():
     model = llama.LlamaModel(_config(scan_layers=True,
                                      dtype=policy.compute_dtype))
     params = policy.cast_params(base)
-    config = policy.lora_config(lorajax.LoraConfig(rank=4,
-                                                   dtype="bfloat16"))
+    config = policy.lora_config(
+        lorajax.LoraConfig(rank=4, param_dtype="bfloat16"))
     adapter = lorajax.init(params, config, key=jax.random.key(1))
     tx = optax.adam(5e-3)
     opt_state = tx.init(adapter)

@@ -11,14 +11,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lorajax._src.core import fileio
+from lorajax._src.core import fileio, safetensors_io
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight
+from lorajax._src.core.adapter import is_node as _is_node
+from lorajax._src.core.typing import PyTree
 
-PyTree = Any
 NameMap = Mapping[str, str] | Callable[[str], str | None] | None
 
 CONFIG_NAME = "adapter_config.json"
@@ -135,11 +135,12 @@ def save(
   `base_model.model.<module>.lora_A.weight` (`a.T`, shape (r, in)) and
   `...lora_B.weight` (`b.T`, shape (out, r)). The most common rank and alpha
   become `r` and `lora_alpha`; other modules get full-name entries in
-  `rank_pattern` / `alpha_pattern`. Alphas are chosen so that PEFT's scale
-  equals each adapter's `scale`; `use_rslora` is set when the adapters use
-  `alpha / sqrt(rank)`. `target_modules` lists the short module names (e.g.
-  `q_proj`) when that selects exactly the adapted modules, otherwise their
-  full names. Files go to a temporary directory that is renamed into place.
+  `rank_pattern` / `alpha_pattern`. `use_rslora` is the adapters' `rslora`
+  flag (the most common one if they differ, and the others get the alpha
+  that keeps their scale), so PEFT's scale equals each adapter's `scale`.
+  `target_modules` lists the short module names (e.g. `q_proj`) when that
+  selects exactly the adapted modules, otherwise their full names. Files go
+  to a temporary directory that is renamed into place.
 
   Args:
     directory: The output directory. It must not exist or be empty unless
@@ -225,24 +226,19 @@ def save(
     (a, b), = _flatten_pairs(path, node)
     entries.append((module, node, a, b))
 
-  # rsLoRA if any adapter's scale is alpha/sqrt(r) and not alpha/r.
-  def is_rs(node):
-    if node.alpha is None or node.rank == 1:
-      return False
-    return (math.isclose(node.scale, node.alpha / math.sqrt(node.rank),
-                         rel_tol=1e-6)
-            and not math.isclose(node.scale, node.alpha / node.rank,
-                                 rel_tol=1e-6))
-
-  use_rslora = any(is_rs(n) for _, n, _, _ in entries)
-  denom = (lambda r: math.sqrt(r)) if use_rslora else (lambda r: r)
+  # PEFT has one `use_rslora` for all modules: the adapters' flag (the most
+  # common one if they differ; the others get the alpha that gives their
+  # scale under it).
+  use_rslora = collections.Counter(
+      n.rslora for _, n, _, _ in entries).most_common(1)[0][0]
   ranks, alphas = {}, {}
   for module, node, _, _ in entries:
     ranks[module] = node.rank
-    alpha = node.scale * denom(node.rank)
-    if node.alpha is not None and math.isclose(alpha, node.alpha,
-                                               rel_tol=1e-6):
+    if node.rslora == use_rslora:
       alpha = node.alpha
+    else:
+      alpha = node.scale * (math.sqrt(node.rank) if use_rslora
+                            else node.rank)
     alphas[module] = _clean(alpha)
   r = collections.Counter(ranks.values()).most_common(1)[0][0]
   lora_alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
@@ -339,13 +335,14 @@ def _check_config(cfg: Mapping[str, Any], where: str) -> None:
 
 
 def _stack_layers(path: str, shape: tuple[int, ...],
-                  per_layer: Mapping[int, tuple], errors: list[str]
-                  ) -> LoraWeight | None:
+                  per_layer: Mapping[int, tuple], rslora: bool,
+                  errors: list[str]) -> LoraWeight | None:
   """One `"sio"` adapter from the per-layer PEFT pairs of a stacked weight.
 
   Layers the file has no adapter for get zero `a` and `b` (no update), as
   they have none in PEFT. Layers whose alpha differs from the most common one
-  get their `b` rescaled, so every layer's update is exactly PEFT's.
+  get their `b` rescaled by the alpha ratio (their rank is the same), so
+  every layer's update is exactly PEFT's.
   """
   ranks = {v[2] for v in per_layer.values()}
   if len(ranks) != 1:
@@ -356,17 +353,41 @@ def _stack_layers(path: str, shape: tuple[int, ...],
         " `lorajax.models.llama.unstack_layers(params)`).")
     return None
   rank = ranks.pop()
-  scales = collections.Counter(v[4] for v in per_layer.values())
-  scale = scales.most_common(1)[0][0]
-  alpha = next(v[3] for v in per_layer.values() if v[4] == scale)
+  alphas = collections.Counter(v[3] for v in per_layer.values())
+  alpha = alphas.most_common(1)[0][0]
   n, d_in, d_out = shape
   a = np.zeros((n, d_in, rank), np.float32)
   b = np.zeros((n, rank, d_out), np.float32)
-  for i, (la, lb, _, _, s) in per_layer.items():
+  for i, (la, lb, _, layer_alpha) in per_layer.items():
     a[i] = np.asarray(la, np.float32).T
-    b[i] = np.asarray(lb, np.float32).T * np.float32(s / scale)
-  return LoraWeight(a=jnp.asarray(a), b=jnp.asarray(b), scale=scale,
-                    axes="sio", alpha=alpha)
+    b[i] = np.asarray(lb, np.float32).T * np.float32(layer_alpha / alpha)
+  return LoraWeight(a=jnp.asarray(a), b=jnp.asarray(b), alpha=alpha,
+                    axes="sio", rslora=rslora)
+
+
+def _read_config(path: str | os.PathLike) -> dict[str, Any]:
+  """Reads an adapter_config.json: a JSON object, or a ValueError naming the
+  file (and line and column for invalid JSON)."""
+  path = os.fspath(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path!r} cannot be read: {e}.") from None
+  try:
+    cfg = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(
+        f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); the file is"
+        " damaged or truncated. Restore it from the original adapter or"
+        " re-save the adapter."
+    ) from None
+  if not isinstance(cfg, dict):
+    raise ValueError(
+        f"{path}: expected a JSON object (PEFT adapter config); got"
+        f" {type(cfg).__name__}."
+    )
+  return cfg
 
 
 def load(
@@ -401,7 +422,9 @@ def load(
     directory holds no adapter.
 
   Raises:
-    ValueError: If a file is missing, the config uses an unsupported option
+    ValueError: If a file is missing or unreadable, adapter_config.json is
+      not JSON (naming its line), the weights file is truncated or not
+      safetensors (naming the file), the config uses an unsupported option
       (DoRA, fan_in_fan_out, bias, modules_to_save, non-LoRA peft_type), a
       module is unknown or half present, a shape or rank does not fit, or
       the layers of a stacked weight have different ranks.
@@ -409,36 +432,62 @@ def load(
   directory = os.fspath(directory)
   cfg_path = os.path.join(directory, CONFIG_NAME)
   w_path = os.path.join(directory, WEIGHTS_NAME)
-  if not os.path.exists(cfg_path):
+  problem = fileio.path_problem(directory, kind="dir")
+  if problem is not None:
+    raise ValueError(
+        f"PEFT adapter directory {directory!r} {problem}. Pass a directory"
+        " holding adapter_config.json and adapter_model.safetensors."
+    )
+  if not os.path.lexists(cfg_path):
     raise ValueError(
         f"{directory!r} has no {CONFIG_NAME}; expected a PEFT adapter"
         " directory (adapter_config.json + adapter_model.safetensors)."
     )
-  if not os.path.exists(w_path):
+  if not os.path.lexists(w_path):
     other = os.path.join(directory, "adapter_model.bin")
     hint = (" It has adapter_model.bin, a pickle, which lorajax does not"
             " read: re-save it in PEFT with safe_serialization=True."
             if os.path.exists(other) else "")
     raise ValueError(f"{directory!r} has no {WEIGHTS_NAME}.{hint}")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
+  for p in (cfg_path, w_path):
+    problem = fileio.path_problem(p, kind="file")
+    if problem is not None:
+      raise ValueError(f"{p!r} {problem}.")
+  cfg = _read_config(cfg_path)
   _check_config(cfg, cfg_path)
-  r_default = int(cfg.get("r", 8))
-  alpha_default = float(cfg.get("lora_alpha", 8))
-  rank_pattern = dict(cfg.get("rank_pattern") or {})
-  alpha_pattern = dict(cfg.get("alpha_pattern") or {})
+  try:
+    r_default = int(cfg.get("r", 8))
+    alpha_default = float(cfg.get("lora_alpha", 8))
+    rank_pattern = dict(cfg.get("rank_pattern") or {})
+    alpha_pattern = dict(cfg.get("alpha_pattern") or {})
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+        f"{cfg_path}: `r`, `lora_alpha`, `rank_pattern` or `alpha_pattern`"
+        f" has the wrong type ({e}); expected numbers and objects mapping"
+        " module regexes to numbers. Fix the file or re-save the adapter."
+    ) from None
   use_rslora = bool(cfg.get("use_rslora", False))
 
   pairs: dict[str, dict[str, np.ndarray]] = {}
   bad = []
-  with safe_open(w_path, framework="flax") as f:  # numpy lacks bfloat16
-    for key in f.keys():  # noqa: SIM118
-      m = _KEY_RE.fullmatch(key)
-      if not key.startswith(_PREFIX) or m is None:
-        bad.append(key)
-        continue
-      module = m.group(1)[len(_PREFIX):]
-      pairs.setdefault(module, {})[m.group(2)] = f.get_tensor(key)
+  try:
+    with safetensors_io.SafetensorsFile(w_path) as f:  # reads bfloat16
+      for key in f.keys():  # noqa: SIM118
+        m = _KEY_RE.fullmatch(key)
+        if not key.startswith(_PREFIX) or m is None:
+          bad.append(key)
+          continue
+        module = m.group(1)[len(_PREFIX):]
+        pairs.setdefault(module, {})[m.group(2)] = f.get_tensor(key)
+  except Exception as e:  # noqa: BLE001 (SafetensorError, OSError)
+    size = os.path.getsize(w_path)
+    raise ValueError(
+        f"{w_path!r} is not a readable safetensors file ({size} bytes;"
+        f" {type(e).__name__}: {e}). It is truncated (an interrupted copy or"
+        " download) or in another format. Copy or re-save the adapter"
+        " (`lorajax.peft.save`, or PEFT's `save_pretrained` with"
+        " safe_serialization=True)."
+    ) from None
   if bad:
     raise ValueError(
         f"{w_path} holds tensors that are not LoRA A/B matrices of linear"
@@ -520,17 +569,17 @@ def load(
       continue
     key = peft_pattern_key(alpha_pattern, module)
     alpha = float(alpha_pattern[key]) if key is not None else alpha_default
-    scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
     if layer is not None:
-      stacked.setdefault(idx, {})[layer] = (a, b, rank, alpha, scale)
+      stacked.setdefault(idx, {})[layer] = (a, b, rank, alpha)
       continue
     nodes[idx] = LoraWeight(
         a=jnp.asarray(a.T, jnp.float32), b=jnp.asarray(b.T, jnp.float32),
-        scale=scale, axes="io", alpha=alpha,
+        alpha=alpha, axes="io", rslora=use_rslora,
     )
   for idx, per_layer in stacked.items():
     node = _stack_layers(paths_lib.path_str(flat[idx][0]),
-                         tuple(flat[idx][1].shape), per_layer, errors)
+                         tuple(flat[idx][1].shape), per_layer, use_rslora,
+                         errors)
     nodes[idx] = node
   if errors:
     raise ValueError(

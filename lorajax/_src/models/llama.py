@@ -39,17 +39,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax._src.core.adapter import LoraWeight
-
-PyTree = Any
+from lorajax._src.core.typing import PyTree
 
 _SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 
-# `scan_layers=None` scans models with at least this many layers. Below it
-# the unrolled loop compiles about as fast and keeps per-layer paths
-# (`model/layers/0/...`), which small test models and tools index directly.
 SCAN_MIN_LAYERS = 5
+"""`LlamaConfig(scan_layers=None)` scans models with at least this many layers.
+
+Below it the unrolled loop compiles about as fast and keeps the per-layer
+paths (`model/layers/0/...`) that small test models and tools index directly.
+"""
 
 REMAT_POLICIES = ("none", "full", "dots")
+"""The values of `LlamaConfig.remat` (see its docstring)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +300,7 @@ class LlamaConfig:
 def _inv_freq(config: LlamaConfig) -> np.ndarray:
   """Rotary inverse frequencies, with Llama 3 scaling when configured."""
   d = config.head_dim
+  assert d is not None  # Set by LlamaConfig.__post_init__.
   inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
   if config.rope_scaling is not None:
     rs = dict(config.rope_scaling)
@@ -468,13 +471,14 @@ def _stack_leaves(*xs):
       raise ValueError("some layers have an adapter for a weight, some not")
     return None
   if isinstance(x0, LoraWeight):
-    if any(not isinstance(x, LoraWeight) or (x.scale, x.axes, x.rank)
-           != (x0.scale, x0.axes, x0.rank) for x in xs):
+    key = lambda x: (x.alpha, x.axes, x.rank, x.rslora)  # noqa: E731
+    if any(not isinstance(x, LoraWeight) or key(x) != key(x0) for x in xs):
       raise ValueError(
-          "the layers' adapters of one weight differ in rank, scale or axes")
+          "the layers' adapters of one weight differ in rank, alpha, rslora"
+          " or axes")
     return LoraWeight(a=jnp.stack([x.a for x in xs]),
-                      b=jnp.stack([x.b for x in xs]), scale=x0.scale,
-                      axes="s" + x0.axes, alpha=x0.alpha)
+                      b=jnp.stack([x.b for x in xs]), alpha=x0.alpha,
+                      axes="s" + x0.axes, rslora=x0.rslora)
   return jnp.stack(xs)
 
 
@@ -482,8 +486,8 @@ def _slice_leaf(x, i: int):
   if x is None:
     return None
   if isinstance(x, LoraWeight):
-    return LoraWeight(a=x.a[i], b=x.b[i], scale=x.scale, axes=x.axes[1:],
-                      alpha=x.alpha)
+    return LoraWeight(a=x.a[i], b=x.b[i], alpha=x.alpha, axes=x.axes[1:],
+                      rslora=x.rslora)
   return x[i]
 
 
@@ -762,6 +766,7 @@ def generate(
         )
   if eos_id is None:
     eos_id = config.eos_token_ids or config.eos_token_id
+  eos_ids: tuple[int, ...]
   if eos_id is None:
     eos_ids = (-1,)
   elif isinstance(eos_id, int | np.integer):
@@ -820,6 +825,7 @@ def init_params(
         next(keys), (config.hidden_size,))).astype(dtype)
 
   hid, hd = config.hidden_size, config.head_dim
+  assert hd is not None and config.num_key_value_heads is not None
   nq, nkv = config.num_attention_heads * hd, config.num_key_value_heads * hd
   layers = {}
   for i in range(config.num_hidden_layers):
