@@ -1,8 +1,8 @@
 """lorajax: functional LoRA fine-tuning for JAX.
 
 The core: adapters as a second pytree (`init`, `merge`, `unmerge`, `delta`),
-the factored transform `lora(fn)`, the train step, checkpoints and the
-summary. Submodules: `lorajax.peft` (Hugging Face PEFT interop),
+the factored transform `lora(fn)`, the train step, checkpoints, the
+summary and the mixed-precision policies (`precision_policy`). Submodules: `lorajax.peft` (Hugging Face PEFT interop),
 `lorajax.optim` (LoRA+ and weight-decay masks), `lorajax.sharding` (sharded
 init, global batches, axes inference). The model zoo (`lorajax.models`) and
 the fine-tuning application (`lorajax.finetune`) are separate packages with
@@ -30,6 +30,7 @@ from lorajax._src.core.factored import (
     LoraFallbackWarning,
     lora,
 )
+from lorajax._src.core.precision import precision_policy
 from lorajax._src.core.sharding import adapter_shardings, init_sharded
 from lorajax._src.core.summary import summary
 from lorajax._src.core.train import TrainStep, make_train_step
@@ -55,6 +56,7 @@ __all__ = (
     "merge",
     "optim",
     "peft",
+    "precision_policy",
     "sharding",
     "summary",
     "unmerge",

@@ -21,7 +21,8 @@ CORE = {
     "CheckpointManager", "CorruptCheckpointError", "LoraConfig",
     "LoraFallbackError", "LoraFallbackWarning", "LoraWeight", "TrainStep",
     "adapter_shardings", "delta", "init", "init_sharded", "is_lora",
-    "is_node", "lora", "make_train_step", "merge", "summary", "unmerge",
+    "is_node", "lora", "make_train_step", "merge", "precision_policy",
+    "summary", "unmerge",
     # Public submodules.
     "optim", "peft", "sharding",
 }
@@ -31,9 +32,11 @@ SUBMODULES = {
     lorajax.peft: {"load", "save"},
     lorajax.sharding: {"adapter_shardings", "global_batch", "infer_axes",
                        "init_sharded"},
-    lorajax.models.llama: {"LlamaConfig", "LlamaModel", "Tokenizer",
+    lorajax.models.llama: {"LlamaConfig", "LlamaModel", "REMAT_POLICIES",
+                           "SCAN_MIN_LAYERS", "Tokenizer",
                            "default_model_path", "from_pretrained",
-                           "init_params", "save_pretrained"},
+                           "init_params", "save_pretrained", "stack_layers",
+                           "unstack_layers"},
 }
 
 

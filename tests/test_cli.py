@@ -155,7 +155,8 @@ def _bad_jsonl(d, name, lines):
         ("seq-len-over-context", r"--seq-len 512 exceeds the model's context"
          r" length 256"),
         ("targets-match-nothing", r"--targets 'nothing_here' matches no"
-         r" weight of the model\. The model's 2-D weights have paths like"
+         r" weight of the model\. The model's 2-D weights \(3-D when"
+         r" scan-stacked\) have paths like"
          r" model/"),
         ("resume-without-run", r"--resume: .* is not a lorajax run"),
     ],

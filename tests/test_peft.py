@@ -328,8 +328,15 @@ def test_save_errors(base, tmp_path):
   stacked = {"layers": {"kernel": jnp.zeros((2, 8, 8))}}
   ad = lorajax.init(stacked, lorajax.LoraConfig(rank=2, axes={".*": "sio"}),
                     key=jax.random.key(0))
-  with pytest.raises(ValueError, match=r"stacked adapter.*Unstack"):
+  # A stacked adapter whose path gives no per-layer module name.
+  with pytest.raises(ValueError, match=r"stacked adapter.*no per-layer PEFT"
+                     r" module name.*`name_map`.*\{\}"):
     lorajax.peft.save(tmp_path / "a", ad)
+  experts = {"moe": {"kernel": jnp.zeros((8, 2, 8))}}
+  ad = lorajax.init(experts, lorajax.LoraConfig(rank=2, axes={".*": "iso"}),
+                    key=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"axes 'iso'.*one leading stack"):
+    lorajax.peft.save(tmp_path / "a", ad, name_map={"moe/kernel": "m{}"})
   odd = {"layer": {"proj": jnp.zeros((8, 8))}}
   ad = lorajax.init(odd, lorajax.LoraConfig(rank=2, targets="layer/proj"),
                     key=jax.random.key(0))

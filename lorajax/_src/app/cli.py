@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--targets", default="all-linear",
                  help="'all-linear', 'attention', 'mlp', or a regex"
                  " fullmatching weight paths such as"
-                 " 'model/layers/.*/self_attn/(q|v)_proj/kernel'.")
+                 " 'model/layers/(.*/)?self_attn/(q|v)_proj/kernel' (per-layer"
+                 " 'model/layers/0/...' or, for scanned models with 5 or"
+                 " more layers, stacked 'model/layers/self_attn/...').")
   g = ft.add_argument_group("optimisation")
   g.add_argument("--lr", type=_lr_float, default=None,
                  help="constant AdamW learning rate (default 5e-4: 10x the"
@@ -664,13 +666,13 @@ def _check_targets(lora: Any, params: Any, args: Any) -> None:
     if "match no weight" not in str(e):
       raise CliError(f"--targets {targets!r}: {e}") from None
     names = [p for p, x in paths_lib.leaves_with_paths(params)
-             if getattr(x, "ndim", 0) == 2]
+             if getattr(x, "ndim", 0) >= 2]
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
     raise CliError(
         f"--targets {targets!r} matches no weight of the model. The model's"
-        f" 2-D weights have paths like {shown}. Pass a regex that"
-        " fullmatches such paths (e.g."
-        " 'model/layers/.*/self_attn/(q|v)_proj/kernel') or a preset:"
+        f" 2-D weights (3-D when scan-stacked) have paths like {shown}. Pass"
+        " a regex that fullmatches such paths (e.g."
+        " 'model/layers/(.*/)?self_attn/(q|v)_proj/kernel') or a preset:"
         " 'all-linear', 'attention', 'mlp'."
     ) from None
   dims = {path: min(math.prod(w.in_shape), math.prod(w.out_shape))

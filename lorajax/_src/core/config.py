@@ -35,6 +35,24 @@ _MLP_NAMES = (
 PRESETS = ("all-linear", "attention", "mlp")
 
 
+def _is_scan_stacked(path: str, ndim: int) -> bool:
+  """The default-`"sio"` rule for scan-stacked layers (see `LoraConfig`).
+
+  True for a 3-axis weight whose path runs through a part named `layers`
+  followed by at least one module name and the weight name, none of them an
+  index: `model/layers/self_attn/q_proj/kernel` (`lorajax.models.llama` with
+  scanned layers, Flax `nn.scan(..., variable_axes={"params": 0})` modules
+  named `layers`), but not `model/layers/0/.../kernel` or `layers/kernel`.
+  """
+  parts = path.split("/")
+  if ndim != 3 or parts[-1] not in ("kernel", "weight", "w"):
+    return False
+  for j, part in enumerate(parts[:-2]):
+    if part == "layers":
+      return not any(q.isdigit() for q in parts[j + 1:])
+  return False
+
+
 def _names_regex(names: Sequence[str]) -> str:
   return rf"(?:.*/)?(?:{'|'.join(names)})/{_WEIGHT_LEAF}"
 
@@ -216,8 +234,12 @@ class LoraConfig:
     axes: Maps regexes (fullmatch) to an axes string with one letter per
       weight axis: `s` stacked (scan-stacked layers, MoE experts: a separate
       adapter per slice), `i` input (contracted with the activation), `o`
-      output. A 2-D weight defaults to `"io"`; a weight with more axes needs an
-      entry.
+      output. A 2-D weight defaults to `"io"`. A 3-D weight under a path
+      part named `layers` followed by module names (no layer index), the
+      scan-stacked layout of `lorajax.models.llama`
+      (`model/layers/self_attn/q_proj/kernel`, shape `(layers, in, out)`),
+      defaults to `"sio"`: one adapter per layer. Any other weight with more
+      than two axes needs an entry.
     init: `"lora"` (`a` uniform in +-1/sqrt(d_in), `b` zero; Hu et al. 2021),
       or `"gaussian"` (`a` normal with std 1/rank, `b` zero, as PEFT's
       `init_lora_weights="gaussian"`).
@@ -417,6 +439,8 @@ class LoraConfig:
           ((k, v) for k, v in self.axes if re.fullmatch(k, path)),
           (None, None),
       )
+      if axes is None and _is_scan_stacked(path, len(shape)):
+        axes = "sio"
       if axes is None:
         if len(shape) != 2:
           errors.append(

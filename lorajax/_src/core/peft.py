@@ -60,6 +60,29 @@ def _module_name(path: str, name_map: NameMap) -> str | None:
   )
 
 
+def _module_template(path: str, name_map: NameMap) -> str | None:
+  """The module name of a stacked weight's slices, `{}` for the index.
+
+  `name_map` may give it directly (a name containing `{}`); by default the
+  index goes after the last `layers` part of the default module name when
+  no index follows it (`model/layers/self_attn/q_proj/kernel` ->
+  `model.layers.{}.self_attn.q_proj`, the Hugging Face name of each layer's
+  module).
+  """
+  name = _module_name(path, name_map)
+  if name is None:
+    return None
+  if "{}" in name:
+    return name
+  if name_map is None:
+    parts = name.split(".")
+    if "layers" in parts:
+      j = len(parts) - 1 - parts[::-1].index("layers")
+      if j + 1 < len(parts) and not any(q.isdigit() for q in parts[j + 1:]):
+        return ".".join([*parts[:j + 1], "{}", *parts[j + 1:]])
+  return None
+
+
 def peft_pattern_key(keys, module: str) -> str | None:
   """PEFT's `rank_pattern`/`alpha_pattern` rule: the first key `k` in order
   with `re.match(rf"(.*\\.)?({k})$", module)`."""
@@ -69,17 +92,27 @@ def peft_pattern_key(keys, module: str) -> str | None:
   return None
 
 
-def _flatten_pair(path: str, node: LoraWeight) -> tuple[np.ndarray, np.ndarray]:
-  """(a, b) as (in, r), (r, out) matrices, flattening multi-axis in/out."""
-  if "s" in node.axes:
+def _flatten_pairs(path: str, node: LoraWeight
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(a, b) as (in, r), (r, out) matrices, one pair per stacked slice.
+
+  Multi-axis in/out are flattened. An adapter with a leading stack axis
+  (`"s..."`, scan-stacked layers) gives one pair per layer.
+  """
+  n_s = node.axes.count("s")
+  if n_s > 1 or (n_s == 1 and node.axes[0] != "s"):
     raise ValueError(
-        f"{path!r} has a stacked adapter (axes {node.axes!r}); PEFT stores one"
-        " matrix pair per module. Unstack the layers first (one params entry"
-        " per layer, as `lorajax.models.llama` has) before `lorajax.peft.save`."
+        f"{path!r} has an adapter with axes {node.axes!r}; PEFT stores one"
+        " matrix pair per module, so lorajax.peft writes only adapters with"
+        " no stack axis or one leading stack axis (scan-stacked layers,"
+        " axes 'sio'). Expert-stacked adapters have no PEFT module names."
     )
   a = np.asarray(jax.device_get(node.a))
   b = np.asarray(jax.device_get(node.b))
-  return a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1)
+  if n_s == 0:
+    return [(a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1))]
+  return [(a[i].reshape(-1, a.shape[-1]), b[i].reshape(b.shape[1], -1))
+          for i in range(a.shape[0])]
 
 
 def _clean(x: float) -> float:
@@ -117,7 +150,12 @@ def save(
       kernel`) to a PEFT module name (`model.layers.0.self_attn.q_proj`): a
       dict or a callable. By default the module name is the path without its
       last component (`kernel`/`weight`/`w`), joined by dots, which is right
-      for `lorajax.models.llama` params.
+      for `lorajax.models.llama` params. A stacked adapter (axes `"sio"`,
+      scan-stacked layers) is written as one module per layer: by default
+      the layer index goes after the path's last `layers` part
+      (`model/layers/self_attn/q_proj/kernel` -> `model.layers.<i>.
+      self_attn.q_proj`); a `name_map` entry for it gives a name with `{}`
+      where the index goes.
     overwrite: Replace an existing non-empty `directory`.
     **metadata: `base_model_name_or_path`, `task_type` (default
       `"CAUSAL_LM"`), `revision`, `lora_dropout` and `inference_mode` go into
@@ -125,8 +163,9 @@ def save(
       safetensors header metadata.
 
   Raises:
-    ValueError: If the adapter is empty, has stacked adapters, a weight has no
-      module name, two weights share one, or `directory` is not empty.
+    ValueError: If the adapter is empty, a weight has no module name (or a
+      stacked one no per-layer name), two weights share one, an adapter has
+      a stack axis other than one leading one, or `directory` is not empty.
   """
   directory = os.fspath(directory)
   flat = paths_lib.leaves_with_paths(adapter, is_leaf=_is_node)
@@ -144,6 +183,27 @@ def save(
   entries = []
   seen: dict[str, str] = {}
   for path, node in nodes:
+    if "s" in node.axes:
+      pairs = _flatten_pairs(path, node)
+      template = _module_template(path, name_map)
+      if template is None:
+        raise ValueError(
+            f"{path!r} holds a stacked adapter (axes {node.axes!r}, one"
+            " adapter per layer) but has no per-layer PEFT module name. Pass"
+            " `name_map` giving a module name with `{}` where the layer"
+            " index goes, e.g. {" + repr(path) + ":"
+            " 'model.layers.{}.self_attn.q_proj'}."
+        )
+      for i, (a, b) in enumerate(pairs):
+        module = template.format(i)
+        if module in seen:
+          raise ValueError(
+              f"{path!r} (layer {i}) and {seen[module]!r} both map to PEFT"
+              f" module {module!r}; fix `name_map`."
+          )
+        seen[module] = f"{path}[{i}]"
+        entries.append((module, node, a, b))
+      continue
     module = _module_name(path, name_map)
     if module is None and name_map is not None:
       raise ValueError(
@@ -163,7 +223,7 @@ def save(
           f" {module!r}; fix `name_map` so each weight has its own module."
       )
     seen[module] = path
-    a, b = _flatten_pair(path, node)
+    (a, b), = _flatten_pairs(path, node)
     entries.append((module, node, a, b))
 
   # PEFT has one `use_rslora` for all modules: the adapters' flag (the most
@@ -274,6 +334,37 @@ def _check_config(cfg: Mapping[str, Any], where: str) -> None:
     )
 
 
+def _stack_layers(path: str, shape: tuple[int, ...],
+                  per_layer: Mapping[int, tuple], rslora: bool,
+                  errors: list[str]) -> LoraWeight | None:
+  """One `"sio"` adapter from the per-layer PEFT pairs of a stacked weight.
+
+  Layers the file has no adapter for get zero `a` and `b` (no update), as
+  they have none in PEFT. Layers whose alpha differs from the most common one
+  get their `b` rescaled by the alpha ratio (their rank is the same), so
+  every layer's update is exactly PEFT's.
+  """
+  ranks = {v[2] for v in per_layer.values()}
+  if len(ranks) != 1:
+    errors.append(
+        f"{path!r}: its layers have adapters of ranks {sorted(ranks)}, but a"
+        " stacked (scan) weight holds one rank for all layers. Load the"
+        " adapter into per-layer params (scan_layers=False, or"
+        " `lorajax.models.llama.unstack_layers(params)`).")
+    return None
+  rank = ranks.pop()
+  alphas = collections.Counter(v[3] for v in per_layer.values())
+  alpha = alphas.most_common(1)[0][0]
+  n, d_in, d_out = shape
+  a = np.zeros((n, d_in, rank), np.float32)
+  b = np.zeros((n, rank, d_out), np.float32)
+  for i, (la, lb, _, layer_alpha) in per_layer.items():
+    a[i] = np.asarray(la, np.float32).T
+    b[i] = np.asarray(lb, np.float32).T * np.float32(layer_alpha / alpha)
+  return LoraWeight(a=jnp.asarray(a), b=jnp.asarray(b), alpha=alpha,
+                    axes="sio", rslora=rslora)
+
+
 def _read_config(path: str | os.PathLike) -> dict[str, Any]:
   """Reads an adapter_config.json: a JSON object, or a ValueError naming the
   file (and line and column for invalid JSON)."""
@@ -320,7 +411,11 @@ def load(
       belongs to.
     name_map: Maps a lorajax weight path to a PEFT module name (a dict or a
       callable), as in `save`; by default the path minus its last component,
-      dot-joined.
+      dot-joined. A 3-D weight whose name has a layer slot (`{}` from
+      `name_map`, or by default a `layers` part:
+      `model/layers/self_attn/q_proj/kernel`) is a scan-stacked weight: the
+      modules `model.layers.<i>.self_attn.q_proj` load into one adapter with
+      axes `"sio"` (zero for layers the file has no adapter for).
 
   Returns:
     An adapter pytree mirroring `params` (float32 `a`, `b`), `None` where the
@@ -331,7 +426,8 @@ def load(
       not JSON (naming its line), the weights file is truncated or not
       safetensors (naming the file), the config uses an unsupported option
       (DoRA, fan_in_fan_out, bias, modules_to_save, non-LoRA peft_type), a
-      module is unknown or half present, or a shape or rank does not fit.
+      module is unknown or half present, a shape or rank does not fit, or
+      the layers of a stacked weight have different ranks.
   """
   directory = os.fspath(directory)
   cfg_path = os.path.join(directory, CONFIG_NAME)
@@ -403,12 +499,22 @@ def load(
 
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   by_module: dict[str, int] = {}
-  for idx, (kp, _) in enumerate(flat):
-    module_name = _module_name(paths_lib.path_str(kp), name_map)
-    if module_name is not None:
-      by_module[module_name] = idx
+  # Module name of each layer of a scan-stacked (layers, in, out) weight.
+  by_layer: dict[str, tuple[int, int]] = {}
+  for idx, (kp, w) in enumerate(flat):
+    path = paths_lib.path_str(kp)
+    template = (_module_template(path, name_map)
+                if len(getattr(w, "shape", ())) == 3 else None)
+    if template is not None:
+      for i in range(w.shape[0]):
+        by_layer[template.format(i)] = (idx, i)
+      continue
+    m = _module_name(path, name_map)
+    if m is not None:
+      by_module[m] = idx
   errors = []
   nodes: list[Any] = [None] * len(flat)
+  stacked: dict[int, dict[int, tuple]] = {}
   for module, ab in pairs.items():
     if set(ab) != {"A", "B"}:
       missing = "lora_B" if "A" in ab else "lora_A"
@@ -416,8 +522,12 @@ def load(
           f"{module}: {missing}.weight is missing from {WEIGHTS_NAME}; the"
           " file is incomplete, re-save the adapter.")
       continue
-    if module not in by_module:
-      known = sorted(by_module)
+    if module in by_module:
+      idx, layer = by_module[module], None
+    elif module in by_layer:
+      idx, layer = by_layer[module]
+    else:
+      known = sorted(by_module) + sorted(by_layer)
       errors.append(
           f"{module}: no weight in `params` has this module name. Known"
           " module names:\n" + paths_lib.format_paths(known, 6)
@@ -425,10 +535,11 @@ def load(
           " params that do not follow Hugging Face names, or load the"
           " adapter with the base model it was trained on.")
       continue
-    idx = by_module[module]
     path = paths_lib.path_str(flat[idx][0])
-    w = flat[idx][1]
-    shape = tuple(w.shape)
+    shape = tuple(flat[idx][1].shape)
+    where = path if layer is None else f"{path} (layer {layer})"
+    if layer is not None:
+      shape = shape[1:]
     a, b = ab["A"], ab["B"]
     if len(shape) != 2:
       errors.append(
@@ -444,7 +555,7 @@ def load(
     if (a.shape[1], b.shape[0]) != shape:
       errors.append(
           f"{module}: lora_A {a.shape} / lora_B {b.shape} fit a weight of"
-          f" shape (in, out)={(a.shape[1], b.shape[0])}, but {path!r} has"
+          f" shape (in, out)={(a.shape[1], b.shape[0])}, but {where!r} has"
           f" shape {shape}. The adapter was trained for a different base"
           " model, or `name_map` points at the wrong weight.")
       continue
@@ -458,10 +569,18 @@ def load(
       continue
     key = peft_pattern_key(alpha_pattern, module)
     alpha = float(alpha_pattern[key]) if key is not None else alpha_default
+    if layer is not None:
+      stacked.setdefault(idx, {})[layer] = (a, b, rank, alpha)
+      continue
     nodes[idx] = LoraWeight(
         a=jnp.asarray(a.T, jnp.float32), b=jnp.asarray(b.T, jnp.float32),
         alpha=alpha, axes="io", rslora=use_rslora,
     )
+  for idx, per_layer in stacked.items():
+    node = _stack_layers(paths_lib.path_str(flat[idx][0]),
+                         tuple(flat[idx][1].shape), per_layer, use_rslora,
+                         errors)
+    nodes[idx] = node
   if errors:
     raise ValueError(
         f"The PEFT adapter in {directory!r} does not fit these params:\n- "

@@ -1,5 +1,6 @@
 """GGUF (llama.cpp) checkpoints: metadata, dequantization, q/k unpermuting."""
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -8,6 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from lorajax._src.models import llama as llama_lib
 from lorajax._src.models.llama import LlamaConfig
 
 # ggml type ids (ggml.h): stable across gguf versions.
@@ -309,12 +311,16 @@ def _set(tree: dict, path: list[str], value: Any) -> None:
   tree[path[-1]] = value
 
 
-def load_gguf(path: str, *, dtype: Any):
+def load_gguf(path: str, *, dtype: Any, scan_layers: bool | None = None,
+              remat: str = "none"):
   """Reads a GGUF file: `(config, params, fields)`.
 
   Args:
     path: The .gguf file.
     dtype: Parameter and computation dtype.
+    scan_layers: See `LlamaConfig.scan_layers`; stacked params when the
+      resulting config is `scanned`.
+    remat: See `LlamaConfig.remat`.
 
   Returns:
     The config, the params dict (lorajax layout) and the metadata dict.
@@ -325,6 +331,7 @@ def load_gguf(path: str, *, dtype: Any):
   fields, tensors = read_gguf(os.fspath(path))
   names = {t.name for t in tensors}
   config = read_config(fields, names, path, dtype=dtype)
+  config = dataclasses.replace(config, scan_layers=scan_layers, remat=remat)
   permute = fields.get("general.architecture") == "llama"
   params: dict = {}
   unknown = []
@@ -367,6 +374,8 @@ def load_gguf(path: str, *, dtype: Any):
   if config.vocab_size == 0:
     config = _replace_vocab(
         config, params["model"]["embed_tokens"]["embedding"].shape[0])
+  if config.scanned:
+    params = llama_lib.stack_layers(params)
   return config, params, fields
 
 

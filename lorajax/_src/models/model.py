@@ -156,7 +156,8 @@ def default_model_path() -> str:
 
 
 def from_pretrained(
-    path: str | os.PathLike, *, dtype: jax.typing.DTypeLike = jnp.float32
+    path: str | os.PathLike, *, dtype: jax.typing.DTypeLike = jnp.float32,
+    scan_layers: bool | None = None, remat: str = "none",
 ) -> tuple[LlamaModel, PyTree]:
   """Loads a Llama-family checkpoint: `(model, params)`.
 
@@ -168,6 +169,13 @@ def from_pretrained(
       file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors are dequantized at load;
       llama.cpp's q/k row permutation is undone).
     dtype: Storage dtype of the params and computation dtype of the model.
+      `jnp.bfloat16` gives the frozen half of the `"bf16"` mixed-precision
+      policy (see `lorajax.precision_policy`).
+    scan_layers: Stack the layers for `jax.lax.scan` (True), keep one dict
+      per layer (False), or decide from the depth (None: scan models with at
+      least 5 layers). See `LlamaConfig.scan_layers`.
+    remat: Rematerialisation policy of the layer body, `"none"`, `"full"`
+      or `"dots"` (see `LlamaConfig.remat`).
 
   Returns:
     The `LlamaModel` (with `.tokenizer`, or None if none was found) and the
@@ -192,10 +200,12 @@ def from_pretrained(
           f"{path!r} is a file but not a GGUF file (magic {magic!r}). Pass a"
           " .gguf file or the directory that holds config.json."
       )
-    config, params, fields = gguf_io.load_gguf(path, dtype=dtype)
+    config, params, fields = gguf_io.load_gguf(
+        path, dtype=dtype, scan_layers=scan_layers, remat=remat)
     tokenizer = Tokenizer.from_gguf_fields(fields)
     return LlamaModel(config, tokenizer), params
-  config = hf_io.load_config(path, dtype=dtype)
+  config = hf_io.load_config(path, dtype=dtype, scan_layers=scan_layers,
+                             remat=remat)
   gen = hf_io.read_json(os.path.join(path, "generation_config.json")) or {}
   gen_eos = gen.get("eos_token_id")
   if isinstance(gen_eos, list) and len(gen_eos) > 1 and not (
