@@ -1,7 +1,15 @@
 """lorajax: functional LoRA fine-tuning for JAX."""
 
 from lorajax import peft
-from lorajax._src.core.adapter import LoraWeight, delta, init, is_lora, merge, unmerge
+from lorajax._src.core.adapter import (
+    LoraWeight,
+    VeraWeight,
+    delta,
+    init,
+    is_lora,
+    merge,
+    unmerge,
+)
 from lorajax._src.core.checkpoint import CheckpointManager
 from lorajax._src.core.config import LoraConfig, WeightPlan
 from lorajax._src.core.factored import (
@@ -10,6 +18,7 @@ from lorajax._src.core.factored import (
     infer_axes,
     lora,
 )
+from lorajax._src.core.methods import VeraConfig, decompose, eva_init
 from lorajax._src.core.optim import decay_mask, lora_plus
 from lorajax._src.core.paths import path_str
 from lorajax._src.core.sharding import (
@@ -31,10 +40,14 @@ __all__ = (
     "LoraWeight",
     "Summary",
     "TrainStep",
+    "VeraConfig",
+    "VeraWeight",
     "WeightPlan",
     "adapter_shardings",
     "decay_mask",
+    "decompose",
     "delta",
+    "eva_init",
     "global_batch",
     "infer_axes",
     "init",
