@@ -289,8 +289,10 @@ class LoraConfig:
         self.init in INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*",
                                            self.init)):
       raise ValueError(
-          f"`init` must be one of {', '.join(map(repr, INITS))} or"
-          f" 'pissa_niter_K' (K >= 1 power iterations); got {self.init!r}."
+          "`init` must be 'lora' or 'gaussian' (made by `lorajax.init`),"
+          " 'pissa', 'pissa_niter_K' (K >= 1 power iterations) or 'olora'"
+          " (made by `lorajax.decompose`), or 'eva' (`lorajax.eva_init`);"
+          f" got {self.init!r}."
       )
     if not isinstance(self.use_dora, bool):
       raise TypeError(f"`use_dora` must be a bool; got {self.use_dora!r}.")

@@ -20,7 +20,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, init, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight, VeraWeight, init
+from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
 
 PyTree = Any
@@ -179,10 +180,25 @@ def adapter_shardings(
           )
     else:
       a_spec, b_spec = lora_specs(named.spec, node.axes, path)
+    if isinstance(node, VeraWeight):
+      # VeRA's vectors are tiny; the shared projections follow the weight.
+      rep = NamedSharding(named.mesh, PartitionSpec())
+      out.append(VeraWeight(
+          lambda_d=rep, lambda_b=NamedSharding(named.mesh, PartitionSpec(
+              *tuple(b_spec)[1:])), a=NamedSharding(named.mesh, a_spec),
+          b=NamedSharding(named.mesh, b_spec), seed=node.seed,
+          axes=node.axes))
+      continue
+    mag = None
+    if node.magnitude is not None:  # DoRA: b's spec without the rank axis.
+      n_s = node.axes.count("s")
+      entries = tuple(b_spec) + (None,) * (node.b.ndim - len(tuple(b_spec)))
+      mag = NamedSharding(named.mesh,
+                          PartitionSpec(*entries[:n_s], *entries[n_s + 1:]))
     out.append(LoraWeight(
         a=NamedSharding(named.mesh, a_spec),
         b=NamedSharding(named.mesh, b_spec),
-        scale=node.scale, axes=node.axes, alpha=node.alpha,
+        scale=node.scale, axes=node.axes, alpha=node.alpha, magnitude=mag,
     ))
   unused = [k for k, _, _ in compiled if k not in used]
   if unused:
