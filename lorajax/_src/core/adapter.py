@@ -403,7 +403,7 @@ def check_fit(params: PyTree, adapter: PyTree) -> None:
     path = paths_lib.path_str(keypath)
     if not isinstance(node, LoraWeight | VeraWeight):
       errors.append(
-          f"{path!r}: expected a LoraWeight, VeraWeight or None; got"
+          f"{path!r}: expected a LoraWeight or None (or a VeraWeight); got"
           f" {type(node)}."
       )
       continue
