@@ -26,7 +26,8 @@ from jax import lax
 from jax.extend import core as jex
 
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, check_fit, is_node as _is_node
+from lorajax._src.core import adapter as adapter_lib
+from lorajax._src.core.adapter import check_fit, is_node as _is_node
 from lorajax._src.core.config import LoraConfig
 
 PyTree = Any
@@ -61,6 +62,9 @@ class _Tagged:
   roles: str = dataclasses.field(metadata=dict(static=True))
   scale: float = dataclasses.field(metadata=dict(static=True))
   path: str = dataclasses.field(metadata=dict(static=True))
+  # DoRA: the last rank column of `b` holds the per-output factor `g` and
+  # the last column of `a` is zero (see `_node_tag`).
+  dora: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @property
   def a_axes(self) -> list[int]:
@@ -74,21 +78,77 @@ class _Tagged:
     return dataclasses.replace(self, **kw)
 
 
-def _from_node(w: jax.Array, node: LoraWeight, path: str) -> _Tagged:
-  axes = node.axes
+# ---- adapter kinds (DoRA, VeRA) -------------------------------------------
+# The one place where the interpreter meets the adapter methods; minimal until
+# the rule table's "adapter kind" extension point replaces it. A node becomes
+# a `_Tagged` through `adapter.factors` (VeRA folds its trained vectors into
+# its frozen projections: a LoRA of scale 1). DoRA's per-output factor
+# `g = m / stop_gradient(||W + s a b||)` (computed without a dense array by
+# `adapter.dora_norm`) rides along as one extra rank column of `b` (with a
+# zero column in `a`), so every structural op (transpose, reshape, slice,
+# broadcast, scan slicing, gather of stacked axes) moves it exactly as it
+# moves the output axes of `b`. `_dot_general` splits it off and multiplies
+# the output by it (`y = g * (x W + s (x a) b)`, as PEFT computes DoRA);
+# gather/conv uses and any op not factored fall back to the merged weight.
+
+
+def _node_tag(w: jax.Array, node: Any, path: str) -> _Tagged:
+  a, b, scale = adapter_lib.factors(node)
+  g = adapter_lib.out_scale(w, node)
+  if g is None:
+    return _from_factors(w, a, b, scale, node.axes, path)
+  n_s = node.axes.count("s")
+  dt = jnp.result_type(b.dtype, jnp.float32)
+  b = jnp.concatenate([b.astype(dt), jnp.expand_dims(g, n_s)], axis=n_s)
+  a = jnp.concatenate([a.astype(dt), jnp.zeros((*a.shape[:-1], 1), dt)],
+                      axis=-1)
+  return _from_factors(w, a, b, scale, node.axes, path).replace(dora=True)
+
+
+def _split_dora(t: _Tagged):
+  """`(t without the g column, g)` for a DoRA value; `g` on `t.b_axes`."""
+  return t.replace(a=t.a[..., :-1], b=t.b[..., :-1], dora=False), t.b[..., -1]
+
+
+def _dora_dot(t: _Tagged, out_spec: str, b_letters: str, t_con: Sequence[int],
+              compute) -> list[jax.Array] | None:
+  """`g * (x W + delta)` with `g` moved to the output's layout."""
+  if any(j in t_con for j in t.b_axes):
+    return None  # An output axis is contracted: g does not factor out.
+  plain, g = _split_dora(t)
+  y = compute(plain)
+  order = sorted(range(len(b_letters)), key=lambda k: out_spec.index(
+      b_letters[k]))
+  g = jnp.transpose(g, order)
+  dims = tuple(sorted(out_spec.index(c) for c in b_letters))
+  g = lax.broadcast_in_dim(g, y.shape, dims)
+  return [(y.astype(jnp.float32) * g).astype(y.dtype)]
+
+
+def _materialize_dora(t: _Tagged) -> jax.Array:
+  plain, g = _split_dora(t)
+  shape = [n if j in plain.b_axes else 1 for j, n in enumerate(t.base.shape)]
+  merged = t.base.astype(jnp.float32) + _delta(plain)
+  return (merged * jnp.reshape(g, shape)).astype(t.base.dtype)
+
+# ---- end of adapter kinds ------------------------------------------------
+
+
+def _from_factors(w, node_a, node_b, scale, axes, path) -> _Tagged:
+  """A `_Tagged` from factors `(*stack, *in, r)`, `(*stack, r, *out)`."""
   s_ax = [j for j, c in enumerate(axes) if c == "s"]
   i_ax = [j for j, c in enumerate(axes) if c == "i"]
   o_ax = [j for j, c in enumerate(axes) if c == "o"]
   # node.a is (*stack, *in, r) and node.b (*stack, r, *out); reorder both to
   # the weight's axis order with the rank axis last.
   a_src = s_ax + i_ax
-  a = jnp.transpose(node.a, [a_src.index(j) for j in sorted(a_src)]
+  a = jnp.transpose(node_a, [a_src.index(j) for j in sorted(a_src)]
                     + [len(a_src)])
-  b = jnp.moveaxis(node.b, len(s_ax), -1)
+  b = jnp.moveaxis(node_b, len(s_ax), -1)
   b_src = s_ax + o_ax
   b = jnp.transpose(b, [b_src.index(j) for j in sorted(b_src)]
                     + [len(b_src)])
-  return _Tagged(w, a, b, axes, float(node.scale), path)
+  return _Tagged(w, a, b, axes, float(scale), path)
 
 
 def _letters():
@@ -108,6 +168,8 @@ def _delta(t: _Tagged, dtype: Any = jnp.float32) -> jax.Array:
 
 
 def _materialize(t: _Tagged) -> jax.Array:
+  if t.dora:
+    return _materialize_dora(t)
   return (t.base.astype(jnp.float32) + _delta(t)).astype(t.base.dtype)
 
 
@@ -349,6 +411,11 @@ class _Interpreter:
     x_free = "".join(xs[k] for k in range(x.ndim)
                      if k not in x_con and k not in x_bat)
     out = batch + (t_free + x_free if tagged_lhs else x_free + t_free)
+    if t.dora:
+      return _dora_dot(
+          t, out, "".join(v[j] for j in t.b_axes), t_con,
+          lambda plain: self._dot_general(
+              eqn, [plain, x] if tagged_lhs else [x, plain])[0])
     a_spec = "".join(v[j] for j in t.a_axes) + r
     b_spec = "".join(v[j] for j in t.b_axes) + r
     dtype = jnp.result_type(x.dtype, t.base.dtype)
@@ -366,7 +433,7 @@ class _Interpreter:
     stacked = self._gather_stacked(eqn, t, idx)
     if stacked is not None:
       return stacked
-    if t.base.ndim != 2 or t.roles != "io":
+    if t.base.ndim != 2 or t.roles != "io" or t.dora:
       return None
     dn = eqn.params["dimension_numbers"]
     sizes = tuple(eqn.params["slice_sizes"])
@@ -429,7 +496,7 @@ class _Interpreter:
 
   def _conv_general_dilated(self, eqn, invals):
     x, t = invals
-    if isinstance(x, _Tagged) or not isinstance(t, _Tagged):
+    if isinstance(x, _Tagged) or not isinstance(t, _Tagged) or t.dora:
       return None
     p = eqn.params
     if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
@@ -696,8 +763,8 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
     subtrees = a_def.flatten_up_to(params)
     tags = []
     for (kp, node), sub in zip(nodes, subtrees):
-      if isinstance(node, LoraWeight):
-        tags.append(_from_node(sub, node, paths_lib.path_str(kp)))
+      if node is not None:
+        tags.append(_node_tag(sub, node, paths_lib.path_str(kp)))
       else:
         tags.extend([None] * len(jax.tree.leaves(sub)))
     closed, out_shape, p_leaves, dyn = _trace(fn, params, args, kwargs)
