@@ -22,13 +22,12 @@ from lorajax._src.core.methods import VeraConfig, decompose, eva_init
 from lorajax._src.core.optim import decay_mask, lora_plus
 from lorajax._src.core.paths import path_str
 from lorajax._src.core.sharding import (
-    TrainStep,
     adapter_shardings,
     global_batch,
     init_sharded,
-    make_train_step,
 )
 from lorajax._src.core.summary import Summary, summary
+from lorajax._src.core.train import TrainStep, make_train_step
 
 __version__ = "0.1.0"
 

@@ -32,9 +32,9 @@ def run_steps(setup, adapter, opt_state, start, stop):
   params, _, _, train, bsh = setup
   losses = []
   for step in range(start, stop):
-    adapter, opt_state, loss = train.step(params, adapter, opt_state,
-                                          batch_of(step, bsh))
-    losses.append(float(loss))
+    adapter, opt_state, metrics = train.step(params, adapter, opt_state,
+                                             batch_of(step, bsh))
+    losses.append(float(metrics["loss"]))
   return adapter, opt_state, losses
 
 
@@ -104,7 +104,7 @@ KILL_SCRIPT = textwrap.dedent("""
     mgr = lorajax.CheckpointManager(sys.argv[2], ex.CONFIG, max_to_keep=2)
     for step in range(5):
       batch = lorajax.global_batch(ex.global_batch_numpy(step), bsh)
-      adapter, opt_state, loss = train.step(params, adapter, opt_state, batch)
+      adapter, opt_state, _ = train.step(params, adapter, opt_state, batch)
       mgr.save(step + 1, adapter, opt_state)
       if step + 1 == int(sys.argv[3]):
         os.kill(os.getpid(), signal.SIGKILL)  # mid-save, no clean-up
@@ -115,7 +115,7 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
   setup, ref_adapter, ref_opt, ref_losses = uninterrupted
   proc = subprocess.run(
       [sys.executable, "-c", KILL_SCRIPT, ROOT, str(tmp_path), "4"],
-      capture_output=True, text=True, timeout=120)
+      capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == -9, proc.stderr[-2000:]
   with lorajax.CheckpointManager(tmp_path, ex.CONFIG) as mgr:
     # Step 4's save may or may not have finished before the kill; an
@@ -150,7 +150,7 @@ EXIT_SCRIPT = textwrap.dedent("""
 def test_async_save_finishes_before_exit(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-c", EXIT_SCRIPT, ROOT, str(tmp_path)],
-      capture_output=True, text=True, timeout=120)
+      capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   params = {"big": {"kernel": jax.ShapeDtypeStruct((2048, 2048), np.float32)}}
   config = lorajax.LoraConfig(rank=256)
@@ -342,11 +342,11 @@ def test_all_steps_corrupt_raises(tmp_path, uninterrupted):
   with lorajax.CheckpointManager(tmp_path, ex.CONFIG) as mgr:
     mgr.save(1, adapter)
   _corrupt_missing_meta(os.path.join(tmp_path, "1"))
-  with lorajax.CheckpointManager(tmp_path, ex.CONFIG) as mgr:
-    with pytest.warns(RuntimeWarning, match="step 1"):
-      with pytest.raises(FileNotFoundError,
-                         match=r"No readable checkpoint.*corrupt steps: \[1\]"):
-        mgr.restore(adapter=adapter)
+  with (lorajax.CheckpointManager(tmp_path, ex.CONFIG) as mgr,
+        pytest.warns(RuntimeWarning, match="step 1"),
+        pytest.raises(FileNotFoundError,
+                      match=r"No readable checkpoint.*corrupt steps: \[1\]")):
+    mgr.restore(adapter=adapter)
 
 
 def _template(config):

@@ -25,7 +25,7 @@ def _perturb(adapter, key, scale=0.5):
 
 
 def _nodes(adapter):
-  is_node = lambda x: x is None or isinstance(x, lorajax.LoraWeight)
+  is_node = lambda x: x is None or isinstance(x, lorajax.LoraWeight)  # noqa: E731
   flat, _ = jax.tree_util.tree_flatten_with_path(adapter, is_leaf=is_node)
   return {lorajax.path_str(p): n for p, n in flat if n is not None}
 
@@ -216,7 +216,7 @@ def test_merge_gradient_matches_dense_chain_rule():
   adapter = _perturb(lorajax.init(params, cfg, key=jax.random.key(1)),
                      jax.random.key(2))
   x = jax.random.normal(jax.random.key(3), (7, 6))
-  loss = lambda ad: jnp.sum(jnp.tanh(x @ lorajax.merge(params, ad)["w"]))
+  loss = lambda ad: jnp.sum(jnp.tanh(x @ lorajax.merge(params, ad)["w"]))  # noqa: E731
   g = jax.grad(loss)(adapter)["w"]
   node = adapter["w"]
   w_eff = params["w"] + node.scale * node.a @ node.b
@@ -239,7 +239,7 @@ def test_multi_axis_and_stacked_weights(shape, axes):
   adapter = lorajax.init(params, cfg, key=jax.random.key(1))
   node = adapter["blk"]["kernel"]
   dims = dict(zip(range(len(shape)), shape))
-  pick = lambda c: tuple(dims[i] for i, x in enumerate(axes) if x == c)
+  pick = lambda c: tuple(dims[i] for i, x in enumerate(axes) if x == c)  # noqa: E731
   assert node.a.shape == (*pick("s"), *pick("i"), 2)
   assert node.b.shape == (*pick("s"), 2, *pick("o"))
   assert node.weight_shape == shape
@@ -396,7 +396,7 @@ def test_toy_finetune_lowers_loss_and_keeps_params_frozen():
   targets = (ids + 1) % 32
   cfg = lorajax.LoraConfig(rank=8, alpha=16.0)
   adapter = lorajax.init(params, cfg, key=jax.random.key(2))
-  adapted = {p for p in _nodes(adapter)}
+  adapted = set(_nodes(adapter))
   assert "params/lm_head/kernel" not in adapted
   assert "params/embed/embedding" not in adapted
   assert len(adapted) == 12

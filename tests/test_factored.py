@@ -23,7 +23,7 @@ def _perturb(adapter, key, scale=0.3):
 
 
 def _adapted_shapes(adapter):
-  is_node = lambda x: x is None or isinstance(x, lorajax.LoraWeight)
+  is_node = lambda x: x is None or isinstance(x, lorajax.LoraWeight)  # noqa: E731
   return {n.weight_shape for n in jax.tree.leaves(adapter, is_leaf=is_node)
           if n is not None}
 
@@ -276,7 +276,7 @@ def test_vmap_over_adapters():
   got = jax.vmap(lorajax.lora(fn), in_axes=(None, 0, None))(params, adapters,
                                                             x)
   for i in range(3):
-    one = jax.tree.map(lambda a: a[i], adapters)
+    one = jax.tree.map(lambda a, i=i: a[i], adapters)
     np.testing.assert_allclose(got[i], fn(lorajax.merge(params, one), x),
                                rtol=RTOL, atol=ATOL)
 
@@ -303,9 +303,9 @@ def _dense_weight_dots(jaxpr, shapes):
   shapes = {tuple(s) for s in shapes} | {tuple(s[::-1]) for s in shapes}
   found = []
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      if tuple(eqn.outvars[0].aval.shape) in shapes:
-        found.append(eqn.outvars[0].aval.shape)
+    if (eqn.primitive.name == "dot_general"
+        and tuple(eqn.outvars[0].aval.shape) in shapes):
+      found.append(eqn.outvars[0].aval.shape)
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       found += _dense_weight_dots(sub, shapes)
   return found
@@ -387,7 +387,7 @@ def test_infer_axes_reports_unused_axes():
                        config=lorajax.LoraConfig(targets="w"))
 
 
-# -- indexing stacked weights, shardings, tied heads ----------------------------
+# -- indexing stacked weights, shardings, tied heads --------------------------
 
 
 def _moe_gathered(params, x):

@@ -248,8 +248,8 @@ def test_sharded_train_step_matches_single_device(case, mode, host_setup):
   for step in range(4):
     batch = lorajax.global_batch(ex.global_batch_numpy(step), bsh)
     old = adapter
-    adapter, opt_state, loss = train.step(params, adapter, opt_state, batch)
-    losses.append(float(loss))
+    adapter, opt_state, metrics = train.step(params, adapter, opt_state, batch)
+    losses.append(float(metrics["loss"]))
     assert old["attn"]["q"]["kernel"].a.is_deleted()  # donated
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, atol=1e-6)
   for x, y in zip(jax.tree.leaves(adapter), jax.tree.leaves(ref_final)):
@@ -285,7 +285,8 @@ def test_train_step_has_aux_and_no_donation():
       batch_sharding=bsh, has_aux=True, donate=False)
   opt_state = train.init(adapter)
   batch = lorajax.global_batch(ex.global_batch_numpy(0), bsh)
-  new, opt_state, loss, aux = train.step(params, adapter, opt_state, batch)
+  new, opt_state, metrics = train.step(params, adapter, opt_state, batch)
+  loss, aux = metrics["loss"], metrics["aux"]
   assert not adapter["attn"]["q"]["kernel"].a.is_deleted()
   np.testing.assert_allclose(float(aux["loss_x2"]), 2 * float(loss), rtol=1e-6)
   want = float(ex.loss_fn(params, adapter, batch))

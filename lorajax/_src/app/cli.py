@@ -215,6 +215,7 @@ def _context_length(model: Any) -> int | None:
 
 
 def _resolve_data(args) -> tuple[pathlib.Path, pathlib.Path | None]:
+  ev: pathlib.Path | None
   if args.train is None:
     train = _data_path(DEFAULT_TRAIN)
     ev = pathlib.Path(args.eval) if args.eval else _data_path(DEFAULT_EVAL)
@@ -292,7 +293,8 @@ def _check_targets(lora: Any, params: Any, targets: str) -> None:
              if getattr(x, "ndim", 0) == 2]
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
     raise CliError(
-        f"--targets {targets!r} matches no weight of the model. The model's 2-D weights have paths like {shown}. Pass a"
+        f"--targets {targets!r} matches no weight of the model. The model's"
+        f" 2-D weights have paths like {shown}. Pass a"
         " regex that fullmatches such paths (e.g."
         " 'model/layers/.*/self_attn/(q|v)_proj/kernel') or a preset:"
         " 'all-linear', 'attention', 'mlp'."
@@ -503,7 +505,7 @@ def _run_finetune(args) -> int:
       "wall_seconds": time.perf_counter() - t_start,
       "adapter": str(out / "adapter"),
       "merged": str(out / "merged") if args.merged_weights else None,
-      "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      "finished": datetime.datetime.now(datetime.UTC).isoformat(),
   }
   run_dir.write_json_atomic(out / run_dir.DONE_FILE, summary)
   print(
@@ -556,19 +558,19 @@ def _run_generate(args) -> int:
           f"The adapter in {str(adapter_dir)!r} does not fit the model: {e}"
       ) from None
   records = []
-  for p in args.prompt:
+  for prompt in args.prompt:
     msgs = []
     if args.system:
       msgs.append(("system", args.system))
-    msgs += [("user", p), ("assistant", "")]
+    msgs += [("user", prompt), ("assistant", "")]
     records.append(data_lib.Record(tuple(msgs), "--prompt"))
   answers = ft.generate_answers(model, params, adapter, records,
                                 max_new_tokens=args.max_new_tokens,
                                 batch_size=len(records))
-  for p, a in zip(args.prompt, answers):
+  for prompt, answer in zip(args.prompt, answers):
     if len(records) > 1:
-      print(f"> {p}")
-    print(a, flush=True)
+      print(f"> {prompt}")
+    print(answer, flush=True)
   return 0
 
 

@@ -409,9 +409,9 @@ def check_fit(params: PyTree, adapter: PyTree) -> None:
       continue
     shape = tuple(getattr(w, "shape", ()))
     if isinstance(node, VeraWeight):
-      want = (node.weight_shape, (node.rank,), (shape[-1],) if shape else ())
-      got = (shape, tuple(node.lambda_d.shape), tuple(node.lambda_b.shape))
-      if len(shape) != 2 or want != got or node.b.shape[0] != node.rank:
+      want_v = (node.weight_shape, (node.rank,), shape[-1:])
+      got_v = (shape, tuple(node.lambda_d.shape), tuple(node.lambda_b.shape))
+      if len(shape) != 2 or want_v != got_v or node.b.shape[0] != node.rank:
         errors.append(
             f"{path!r}: weight shape {shape} does not fit VeRA a"
             f"{tuple(node.a.shape)} b{tuple(node.b.shape)} lambda_d"

@@ -12,6 +12,7 @@ restore into.
 """
 
 import atexit
+import dataclasses
 import math
 import os
 import threading
@@ -27,8 +28,6 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from lorajax._src.core import paths as paths_lib
-import dataclasses
-
 from lorajax._src.core.adapter import LoraWeight, VeraWeight
 from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
@@ -123,7 +122,7 @@ def _checksums(leaves: list[jax.Array]) -> list[int]:
   """One checksum per array, computed where the arrays live."""
   if not leaves:
     return []
-  kw = {}
+  kw: dict[str, Any] = {}
   mesh = next((getattr(x.sharding, "mesh", None) for x in leaves
                if isinstance(getattr(x, "sharding", None), NamedSharding)),
               None)
@@ -222,7 +221,12 @@ class CheckpointManager:
         item_names=("state", "meta"),
     )
     ref = weakref.ref(self)
-    self._atexit = lambda: (m := ref()) is not None and m.close()
+
+    def finish_at_exit() -> None:
+      if (m := ref()) is not None:
+        m.close()
+
+    self._atexit = finish_at_exit
     # Finish pending saves at exit. This must run before Python's thread
     # pools refuse new work (they stop at the threading-shutdown hooks, which
     # run before `atexit`), so it is registered as such a hook where the
@@ -299,7 +303,8 @@ class CheckpointManager:
       )
     return dict(meta)
 
-  def saved_config(self, step: int | None = None) -> LoraConfig:
+  def saved_config(self, step: int | None = None
+                   ) -> LoraConfig | VeraConfig:
     """The `LoraConfig` saved with a step (default: the newest)."""
     d = self.metadata(step)["config"]
     if d.get("method") == "vera":
@@ -476,12 +481,11 @@ class CheckpointManager:
         str(i): {k: _abstract_leaf(getattr(n, k), f"{p!r}.{k}")
                  for k in _node_arrays(n)}
         for i, (p, n) in enumerate(nodes)}}
-    if meta["opt_state"]:
-      if opt_state is not None:
-        flat, _ = jax.tree_util.tree_flatten_with_path(opt_state)
-        target["opt_state"] = {
-            str(i): _abstract_leaf(x, jax.tree_util.keystr(p))
-            for i, (p, x) in enumerate(flat)}
+    if meta["opt_state"] and opt_state is not None:
+      flat, _ = jax.tree_util.tree_flatten_with_path(opt_state)
+      target["opt_state"] = {
+          str(i): _abstract_leaf(x, jax.tree_util.keystr(p))
+          for i, (p, x) in enumerate(flat)}
     try:
       state = self._live().restore(
           step,

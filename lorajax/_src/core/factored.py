@@ -25,9 +25,10 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex
 
-from lorajax._src.core import paths as paths_lib
 from lorajax._src.core import adapter as adapter_lib
-from lorajax._src.core.adapter import check_fit, is_node as _is_node
+from lorajax._src.core import paths as paths_lib
+from lorajax._src.core.adapter import check_fit
+from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
 
 PyTree = Any
@@ -484,8 +485,7 @@ class _Interpreter:
               axes.index(k) for k in dn.collapsed_slice_dims),
           start_index_map=tuple(axes.index(k) for k in keys))
       params = dict(eqn.params, dimension_numbers=f_dn,
-                    slice_sizes=tuple(sizes[j] for j in axes) + (
-                        f.shape[-1],))
+                    slice_sizes=(*(sizes[j] for j in axes), f.shape[-1]))
       g = _bind_params(eqn.primitive, [f, idx], params)[0]
       pos = batch_pos + [out_pos[j] for j in kept_f]
       perm = [pos.index(p) for p in new_axes] + [len(pos)]
@@ -590,12 +590,12 @@ class _Interpreter:
   def _cond(self, eqn, invals):
     index, *ops = invals
     index = self.plain(index, "cond index")
-    branches = [
-        (lambda br: lambda *o: [self.plain(x, "cond output")
-                                for x in self.eval_closed(br, o)])(
-                                    _closed(br))
-        for br in eqn.params["branches"]
-    ]
+
+    def branch(closed):
+      return lambda *o: [self.plain(x, "cond output")
+                         for x in self.eval_closed(closed, o)]
+
+    branches = [branch(_closed(br)) for br in eqn.params["branches"]]
     return list(lax.switch(index, branches, *ops))
 
   def _while(self, eqn, invals):
@@ -643,8 +643,8 @@ def _low_rank_contract(x_spec: str, x: jax.Array, a_spec: str, a: jax.Array,
     z = next(c for c in string.ascii_letters
              if c not in x_spec + a_spec + b_spec + out)
     i = x_spec.index(run)
-    merged_shape = (x.shape[:i] + (math.prod(x.shape[i:i + len(run)]),)
-                    + x.shape[i + len(run):])
+    merged_shape = (*x.shape[:i], math.prod(x.shape[i:i + len(run)]),
+                    *x.shape[i + len(run):])
     y = _low_rank_contract(
         x_spec.replace(run, z), jnp.reshape(x, merged_shape), a_spec, a,
         b_spec, b, out.replace(run, z), scale=scale, precision=precision,
@@ -652,7 +652,7 @@ def _low_rank_contract(x_spec: str, x: jax.Array, a_spec: str, a: jax.Array,
     j = out.index(run)
     return jnp.reshape(
         y, y.shape[:j] + x.shape[i:i + len(run)] + y.shape[j + 1:])
-  sizes = {}
+  sizes: dict[str, int] = {}
   for spec, arr in ((x_spec, x), (a_spec, a), (b_spec, b)):
     sizes.update(zip(spec, arr.shape))
 
@@ -761,7 +761,7 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
     nodes, a_def = jax.tree_util.tree_flatten_with_path(adapter,
                                                         is_leaf=_is_node)
     subtrees = a_def.flatten_up_to(params)
-    tags = []
+    tags: list[_Tagged | None] = []
     for (kp, node), sub in zip(nodes, subtrees):
       if node is not None:
         tags.append(_node_tag(sub, node, paths_lib.path_str(kp)))
@@ -854,7 +854,7 @@ class _AxesWalker:
       if len(t[1]) == 2 and collapsed == {0}:  # An embedding lookup.
         self.record(t, {0: "i", 1: "o"})
         return none
-      self.record(t, {j: "s" for j in collapsed})
+      self.record(t, dict.fromkeys(collapsed, "s"))
       if (set(dn.start_index_map) == collapsed and eqn.outvars
           and not tuple(dn.operand_batching_dims)):
         # Indexing stacked axes (`w[expert_ids]`): follow the selected slices.
@@ -868,9 +868,9 @@ class _AxesWalker:
       (lc, rc), (lb, rb) = p["dimension_numbers"]
       for x, con, bat in ((invals[0], lc, lb), (invals[1], rc, rb)):
         if x is not None:
-          roles = {j: "o" for j in range(len(x[1]))}
-          roles.update({j: "i" for j in con})
-          roles.update({j: "s" for j in bat})
+          roles = dict.fromkeys(range(len(x[1])), "o")
+          roles.update(dict.fromkeys(con, "i"))
+          roles.update(dict.fromkeys(bat, "s"))
           self.record(x, roles)
       return none
     if name == "conv_general_dilated" and invals[1] is not None:
@@ -940,7 +940,7 @@ def infer_axes(fn: Callable[..., Any], params: PyTree, *args: Any,
     ValueError: If an axis of a targeted weight is never used by a matmul, or
       its uses disagree.
   """
-  import re  # pylint: disable=g-import-not-at-top
+  import re  # noqa: PLC0415
 
   if not isinstance(config, LoraConfig):
     raise TypeError(
@@ -950,7 +950,7 @@ def infer_axes(fn: Callable[..., Any], params: PyTree, *args: Any,
   wanted = {}
   for path, leaf in flat:
     shape, dtype = tuple(leaf.shape), leaf.dtype
-    if len(shape) > 2 and config._is_target(path, len(shape), dtype):  # pylint: disable=protected-access
+    if len(shape) > 2 and config._is_target(path, len(shape), dtype):  # noqa: SLF001
       wanted[path] = shape
   closed, _, p_leaves, dyn = _trace(fn, params, args, kwargs)
   del p_leaves

@@ -157,7 +157,7 @@ def init_vera(params: PyTree, config: VeraConfig, *, key: jax.Array,
           f" fit: need a (>= {max_in}, {config.rank}) and b ({config.rank},"
           f" >= {max_out}).")
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  nodes = []
+  nodes: list[Any] = []
   for kp, _ in flat:
     plan = plans.get(paths_lib.path_str(kp))
     if plan is None:
@@ -171,7 +171,7 @@ def init_vera(params: PyTree, config: VeraConfig, *, key: jax.Array,
   return jax.tree_util.tree_unflatten(treedef, nodes)
 
 
-# -- PiSSA / OLoRA ---------------------------------------------------------------
+# -- PiSSA / OLoRA -----------------------------------------------------------
 
 
 def _to_matrix(w: jax.Array, axes: str):
@@ -280,7 +280,8 @@ def decompose(params: PyTree, config: LoraConfig, *, key: jax.Array
         f" init={config.init!r}. Use `lorajax.init` for 'lora'/'gaussian'.")
   plans = config.plan(params)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  new_params, nodes = [], []
+  new_params: list[Any] = []
+  nodes: list[Any] = []
   dtype = jnp.dtype(config.dtype)
   for kp, w in flat:
     plan = plans.get(paths_lib.path_str(kp))
@@ -328,7 +329,8 @@ def to_lora(adapter: PyTree, initial: PyTree) -> PyTree:
     raise ValueError(
         "`initial` must have the structure of `adapter` (the adapter"
         f" `lorajax.decompose` returned before training). ({e})") from None
-  out, errors = [], []
+  out: list[Any] = []
+  errors: list[str] = []
   for (kp, n), n0 in zip(flat, init_flat):
     path = paths_lib.path_str(kp)
     if n is None:
@@ -356,7 +358,7 @@ def to_lora(adapter: PyTree, initial: PyTree) -> PyTree:
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-# -- EVA -------------------------------------------------------------------------
+# -- EVA ---------------------------------------------------------------------
 
 
 def _incremental_svd(state, x, k):
@@ -427,12 +429,12 @@ def eva_init(params: PyTree, config: LoraConfig,
   states: dict[str, Any] = {p: (None, jnp.zeros((), jnp.float32))
                             for p in plans}
   for batch in activations:
-    for path, x in batch.items():
+    for path, x_in in batch.items():
       if path not in plans:
         raise ValueError(
             f"`activations` names {path!r}, which is not a targeted weight."
             " Targeted weights:\n" + paths_lib.format_paths(list(plans)))
-      x = jnp.asarray(x)
+      x = jnp.asarray(x_in)
       d_in = plans[path].shape[0]
       if x.shape[-1] != d_in:
         raise ValueError(
@@ -470,7 +472,7 @@ def eva_init(params: PyTree, config: LoraConfig,
   new_plans = new_config.plan(params)
   dtype = jnp.dtype(config.dtype)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  nodes = []
+  nodes: list[Any] = []
   for kp, _ in flat:
     path = paths_lib.path_str(kp)
     pl = new_plans.get(path)

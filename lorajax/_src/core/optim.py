@@ -79,6 +79,7 @@ def lora_plus(
   """
   if not ratio > 0:
     raise ValueError(f"`ratio` must be > 0; got {ratio}.")
+  lr_b: optax.ScalarOrSchedule
   if callable(learning_rate):
     lr_b = lambda step: ratio * learning_rate(step)  # noqa: E731
   else:

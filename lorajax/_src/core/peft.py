@@ -204,7 +204,7 @@ def save(
                                  rel_tol=1e-6))
 
   use_rslora = any(is_rs(n) for _, n, _, _ in entries)
-  denom = (lambda r: math.sqrt(r)) if use_rslora else (lambda r: r)
+  denom = math.sqrt if use_rslora else (lambda r: r)
   ranks, alphas = {}, {}
   for module, node, _, _ in entries:
     ranks[module] = node.rank
@@ -415,9 +415,9 @@ def load(
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   by_module: dict[str, int] = {}
   for idx, (kp, _) in enumerate(flat):
-    m = _module_name(paths_lib.path_str(kp), name_map)
-    if m is not None:
-      by_module[m] = idx
+    module_name = _module_name(paths_lib.path_str(kp), name_map)
+    if module_name is not None:
+      by_module[module_name] = idx
   errors = []
   nodes: list[Any] = [None] * len(flat)
   for module, ab in pairs.items():
@@ -428,10 +428,9 @@ def load(
           " adapter_config.json has use_dora=false; fix the config.")
       continue
     if set(ab) != want:
-      missing = sorted({"A": "lora_A.weight", "B": "lora_B.weight",
-                        "m": "lora_magnitude_vector"}[k]
-                       for k in want - set(ab))
-      missing = ", ".join(missing)
+      missing = ", ".join(sorted(
+          {"A": "lora_A.weight", "B": "lora_B.weight",
+           "m": "lora_magnitude_vector"}[k] for k in want - set(ab)))
       errors.append(
           f"{module}: {missing} missing from {WEIGHTS_NAME}; the"
           " file is incomplete, re-save the adapter.")

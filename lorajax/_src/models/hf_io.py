@@ -59,7 +59,7 @@ def _shards(path: str) -> list[str]:
   if os.path.exists(index):
     with open(index) as f:
       weight_map = json.load(f)["weight_map"]
-    return sorted(set(os.path.join(path, v) for v in weight_map.values()))
+    return sorted({os.path.join(path, v) for v in weight_map.values()})
   single = os.path.join(path, "model.safetensors")
   if os.path.exists(single):
     return [single]
