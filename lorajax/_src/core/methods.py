@@ -98,7 +98,15 @@ class VeraConfig:
 
   def plan(self, params: PyTree) -> dict[str, WeightPlan]:
     """The targeted weights (as `LoraConfig.plan`); all must be 2-D."""
-    plans = self._lora_config().plan(params)
+    try:
+      plans = self._lora_config().plan(params)
+    except ValueError as e:
+      if "more than two axes" not in str(e):
+        raise
+      raise ValueError(
+          "VeRA adapts 2-D (d_in, d_out) weights only, and some targets have"
+          " more axes. Narrow `targets` or `exclude` them.\n" + str(e)
+      ) from None
     bad = [f"{p!r} {pl.shape} axes {pl.axes!r}" for p, pl in plans.items()
            if pl.axes != "io"]
     if bad:
@@ -361,38 +369,50 @@ def to_lora(adapter: PyTree, initial: PyTree) -> PyTree:
 # -- EVA ---------------------------------------------------------------------
 
 
-def _incremental_svd(state, x, k):
-  """Folds rows `x` (n, d) into a running top-`k` SVD `(S V^T, ||X||_F^2)`.
+def _incremental_pca(state, x, k):
+  """Folds rows `x` (n, d) into a running top-`k` PCA.
 
-  The rows `S V^T` of the top-k SVD of everything seen so far are stacked
-  with the new rows and the SVD is taken again (Brand 2002's update in its
-  simplest form): the right-singular vectors and singular values of the
-  concatenation are exact up to the truncation.
+  The state is `(S V^T, mean, count, sum of squares)`. As in Ross et al.
+  2008 (and sklearn's / PEFT's `IncrementalPCA`), the rows `S V^T` of the
+  components so far are stacked with the new rows centred on their own mean
+  and one row correcting for the shift of the mean, and the SVD of the stack
+  gives the updated components; it is exact up to the truncation to `k`.
   """
-  sv, total = state
+  sv, mean, n, sumsq = state
   x = x.astype(jnp.float32)
-  stacked = x if sv is None else jnp.concatenate([sv, x], axis=0)
+  m = x.shape[0]
+  x_mean = jnp.mean(x, axis=0)
+  if sv is None:
+    stacked = x - x_mean
+    new_mean = x_mean
+  else:
+    total = n + m
+    new_mean = (n * mean + m * x_mean) / total
+    shift = math.sqrt(n * m / total) * (mean - x_mean)
+    stacked = jnp.concatenate([sv, x - x_mean, shift[None, :]], axis=0)
   _, s, vt = jnp.linalg.svd(stacked, full_matrices=False)
   k = min(k, s.shape[0])
-  return s[:k, None] * vt[:k], total + jnp.sum(x * x)
+  return s[:k, None] * vt[:k], new_mean, n + m, sumsq + jnp.sum(x * x)
 
 
 def eva_init(params: PyTree, config: LoraConfig,
              activations: Iterable[Mapping[str, Any]], *,
              redistribute: bool = False, rho: float = 2.0
              ) -> tuple[PyTree, LoraConfig]:
-  """EVA: `a` from the top right-singular vectors of each layer's inputs.
+  """EVA: `a` from the top principal components of each layer's inputs.
 
   For each targeted 2-D weight, the inputs `X` (tokens x d_in) seen over the
-  calibration batches are reduced by an incremental SVD; `a` becomes the top
-  `rank` right-singular vectors (as columns, shape (d_in, rank)), `b` is zero
+  calibration batches are reduced by an incremental PCA (the right-singular
+  vectors of the centred inputs, as PEFT's EVA computes them); `a` becomes
+  the top `rank` components (as columns, shape (d_in, rank)), `b` is zero
   (the adapted model starts equal to the base). With `redistribute=True`
   each layer first keeps `rho * rank` components, the components of all
-  layers are ranked by explained variance ratio (`sigma_k^2 / ||X||_F^2`) and
-  the `rank * n_layers` best are kept (at least one per layer): layers whose
-  inputs spread over more directions get higher ranks. The ranks come back
-  as the returned config's `rank_pattern`, so exports round-trip as PEFT's
-  `rank_pattern`.
+  layers are ranked by explained variance ratio (`sigma_k^2` over the total
+  variance of that layer's inputs) and the `rank * n_layers` best are kept
+  (PEFT's rule): a layer's rank is how many of its components were kept, and
+  a layer with none gets no adapter (it is added to `exclude`). The ranks
+  come back as the returned config's `rank_pattern`, so exports round-trip
+  as PEFT's `rank_pattern`.
 
   Args:
     params: The base params.
@@ -426,7 +446,7 @@ def eva_init(params: PyTree, config: LoraConfig,
     raise ValueError(f"EVA supports 2-D (d_in, d_out) weights; not {bad}.")
   k_max = {p: (max(pl.rank, math.ceil(rho * pl.rank)) if redistribute
                else pl.rank) for p, pl in plans.items()}
-  states: dict[str, Any] = {p: (None, jnp.zeros((), jnp.float32))
+  states: dict[str, Any] = {p: (None, None, 0, jnp.zeros((), jnp.float32))
                             for p in plans}
   for batch in activations:
     for path, x_in in batch.items():
@@ -440,35 +460,40 @@ def eva_init(params: PyTree, config: LoraConfig,
         raise ValueError(
             f"activations for {path!r} have shape {tuple(x.shape)}; the last"
             f" axis must be the weight's d_in = {d_in}.")
-      states[path] = _incremental_svd(states[path], x.reshape(-1, d_in),
-                                      k_max[path])
-  missing = [p for p, (sv, _) in states.items() if sv is None]
+      # Keep spare components, so the truncation barely affects the top k.
+      keep = min(d_in, 2 * k_max[path] + 32)
+      states[path] = _incremental_pca(states[path], x.reshape(-1, d_in),
+                                      keep)
+  missing = [p for p, st in states.items() if st[0] is None]
   if missing:
     raise ValueError("No activations were given for:\n"
                      + paths_lib.format_paths(missing))
   comps = {}
-  for p, (sv, total) in states.items():
+  for p, (sv, mean, n, sumsq) in states.items():
+    sv = sv[:k_max[p]]
     s = jnp.linalg.norm(sv, axis=1)
+    total = sumsq - n * jnp.sum(mean * mean)  # centred sum of squares
     comps[p] = (np.asarray(s * s / total), np.asarray(sv / s[:, None]))
   ranks = {p: min(plans[p].rank, comps[p][0].shape[0]) for p in plans}
   if redistribute:
+    # PEFT's rule: pool every layer's explained-variance ratios, keep the
+    # `rank * n_layers` largest; a layer's rank is how many of its own were
+    # kept (layers with none get no adapter).
     budget = sum(pl.rank for pl in plans.values())
     pool = sorted(((float(v), p) for p, (ev, _) in comps.items()
-                   for v in ev), reverse=True)
-    ranks = dict.fromkeys(plans, 1)
-    left = budget - len(plans)
-    taken = dict.fromkeys(plans, 0)
+                   for v in ev), key=lambda t: -t[0])[:budget]
+    ranks = dict.fromkeys(plans, 0)
     for _, p in pool:
-      taken[p] += 1
-      if taken[p] > 1 and left > 0:
-        ranks[p] += 1
-        left -= 1
+      ranks[p] += 1
   limit = {p: min(plans[p].shape) for p in plans}
   ranks = {p: min(r, limit[p]) for p, r in ranks.items()}
+  dropped = [re.escape(p) for p, r in ranks.items() if r == 0]
   rank_pattern = {re.escape(p): r for p, r in ranks.items()
-                  if r != config.rank}
+                  if r not in (0, config.rank)}
+  exclude = (*config._tuple("exclude"), *dropped)
   new_config = dataclasses.replace(
-      config, rank_pattern=dict(rank_pattern) or None)
+      config, rank_pattern=dict(rank_pattern) or None,
+      exclude=exclude or None)
   new_plans = new_config.plan(params)
   dtype = jnp.dtype(config.dtype)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)

@@ -432,7 +432,7 @@ def load(
           {"A": "lora_A.weight", "B": "lora_B.weight",
            "m": "lora_magnitude_vector"}[k] for k in want - set(ab)))
       errors.append(
-          f"{module}: {missing} missing from {WEIGHTS_NAME}; the"
+          f"{module}: {missing} is missing from {WEIGHTS_NAME}; the"
           " file is incomplete, re-save the adapter.")
       continue
     if module not in by_module:
