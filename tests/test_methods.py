@@ -342,15 +342,20 @@ def test_pissa_matches_peft_and_converted_export_on_original_base(
   opt_t = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad],
                             lr=1e-2, weight_decay=0.0)
   pm.train()
+
+  @jax.jit
+  def step(adapter, state):
+    loss, g = jax.value_and_grad(
+        lambda a: _jax_loss(model, residual, a, ids))(adapter)
+    updates, state = tx.update(g, state, adapter)
+    return optax.apply_updates(adapter, updates), state, loss
+
   for _ in range(3):
     opt_t.zero_grad()
     loss_t = _torch_loss(pm, ids)
     loss_t.backward()
     opt_t.step()
-    loss, g = jax.value_and_grad(
-        lambda a: _jax_loss(model, residual, a, ids))(adapter)
-    updates, state = tx.update(g, state, adapter)
-    adapter = optax.apply_updates(adapter, updates)
+    adapter, state, loss = step(adapter, state)
     np.testing.assert_allclose(float(loss), loss_t.item(), atol=2e-4)
   tuned = np.asarray(model.apply(lorajax.merge(residual, adapter), ids))
   assert np.abs(tuned - np.asarray(model.apply(params, ids))).max() > 1e-3
