@@ -1,6 +1,7 @@
 """The public surface: every API change shows up as a diff here."""
 
 import lorajax
+import lorajax.peft
 
 
 def test_public_names():
@@ -10,7 +11,10 @@ def test_public_names():
   assert set(lorajax.__all__) >= {
       "LoraConfig", "LoraWeight", "init", "merge", "unmerge", "summary",
       "lora", "infer_axes", "lora_plus", "decay_mask",
+      # PEFT's methods (docs/methods.md).
+      "VeraConfig", "VeraWeight", "decompose", "eva_init",
   }
+  assert set(lorajax.peft.__all__) >= {"load", "save", "to_lora"}
 
 
 def test_init_key_is_keyword_only_without_default():
