@@ -116,8 +116,8 @@ def test_peft_adapter_loads_and_trains_like_peft(base, tmp_path, method):
   tx = optax.adamw(lr, weight_decay=wd, mask=lorajax.decay_mask)
   state = tx.init(adapter)
   ids_j = jnp.asarray(ids)
-  step = jax.jit(lambda ad: jax.value_and_grad(
-      lambda a: _jax_loss(model, params, a, ids_j))(ad))
+  step = jax.jit(jax.value_and_grad(
+      lambda a: _jax_loss(model, params, a, ids_j)))
   losses_t, losses_j = [], []
   for _ in range(3):
     opt_t.zero_grad()
@@ -278,7 +278,7 @@ def test_dora_factored_gradient_has_no_weight_shaped_dot():
                                atol=1e-5 * float(np.abs(a).max()))
 
 
-# -- PiSSA / OLoRA --------------------------------------------------------------
+# -- PiSSA / OLoRA ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_6", "olora"])
@@ -313,7 +313,7 @@ def test_decompose_reconstructs_weights(init):
     np.testing.assert_allclose(np.abs(np.asarray(node.b)), np.abs(q[:, :4].T),
                                atol=1e-5)
     np.testing.assert_allclose(low, 2.0 * (q[:, :4] @ r[:4]).T, atol=1e-5)
-  with pytest.raises(ValueError, match="lorajax.decompose"):
+  with pytest.raises(ValueError, match=r"lorajax\.decompose"):
     lorajax.init(params, config, key=jax.random.key(0))
 
 
@@ -330,7 +330,8 @@ def test_pissa_matches_peft_and_converted_export_on_original_base(
       init_lora_weights="pissa"))
   sd = pm.state_dict()
   for i in range(2):
-    key = f"base_model.model.model.layers.{i}.self_attn.q_proj.base_layer.weight"
+    key = (f"base_model.model.model.layers.{i}.self_attn.q_proj.base_layer"
+           ".weight")
     np.testing.assert_allclose(
         residual["model"]["layers"][str(i)]["self_attn"]["q_proj"]["kernel"],
         sd[key].numpy().T, atol=1e-4)
@@ -434,11 +435,12 @@ def test_eva_init_from_activations_and_rank_pattern_export(base, tmp_path):
                      [{p: np.ones((2, 7)) for p in plans}])
 
 
-# -- bookkeeping: optimizers, checkpoints, errors -------------------------------
+# -- bookkeeping: optimizers, checkpoints, errors -----------------------------
 
 
 def test_vera_masks_and_lora_plus_keep_projections_frozen():
-  params = {"a": {"kernel": jnp.ones((6, 5))}, "b": {"kernel": jnp.ones((4, 6))}}
+  params = {"a": {"kernel": jnp.ones((6, 5))},
+            "b": {"kernel": jnp.ones((4, 6))}}
   adapter = lorajax.init(params, lorajax.VeraConfig(rank=3, targets=".*"),
                          key=jax.random.key(0))
   va, vb = adapter["a"]["kernel"], adapter["b"]["kernel"]

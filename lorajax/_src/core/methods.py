@@ -469,8 +469,8 @@ def eva_init(params: PyTree, config: LoraConfig,
     raise ValueError("No activations were given for:\n"
                      + paths_lib.format_paths(missing))
   comps = {}
-  for p, (sv, mean, n, sumsq) in states.items():
-    sv = sv[:k_max[p]]
+  for p, (sv_all, mean, n, sumsq) in states.items():
+    sv = sv_all[:k_max[p]]
     s = jnp.linalg.norm(sv, axis=1)
     total = sumsq - n * jnp.sum(mean * mean)  # centred sum of squares
     comps[p] = (np.asarray(s * s / total), np.asarray(sv / s[:, None]))
@@ -490,7 +490,9 @@ def eva_init(params: PyTree, config: LoraConfig,
   dropped = [re.escape(p) for p, r in ranks.items() if r == 0]
   rank_pattern = {re.escape(p): r for p, r in ranks.items()
                   if r not in (0, config.rank)}
-  exclude = (*config._tuple("exclude"), *dropped)
+  old = config.exclude
+  exclude = ((old,) if isinstance(old, str) else tuple(old or ())) + tuple(
+      dropped)
   new_config = dataclasses.replace(
       config, rank_pattern=dict(rank_pattern) or None,
       exclude=exclude or None)
