@@ -35,10 +35,10 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-import bench_step  # noqa: E402
+import bench_step
 
-import lorajax  # noqa: E402
-from lorajax._src.core import adapter as adapter_lib  # noqa: E402
+import lorajax
+from lorajax._src.core import adapter as adapter_lib
 
 MODES = ("lora-factored", "dora-factored", "dora-peft-dense", "dora-merged")
 
@@ -161,7 +161,8 @@ def main():
     return
   os.makedirs(args.out, exist_ok=True)
   name = "dora" + (f"_{args.tag}" if args.tag else "")
-  bench_step._write_atomic(os.path.join(args.out, f"{name}.jsonl"),
+  bench_step._write_atomic(  # noqa: SLF001
+      os.path.join(args.out, f"{name}.jsonl"),
                            "".join(json.dumps(r) + "\n" for r in rows))
   lines = [
       f"# DoRA train step ({env['device_kind']}, {env['backend']},"
@@ -180,7 +181,8 @@ def main():
         f"| {r['d_model']} | {r['mode']} | {r['median_step_s']:.4f} |"
         f" {r['min_step_s']:.4f} | {r['ratio_to_lora_factored']:.2f} |"
         f" {r['compile_s']:.1f} |")
-  bench_step._write_atomic(os.path.join(args.out, f"{name}.md"),
+  bench_step._write_atomic(  # noqa: SLF001
+      os.path.join(args.out, f"{name}.md"),
                            "\n".join(lines) + "\n")
   print("\n".join(lines))
 
