@@ -447,6 +447,8 @@ def test_vera_masks_and_lora_plus_keep_projections_frozen():
   # One shared pair, sliced: the (4, 6) weight uses the top rows of `a`.
   np.testing.assert_array_equal(vb.a, va.a[:4])
   np.testing.assert_array_equal(va.b, vb.b[:, :5])
+  # Trained: lambda_d (3) + lambda_b (d_out) per weight.
+  assert lorajax.summary(params, adapter).trainable == (3 + 5) + (3 + 6)
   mask = lorajax.decay_mask(adapter)["a"]["kernel"]
   assert (mask.lambda_d, mask.lambda_b, mask.a, mask.b) == (
       True, True, False, False)
@@ -466,6 +468,7 @@ def test_checkpoint_records_the_method(tmp_path):
     mgr.save(1, adapter)
     assert mgr.metadata(1)["weights"][0]["method"] == "dora"
     assert mgr.saved_config(1).use_dora
+    assert lorajax.summary(params, adapter).trainable == 8 * 2 + 2 * 6 + 6
     got, _, _ = mgr.restore(adapter=adapter)
     np.testing.assert_array_equal(got["w"]["kernel"].magnitude,
                                   adapter["w"]["kernel"].magnitude)
