@@ -143,7 +143,7 @@ def run(mesh: jax.sharding.Mesh, steps: int, checkpoint_dir: str | None = None
   losses = []
   for step in range(steps):
     local = jax.tree.map(lambda a: a[rows], global_batch_numpy(step))
-    batch = lorajax.global_batch(local, batch_sharding)
+    batch = lorajax.sharding.global_batch(local, batch_sharding)
     adapter, opt_state, metrics = train.step(params, adapter, opt_state,
                                              batch)
     # The loss is replicated: every process reads its local copy.

@@ -131,7 +131,8 @@ def pretrained() -> tuple[llama.LlamaModel, Any, dict]:
 def flatten(params: Any) -> dict[str, np.ndarray]:
   """{"a/b/c": array} view of a params tree (the safetensors layout)."""
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {lorajax.path_str(k): np.asarray(v) for k, v in leaves}
+  return {jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(v)
+          for k, v in leaves}
 
 
 def token_nll(model: llama.LlamaModel, params: Any,

@@ -15,7 +15,6 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lorajax
-from lorajax._src.core.checkpoint import CorruptCheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -25,7 +24,7 @@ STEPS = 6
 
 
 def batch_of(step, sharding):
-  return lorajax.global_batch(ex.global_batch_numpy(step), sharding)
+  return lorajax.sharding.global_batch(ex.global_batch_numpy(step), sharding)
 
 
 def run_steps(setup, adapter, opt_state, start, stop):
@@ -103,7 +102,7 @@ KILL_SCRIPT = textwrap.dedent("""
     params, adapter, opt_state, train, bsh = ex.setup(ex.make_mesh())
     mgr = lorajax.CheckpointManager(sys.argv[2], ex.CONFIG, max_to_keep=2)
     for step in range(5):
-      batch = lorajax.global_batch(ex.global_batch_numpy(step), bsh)
+      batch = lorajax.sharding.global_batch(ex.global_batch_numpy(step), bsh)
       adapter, opt_state, _ = train.step(params, adapter, opt_state, batch)
       mgr.save(step + 1, adapter, opt_state)
       if step + 1 == int(sys.argv[3]):
@@ -316,7 +315,8 @@ def test_corrupt_step_falls_back_to_previous(tmp_path, uninterrupted, kind):
                                        opt_state=fresh(setup)[1])
     assert step == 2
     leaves_equal((got, got_opt), (adapter, opt_state))
-    with pytest.raises(CorruptCheckpointError, match=rf"step 3 .*{why}"):
+    with pytest.raises(lorajax.CorruptCheckpointError,
+                       match=rf"step 3 .*{why}"):
       mgr.restore(3, adapter=fresh(setup)[0])
     # Saving step 3 again replaces the corrupt one.
     mgr.save(3, adapter, opt_state)
@@ -388,7 +388,7 @@ def test_mismatched_template_raises_naming_the_path(tmp_path, uninterrupted):
       mgr.restore(1, adapter={"attn": {"o": {"kernel": 1}}})
     with pytest.raises(TypeError, match=r"at 'w': `a` must be an array"):
       mgr.restore(1, adapter={"w": lorajax.LoraWeight(a=1.0, b=2.0,
-                                                      scale=1.0)})
+                                                      alpha=1.0)})
     with pytest.raises(ValueError, match=r"`adapter` holds no LoraWeight"):
       mgr.restore(1, adapter={"w": None})
 

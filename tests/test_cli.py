@@ -239,7 +239,8 @@ def test_failed_run_is_not_marked_complete(files, tmp_path, capsys):
   code = cli.main(args)
   err = capsys.readouterr().err
   assert code == 2
-  assert "Lower the learning rate" in err
+  assert "Lower the learning rate (`--lr`)" in err  # the flag, not the
+  assert "TrainConfig" not in err                   # library's argument
   assert (out / "config.json").exists()
   assert not (out / "run.json").exists()
 
@@ -255,3 +256,13 @@ def test_epochs_and_grad_accum(files, tmp_path):
   rows = [r for r in run_dir.read_metrics(out / "metrics.jsonl") if "loss" in r]
   assert len(rows) == 6
   assert all(r["padded"] % 8 == 0 for r in rows)  # 2 x 4 rows per step
+
+
+def test_without_the_finetune_extra_says_how_to_install(monkeypatch, capsys):
+  monkeypatch.setattr(cli, "FINETUNE_EXTRA", ("tqdm", "no_such_module_x"))
+  assert cli.main(["finetune", "--steps", "1"]) == 2
+  err = capsys.readouterr().err
+  assert "needs the `finetune` extra" in err
+  assert "no_such_module_x is not installed" in err
+  assert "pip install 'lorajax[finetune]'" in err
+  assert cli.missing_extras() == ["no_such_module_x"]

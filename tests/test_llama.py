@@ -1,5 +1,6 @@
 """lorajax.models.llama against transformers on tiny random checkpoints."""
 
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -208,8 +209,8 @@ def test_merged_adapter_equals_dense_weight_update():
   adapter = lorajax.init(params, lorajax.LoraConfig(rank=4, targets=target),
                          key=jax.random.key(1))
   q = adapter["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
-  q = lorajax.LoraWeight(q.a, 0.3 * jax.random.normal(
-      jax.random.key(2), q.b.shape), q.scale, q.axes, q.alpha)
+  q = dataclasses.replace(q, b=0.3 * jax.random.normal(
+      jax.random.key(2), q.b.shape))
   adapter["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"] = q
   dense = jax.tree.map(lambda x: x, params)
   w = dense["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]

@@ -3,6 +3,7 @@
 import json
 import os
 
+import _testing
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,13 +45,7 @@ def _adapted_logits(model, params, adapter, ids) -> dict[str, np.ndarray]:
   }
 
 
-def _nodes(adapter):
-  flat = lorajax.path_str
-  return {
-      flat(p): n for p, n in jax.tree_util.tree_flatten_with_path(
-          adapter, is_leaf=lambda x: x is None or lorajax.is_lora(x))[0]
-      if n is not None
-  }
+_nodes = _testing.nodes_by_path
 
 
 def _peft_model(rslora: bool, **kw):
@@ -216,8 +211,7 @@ def test_name_map_for_other_layouts(base, tmp_path):
     np.testing.assert_array_equal(n.a, r.a)
     assert n.scale == r.scale
   # dict form, and save with a name map writes the HF names.
-  paths = [lorajax.path_str(kp) for kp, _ in
-           jax.tree_util.tree_flatten_with_path(custom)[0]]
+  paths = list(_testing.leaves_by_path(custom))
   table = {p: _hf_module(p) for p in paths if _hf_module(p)}
   ad = lorajax.peft.load(tmp_path / "ad", custom, name_map=table)
   lorajax.peft.save(tmp_path / "out", ad, name_map=table)

@@ -5,6 +5,8 @@ References are written out by hand: the gradient of the dense loss
 formula, and SGD as `p - lr * g`.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,10 +29,9 @@ def setup(seed=0, dtype=jnp.float32):
   adapter = lorajax.init(params, config, key=k[1])
   node = adapter["w"]
   # Perturb b: with b = 0 a gradient test proves little.
-  node = type(node)(a=node.a.astype(dtype),
-                    b=(0.3 * jax.random.normal(k[2], node.b.shape)).astype(
-                        dtype),
-                    scale=node.scale, axes=node.axes, alpha=node.alpha)
+  node = dataclasses.replace(
+      node, a=node.a.astype(dtype),
+      b=(0.3 * jax.random.normal(k[2], node.b.shape)).astype(dtype))
   adapter = {"w": node, "bias": None}
   x = jax.random.normal(k[3], (8, D_IN))
   y = jnp.sin(x[:, :D_OUT])

@@ -21,6 +21,20 @@ class CliError(Exception):
   """A user-facing error: printed as one paragraph, exit status 2."""
 
 
+# Library errors name the argument; the command line names its flag.
+_FLAG_OF_ARGUMENT = {"`TrainConfig.learning_rate`": "`--lr`"}
+
+# What `lorajax[finetune]` adds to the core (the models extra included).
+FINETUNE_EXTRA = ("gguf", "tokenizers", "jinja2", "tqdm", "matplotlib")
+
+
+def missing_extras() -> list[str]:
+  """The modules of the `finetune` extra that cannot be imported."""
+  import importlib.util  # noqa: PLC0415
+
+  return [m for m in FINETUNE_EXTRA if importlib.util.find_spec(m) is None]
+
+
 def _data_path(name: str) -> pathlib.Path:
   return pathlib.Path(
       str(importlib.resources.files("lorajax") / "data" / name))
@@ -586,6 +600,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   """
   args = build_parser().parse_args(argv)
   debug = os.environ.get("LORAJAX_DEBUG") == "1"
+  missing = missing_extras()
+  if missing:
+    _eprint(
+        f"lorajax {args.command}: error: the command line needs the"
+        f" `finetune` extra, and {', '.join(missing)} is not installed."
+        " Install it with: pip install 'lorajax[finetune]'"
+    )
+    return 2
   try:
     if args.command == "finetune":
       return _run_finetune(args)
@@ -598,6 +620,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if debug:
       raise
     msg = " ".join(str(e).split()) if isinstance(e, CliError) else str(e)
+    for arg, flag in _FLAG_OF_ARGUMENT.items():  # Library names -> flags.
+      msg = msg.replace(arg, flag)
     _eprint(f"lorajax {args.command}: error: {msg}")
     return 2
 

@@ -32,8 +32,7 @@ from lorajax._src.core.adapter import LoraWeight, VeraWeight
 from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
 from lorajax._src.core.methods import VeraConfig
-
-PyTree = Any
+from lorajax._src.core.typing import PyTree
 
 _FORMAT = "lorajax-checkpoint"
 _VERSION = 1
@@ -72,6 +71,7 @@ def _weight_meta(path: str, n: LoraWeight) -> dict[str, Any]:
   meta = {
       "path": path, "axes": n.axes, "scale": n.scale,
       "alpha": getattr(n, "alpha", None),
+      "rslora": getattr(n, "rslora", False),
       "a": list(n.a.shape), "b": list(n.b.shape),
       "dtype": np.dtype(n.a.dtype).name,
   }
@@ -176,8 +176,8 @@ class CheckpointManager:
   Example:
     >>> with lorajax.CheckpointManager(path, config, max_to_keep=3) as mgr:
     ...   for step in range(n):
-    ...     adapter, opt_state, loss = train.step(params, adapter, opt_state,
-    ...                                           batch)
+    ...     adapter, opt_state, metrics = train.step(params, adapter,
+    ...                                              opt_state, batch)
     ...     mgr.save(step + 1, adapter, opt_state)
     >>> # later, on any mesh: templates give shapes and target shardings
     >>> adapter, opt_state, step = mgr.restore(adapter=adapter0,
@@ -261,6 +261,30 @@ class CheckpointManager:
     return self._mgr
 
   # Queries.
+  @staticmethod
+  def saved_steps(directory: str | os.PathLike) -> list[int]:
+    """The finished saves in `directory`, oldest first, without a manager.
+
+    Reads the directory only (no `LoraConfig` needed, nothing written), e.g.
+    to decide whether a run can resume.
+
+    Args:
+      directory: A checkpoint directory (missing: no steps).
+
+    Returns:
+      The saved steps, oldest first.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+      return []
+    mgr = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=("state", "meta"))
+    try:
+      return sorted(mgr.all_steps())
+    finally:
+      mgr.close()
+
   def all_steps(self) -> list[int]:
     """The saved steps (finished saves only), oldest first."""
     return sorted(self._live().all_steps())

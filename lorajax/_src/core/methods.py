@@ -42,7 +42,7 @@ PyTree = Any
 # -- VeRA ----------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class VeraConfig:
   """Which weights get VeRA adapters (PEFT's `VeraConfig` semantics).
 
@@ -57,14 +57,14 @@ class VeraConfig:
     targets: As in `LoraConfig` (regexes or a preset).
     exclude: As in `LoraConfig`.
     d_initial: Initial value of every `lambda_d` entry.
-    dtype: Storage dtype of the vectors and projections.
+    param_dtype: Storage dtype of the vectors and projections.
   """
 
   rank: int = 256
   targets: str | tuple[str, ...] = "all-linear"
   exclude: str | tuple[str, ...] | None = None
   d_initial: float = 0.1
-  dtype: Any = "float32"
+  param_dtype: Any = "float32"
 
   def __post_init__(self):
     if isinstance(self.rank, bool) or not isinstance(self.rank, int):
@@ -75,12 +75,12 @@ class VeraConfig:
     lc = self._lora_config()
     object.__setattr__(self, "targets", lc.targets)
     object.__setattr__(self, "exclude", lc.exclude)
-    object.__setattr__(self, "dtype", lc.dtype)
+    object.__setattr__(self, "param_dtype", lc.param_dtype)
     object.__setattr__(self, "d_initial", float(self.d_initial))
 
   def _lora_config(self) -> LoraConfig:
     return LoraConfig(rank=1, alpha=1.0, targets=self.targets,
-                      exclude=self.exclude, dtype=self.dtype)
+                      exclude=self.exclude, param_dtype=self.param_dtype)
 
   method = "vera"
 
@@ -89,7 +89,7 @@ class VeraConfig:
     d = self._lora_config().to_dict()
     return {"method": "vera", "rank": self.rank, "targets": d["targets"],
             "exclude": d["exclude"], "d_initial": self.d_initial,
-            "dtype": self.dtype}
+            "param_dtype": self.param_dtype}
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "VeraConfig":
@@ -151,7 +151,7 @@ def init_vera(params: PyTree, config: VeraConfig, *, key: jax.Array,
   plans = config.plan(params)
   max_in = max(p.shape[0] for p in plans.values())
   max_out = max(p.shape[1] for p in plans.values())
-  dtype = jnp.dtype(config.dtype)
+  dtype = jnp.dtype(config.param_dtype)
   if projections is None:
     pa, pb = vera_projections(max_in, max_out, config.rank, key=key,
                               dtype=dtype)
@@ -238,8 +238,6 @@ def _decompose_one(w, plan: WeightPlan, init: str, key) -> tuple[Any, Any]:
     a = u * root[..., None, :]
     b = root[..., :, None] * vt
   residual = m - s * jnp.matmul(a, b, precision=hp)
-  dtype = jnp.dtype(plan.dtype)
-  del dtype
   return back(residual), (a.reshape(plan.a_shape), b.reshape(plan.b_shape))
 
 
@@ -268,7 +266,7 @@ def decompose(params: PyTree, config: LoraConfig, *, key: jax.Array
 
   Returns:
     `(residual_params, adapter)`: new params with the same structure and
-    dtypes, and the adapter (dtype `config.dtype`).
+    dtypes, and the adapter (dtype `config.param_dtype`).
 
   Raises:
     ValueError: If `config.init` is not a decomposing init, or `config` does
@@ -290,7 +288,7 @@ def decompose(params: PyTree, config: LoraConfig, *, key: jax.Array
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   new_params: list[Any] = []
   nodes: list[Any] = []
-  dtype = jnp.dtype(config.dtype)
+  dtype = jnp.dtype(config.param_dtype)
   for kp, w in flat:
     plan = plans.get(paths_lib.path_str(kp))
     if plan is None:
@@ -299,8 +297,8 @@ def decompose(params: PyTree, config: LoraConfig, *, key: jax.Array
       continue
     res, (a, b) = _decompose_one(w, plan, config.init,
                                  _path_key(key, plan.path))
-    node = LoraWeight(a=a.astype(dtype), b=b.astype(dtype), scale=plan.scale,
-                      axes=plan.axes, alpha=plan.alpha)
+    node = LoraWeight(a=a.astype(dtype), b=b.astype(dtype), alpha=plan.alpha,
+                      axes=plan.axes, rslora=config.use_rslora)
     if config.use_dora:
       node = with_magnitude(res, node, path=plan.path)
     new_params.append(res)
@@ -360,7 +358,9 @@ def to_lora(adapter: PyTree, initial: PyTree) -> PyTree:
     n_s = n.axes.count("s")
     a = jnp.concatenate([n.a, n0.a.astype(n.a.dtype)], axis=-1)
     b = jnp.concatenate([n.b, -n0.b.astype(n.b.dtype)], axis=n_s)
-    out.append(LoraWeight(a=a, b=b, scale=n.scale, axes=n.axes, alpha=None))
+    # Same scale at twice the rank: alpha * 2 (alpha * sqrt(2) with rsLoRA).
+    out.append(LoraWeight(a=a, b=b, alpha=n.alpha * (
+        math.sqrt(2.0) if n.rslora else 2.0), axes=n.axes, rslora=n.rslora))
   if errors:
     raise ValueError("`to_lora` cannot convert:\n- " + "\n- ".join(errors))
   return jax.tree_util.tree_unflatten(treedef, out)
@@ -497,7 +497,7 @@ def eva_init(params: PyTree, config: LoraConfig,
       config, rank_pattern=dict(rank_pattern) or None,
       exclude=exclude or None)
   new_plans = new_config.plan(params)
-  dtype = jnp.dtype(config.dtype)
+  dtype = jnp.dtype(config.param_dtype)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   nodes: list[Any] = []
   for kp, _ in flat:
@@ -509,7 +509,7 @@ def eva_init(params: PyTree, config: LoraConfig,
     vt = comps[path][1][:pl.rank]
     node = LoraWeight(a=jnp.asarray(vt.T, dtype),
                       b=jnp.zeros((pl.rank, pl.shape[1]), dtype),
-                      scale=pl.scale, axes="io", alpha=pl.alpha)
+                      alpha=pl.alpha, axes="io", rslora=config.use_rslora)
     if config.use_dora:
       node = with_magnitude(flat_value(params, kp), node, path=path)
     nodes.append(node)

@@ -7,8 +7,7 @@ import jax
 import optax
 
 from lorajax._src.core.adapter import LoraWeight, VeraWeight
-
-PyTree = Any
+from lorajax._src.core.typing import PyTree
 
 
 def _is_node(x: Any) -> bool:
@@ -22,8 +21,8 @@ def labels(tree: PyTree) -> PyTree:
 
   def one(x):
     if isinstance(x, LoraWeight):
-      return LoraWeight(a="a", b="b", scale=x.scale, axes=x.axes,
-                        alpha=x.alpha,
+      return LoraWeight(a="a", b="b", alpha=x.alpha, axes=x.axes,
+                        rslora=x.rslora,
                         magnitude=None if x.magnitude is None else "m")
     if isinstance(x, VeraWeight):
       return VeraWeight(lambda_d="vec", lambda_b="vec", a="frozen",
@@ -42,7 +41,7 @@ def decay_mask(tree: PyTree) -> PyTree:
   when the trainable tree holds more than adapters (norm scales, biases, a
   new head), and always with VeRA adapters (whose frozen projections are
   leaves with zero gradients that weight decay would otherwise shrink):
-  `optax.adamw(lr, weight_decay=0.01, mask=lorajax.decay_mask)`.
+  `optax.adamw(lr, weight_decay=0.01, mask=lorajax.optim.decay_mask)`.
 
   Args:
     tree: A pytree that contains adapter nodes (and possibly other leaves).

@@ -5,7 +5,8 @@ from typing import Any
 
 import jax
 
-PyTree = Any
+from lorajax._src.core.typing import PyTree
+
 KeyPath = tuple[Any, ...]
 
 

@@ -198,10 +198,10 @@ def adapter_shardings(
     # A pytree of shardings mirroring the adapter: LoraWeight nodes whose
     # children are NamedShardings instead of arrays.
     out.append(LoraWeight(
-        a=NamedSharding(named.mesh, a_spec),  # type: ignore[arg-type]
-        b=NamedSharding(named.mesh, b_spec),  # type: ignore[arg-type]
-        scale=node.scale, axes=node.axes, alpha=node.alpha,
-        magnitude=mag,  # type: ignore[arg-type]
+        a=NamedSharding(named.mesh, a_spec),
+        b=NamedSharding(named.mesh, b_spec),
+        alpha=node.alpha, axes=node.axes, rslora=node.rslora,
+        magnitude=mag,
     ))
   unused = [k for k, _, _ in compiled if k not in used]
   if unused:

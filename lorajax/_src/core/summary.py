@@ -9,8 +9,7 @@ import jax.numpy as jnp
 
 from lorajax._src.core import adapter as adapter_lib
 from lorajax._src.core import paths as paths_lib
-
-PyTree = Any
+from lorajax._src.core.typing import PyTree
 
 
 @dataclasses.dataclass(frozen=True)

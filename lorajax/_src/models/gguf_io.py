@@ -10,8 +10,6 @@ import numpy as np
 
 from lorajax._src.models.llama import LlamaConfig
 
-PyTree = Any
-
 # ggml type ids (ggml.h): stable across gguf versions.
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
 _TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1",

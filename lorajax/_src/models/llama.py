@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
+from lorajax._src.core.typing import PyTree
 
 _SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 

