@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 
+import _testing
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,12 +40,7 @@ def base(tmp_path_factory):
   return str(path), model, params
 
 
-def _nodes(adapter):
-  return {
-      lorajax.path_str(p): n for p, n in jax.tree_util.tree_flatten_with_path(
-          adapter, is_leaf=lambda x: x is None or lorajax.is_lora(x))[0]
-      if n is not None
-  }
+_nodes = _testing.nodes_by_path
 
 
 def _logits(model, params, adapter, ids):
@@ -113,7 +109,7 @@ def test_peft_adapter_loads_and_trains_like_peft(base, tmp_path, method):
   pm.train()
   trainable = [p for p in pm.parameters() if p.requires_grad]
   opt_t = torch.optim.AdamW(trainable, lr=lr, weight_decay=wd)
-  tx = optax.adamw(lr, weight_decay=wd, mask=lorajax.decay_mask)
+  tx = optax.adamw(lr, weight_decay=wd, mask=lorajax.optim.decay_mask)
   state = tx.init(adapter)
   ids_j = jnp.asarray(ids)
   step = jax.jit(jax.value_and_grad(
@@ -449,11 +445,11 @@ def test_vera_masks_and_lora_plus_keep_projections_frozen():
   np.testing.assert_array_equal(va.b, vb.b[:, :5])
   # Trained: lambda_d (3) + lambda_b (d_out) per weight.
   assert lorajax.summary(params, adapter).trainable == (3 + 5) + (3 + 6)
-  mask = lorajax.decay_mask(adapter)["a"]["kernel"]
+  mask = lorajax.optim.decay_mask(adapter)["a"]["kernel"]
   assert (mask.lambda_d, mask.lambda_b, mask.a, mask.b) == (
       True, True, False, False)
   grads = jax.tree.map(jnp.ones_like, adapter)
-  tx = lorajax.lora_plus(1e-2, weight_decay=0.1)
+  tx = lorajax.optim.lora_plus(1e-2, weight_decay=0.1)
   updates, _ = tx.update(grads, tx.init(adapter), adapter)
   assert not np.asarray(updates["a"]["kernel"].a).any()
   assert np.asarray(updates["a"]["kernel"].lambda_b).all()

@@ -116,7 +116,7 @@ class VeraWeight:
   only `lambda_d` and `lambda_b` are trained. Every use of `a` and `b` goes
   through `jax.lax.stop_gradient`, so their gradients are exactly zero and
   plain Adam/SGD leave them unchanged; weight-decaying optimizers need
-  `mask=lorajax.decay_mask` (which is False on them), and `lorajax.lora_plus`
+  `mask=lorajax.optim.decay_mask` (which is False on them), and `lorajax.optim.lora_plus`
   freezes them itself.
 
   Attributes:
