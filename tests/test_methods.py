@@ -488,8 +488,9 @@ def test_method_errors(base, tmp_path):
   with pytest.raises(ValueError, match="`to_lora` cannot convert"):
     lorajax.peft.to_lora(other, a0)
   # PEFT VeRA without saved projections cannot be reproduced in JAX.
-  pm = peft.get_peft_model(tiny_torch_llama(seed=SEED), peft.VeraConfig(
-      r=4, target_modules=["q_proj"], save_projection=False))
+  with pytest.warns(UserWarning, match="not save vera_A and vera_B"):
+    pm = peft.get_peft_model(tiny_torch_llama(seed=SEED), peft.VeraConfig(
+        r=4, target_modules=["q_proj"], save_projection=False))
   pm.save_pretrained(tmp_path / "v")
   with pytest.raises(ValueError, match="save_projection=false"):
     lorajax.peft.load(tmp_path / "v", params)
