@@ -424,6 +424,27 @@ def test_eva_init_from_activations_and_rank_pattern_export(base, tmp_path):
   np.testing.assert_allclose(
       _logits(model, params, adapter2, ids)["factored"],
       torch_logits(pm, np.asarray(ids)), atol=ATOL, rtol=0)
+  # Capture through `fn`: the same inputs as torch forward hooks record.
+  tm = tiny_torch_llama(seed=SEED)
+  seen = {}
+  for i in range(2):
+    for name in ("q_proj", "v_proj"):
+      path = f"model/layers/{i}/self_attn/{name}/kernel"
+      mod = getattr(tm.model.layers[i].self_attn, name)
+      mod.register_forward_hook(
+          lambda m, inp, out, path=path: seen.setdefault(path, []).append(
+              inp[0].detach().numpy().reshape(-1, 64)))
+  id_batches = [random_ids(np.random.default_rng(k), 2, 7) for k in range(2)]
+  for ids in id_batches:
+    torch_logits(tm, ids)
+  ref = [{p: v[k] for p, v in seen.items()} for k in range(2)]
+  got, _ = lorajax.eva_init(params, config,
+                            [jnp.asarray(i) for i in id_batches],
+                            fn=model.apply)
+  want, _ = lorajax.eva_init(params, config, ref)
+  for p, n in _nodes(want).items():
+    a, b = np.asarray(n.a), np.asarray(_nodes(got)[p].a)
+    np.testing.assert_allclose(a @ a.T, b @ b.T, atol=1e-3)
   with pytest.raises(ValueError, match="No activations were given"):
     lorajax.eva_init(params, config, batches[:0])
   with pytest.raises(ValueError, match="last axis must be the weight's d_in"):

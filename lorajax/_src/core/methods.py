@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorajax._src.core import extend
+from lorajax._src.core import jax_compat as jc
 from lorajax._src.core import paths as paths_lib
 from lorajax._src.core.adapter import (
     LoraWeight,
@@ -395,8 +397,71 @@ def _incremental_pca(state, x, k):
   return s[:k, None] * vt[:k], new_mean, n + m, sumsq + jnp.sum(x * x)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Probe:
+  """Adapter node that records the inputs of its weight's matmuls (EVA)."""
+
+  sink: int = dataclasses.field(metadata=dict(static=True))
+
+
+_SINKS: dict[int, dict[str, list[np.ndarray]]] = {}
+
+
+class _ProbeKind(extend.AdapterKind):
+  """Runs the base weight unchanged and records `x` of each `x @ W`."""
+
+  name = "eva-probe"
+
+  def factored(self, node, base, path):
+    return extend.Factored(base, (), "io", (), self, node.sink, path)
+
+  def materialize(self, v):
+    return extend.dense(v.base)
+
+  def dot_general(self, v, use):
+    (lc, rc), (lb, rb) = jc.dot_dims(use.params)
+    w_con, x_con = (lc, rc) if use.position == 0 else (rc, lc)
+    x = use.operands[1 - use.position]
+    if lb or rb or len(w_con) != 1 or v.roles[w_con[0]] != "i":
+      return None  # not an input-side matmul: report it
+    if isinstance(x, jax.core.Tracer):
+      raise ValueError(
+          f"EVA input capture met {v.path!r} inside a traced region (jit,"
+          " scan, remat, ...), where inputs are not values. Call `fn`"
+          " without jit/scan for the calibration pass, or collect the"
+          " activations yourself and pass them as `activations`.")
+    rows = np.asarray(jnp.moveaxis(x, x_con[0], -1), np.float32)
+    _SINKS[v.meta].setdefault(v.path, []).append(
+        rows.reshape(-1, rows.shape[-1]))
+    return use.base_output()
+
+
+extend.register_adapter_kind(_Probe, _ProbeKind())
+
+
+def _captured_inputs(fn, params, plans, batches):
+  """Yields `{path: inputs}` per batch by running `fn` with probe nodes."""
+  from lorajax._src.core.factored import lora  # noqa: PLC0415
+
+  sink = id(plans)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  probes = jax.tree_util.tree_unflatten(treedef, [
+      _Probe(sink) if paths_lib.path_str(kp) in plans else None
+      for kp, _ in flat])
+  run = lora(fn, strict=True)
+  try:
+    for batch in batches:
+      _SINKS[sink] = {}
+      run(params, probes, *(batch if isinstance(batch, tuple) else (batch,)))
+      got = _SINKS[sink]
+      yield {p: np.concatenate(v) for p, v in got.items()}
+  finally:
+    _SINKS.pop(sink, None)
+
+
 def eva_init(params: PyTree, config: LoraConfig,
-             activations: Iterable[Mapping[str, Any]], *,
+             activations: Iterable[Any], *, fn: Any = None,
              redistribute: bool = False, rho: float = 2.0
              ) -> tuple[PyTree, LoraConfig]:
   """EVA: `a` from the top principal components of each layer's inputs.
@@ -417,9 +482,13 @@ def eva_init(params: PyTree, config: LoraConfig,
   Args:
     params: The base params.
     config: A `LoraConfig` with `init="eva"`.
-    activations: An iterable of batches; each maps a targeted weight's path
-      to its input activations `(..., d_in)` (the `x` of `x @ W`) for that
-      batch.
+    activations: An iterable of batches. Without `fn`, each maps a
+      targeted weight's path to its input activations `(..., d_in)` (the `x`
+      of `x @ W`) for that batch. With `fn`, each is the argument (or a
+      tuple of arguments) of `fn(params, ...)`, and the inputs of every
+      targeted weight's matmuls are recorded while `fn` runs (eagerly,
+      through `lorajax.lora`; not under `jit` or inside `scan`).
+    fn: Optional model function `fn(params, *args)` for the capture.
     redistribute: Redistribute ranks by explained variance.
     rho: Components kept per layer before redistribution, times `rank`.
 
@@ -448,6 +517,8 @@ def eva_init(params: PyTree, config: LoraConfig,
                else pl.rank) for p, pl in plans.items()}
   states: dict[str, Any] = {p: (None, None, 0, jnp.zeros((), jnp.float32))
                             for p in plans}
+  if fn is not None:
+    activations = _captured_inputs(fn, params, plans, activations)
   for batch in activations:
     for path, x_in in batch.items():
       if path not in plans:
