@@ -184,7 +184,8 @@ class CheckpointManager:
     ...                                        opt_state=opt_state0)
 
   Args:
-    directory: Where the step directories go (created if missing).
+    directory: Where the step directories go (created by the first `save`;
+      queries and restores never create it).
     config: The `LoraConfig` stored with every save (as JSON).
     max_to_keep: How many of the newest steps to keep (`None`: all).
     save_interval_steps: Save only steps divisible by this (others are
@@ -217,6 +218,9 @@ class CheckpointManager:
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
             enable_async_checkpointing=async_save,
+            # Created by the first `save`: a restore or query on a mistyped
+            # directory must not leave an empty directory behind.
+            create=False,
         ),
         item_names=("state", "meta"),
     )
@@ -387,6 +391,7 @@ class CheckpointManager:
       )
     nodes = _adapter_nodes(adapter, "adapter")
     arrays = _arrays(adapter, opt_state)
+    os.makedirs(self.directory, exist_ok=True)
     meta = {
         "format": _FORMAT,
         "version": _VERSION,
@@ -591,6 +596,11 @@ class CheckpointManager:
       return (*self._restore_step(step, adapter, opt_state), step)
     steps = self.all_steps()
     if not steps:
+      if not os.path.isdir(self.directory):
+        raise FileNotFoundError(
+            f"No checkpoint directory {self.directory!r} (it does not exist;"
+            " check the path)."
+        )
       raise FileNotFoundError(f"No checkpoint in {self.directory!r}.")
     bad = []
     for s in reversed(steps):

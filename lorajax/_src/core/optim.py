@@ -6,12 +6,8 @@ from typing import Any
 import jax
 import optax
 
-from lorajax._src.core.adapter import LoraWeight, VeraWeight
+from lorajax._src.core.adapter import LoraWeight, VeraWeight, is_lora
 from lorajax._src.core.typing import PyTree
-
-
-def _is_node(x: Any) -> bool:
-  return isinstance(x, LoraWeight | VeraWeight)
 
 
 def labels(tree: PyTree) -> PyTree:
@@ -29,7 +25,7 @@ def labels(tree: PyTree) -> PyTree:
                         b="frozen", seed=x.seed, axes=x.axes)
     return "other"
 
-  return jax.tree.map(one, tree, is_leaf=_is_node)
+  return jax.tree.map(one, tree, is_leaf=is_lora)
 
 
 def decay_mask(tree: PyTree) -> PyTree:

@@ -330,6 +330,31 @@ def _check_config(cfg: Mapping[str, Any], where: str) -> None:
     )
 
 
+def _read_config(path: str | os.PathLike) -> dict[str, Any]:
+  """Reads an adapter_config.json: a JSON object, or a ValueError naming the
+  file (and line and column for invalid JSON)."""
+  path = os.fspath(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path!r} cannot be read: {e}.") from None
+  try:
+    cfg = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(
+        f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); the file is"
+        " damaged or truncated. Restore it from the original adapter or"
+        " re-save the adapter."
+    ) from None
+  if not isinstance(cfg, dict):
+    raise ValueError(
+        f"{path}: expected a JSON object (PEFT adapter config); got"
+        f" {type(cfg).__name__}."
+    )
+  return cfg
+
+
 def load(
     directory: str | os.PathLike,
     params: PyTree,
@@ -358,46 +383,74 @@ def load(
     directory holds no adapter.
 
   Raises:
-    ValueError: If a file is missing, the config uses an unsupported option
+    ValueError: If a file is missing or unreadable, adapter_config.json is
+      not JSON (naming its line), the weights file is truncated or not
+      safetensors (naming the file), the config uses an unsupported option
       (DoRA, fan_in_fan_out, bias, modules_to_save, non-LoRA peft_type), a
       module is unknown or half present, or a shape or rank does not fit.
   """
   directory = os.fspath(directory)
   cfg_path = os.path.join(directory, CONFIG_NAME)
   w_path = os.path.join(directory, WEIGHTS_NAME)
-  if not os.path.exists(cfg_path):
+  problem = fileio.path_problem(directory, kind="dir")
+  if problem is not None:
+    raise ValueError(
+        f"PEFT adapter directory {directory!r} {problem}. Pass a directory"
+        " holding adapter_config.json and adapter_model.safetensors."
+    )
+  if not os.path.lexists(cfg_path):
     raise ValueError(
         f"{directory!r} has no {CONFIG_NAME}; expected a PEFT adapter"
         " directory (adapter_config.json + adapter_model.safetensors)."
     )
-  if not os.path.exists(w_path):
+  if not os.path.lexists(w_path):
     other = os.path.join(directory, "adapter_model.bin")
     hint = (" It has adapter_model.bin, a pickle, which lorajax does not"
             " read: re-save it in PEFT with safe_serialization=True."
             if os.path.exists(other) else "")
     raise ValueError(f"{directory!r} has no {WEIGHTS_NAME}.{hint}")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
+  for p in (cfg_path, w_path):
+    problem = fileio.path_problem(p, kind="file")
+    if problem is not None:
+      raise ValueError(f"{p!r} {problem}.")
+  cfg = _read_config(cfg_path)
   _check_config(cfg, cfg_path)
   if cfg.get("peft_type") == "VERA":
     return _load_vera(directory, cfg, w_path, params, name_map=name_map)
   use_dora = bool(cfg.get("use_dora", False))
-  r_default = int(cfg.get("r", 8))
-  alpha_default = float(cfg.get("lora_alpha", 8))
-  rank_pattern = dict(cfg.get("rank_pattern") or {})
-  alpha_pattern = dict(cfg.get("alpha_pattern") or {})
+  try:
+    r_default = int(cfg.get("r", 8))
+    alpha_default = float(cfg.get("lora_alpha", 8))
+    rank_pattern = dict(cfg.get("rank_pattern") or {})
+    alpha_pattern = dict(cfg.get("alpha_pattern") or {})
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+        f"{cfg_path}: `r`, `lora_alpha`, `rank_pattern` or `alpha_pattern`"
+        f" has the wrong type ({e}); expected numbers and objects mapping"
+        " module regexes to numbers. Fix the file or re-save the adapter."
+    ) from None
   use_rslora = bool(cfg.get("use_rslora", False))
 
   pairs: dict[str, dict[str, np.ndarray]] = {}
   bad = []
-  with safetensors_io.SafetensorsFile(w_path) as f:  # reads bfloat16
-    for key in f.keys():  # noqa: SIM118
-      m = _KEY_RE.fullmatch(key)
-      if not key.startswith(_PREFIX) or m is None:
-        bad.append(key)
-        continue
-      module = m.group(1)[len(_PREFIX):]
-      pairs.setdefault(module, {})[m.group(2) or "m"] = f.get_tensor(key)
+  try:
+    with safetensors_io.SafetensorsFile(w_path) as f:  # reads bfloat16
+      for key in f.keys():  # noqa: SIM118
+        m = _KEY_RE.fullmatch(key)
+        if not key.startswith(_PREFIX) or m is None:
+          bad.append(key)
+          continue
+        module = m.group(1)[len(_PREFIX):]
+        pairs.setdefault(module, {})[m.group(2) or "m"] = f.get_tensor(key)
+  except Exception as e:  # noqa: BLE001 (SafetensorError, OSError)
+    size = os.path.getsize(w_path)
+    raise ValueError(
+        f"{w_path!r} is not a readable safetensors file ({size} bytes;"
+        f" {type(e).__name__}: {e}). It is truncated (an interrupted copy or"
+        " download) or in another format. Copy or re-save the adapter"
+        " (`lorajax.peft.save`, or PEFT's `save_pretrained` with"
+        " safe_serialization=True)."
+    ) from None
   if bad:
     raise ValueError(
         f"{w_path} holds tensors that are not LoRA A/B matrices of linear"

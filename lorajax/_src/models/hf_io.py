@@ -136,7 +136,14 @@ def load_config(path: str, *, dtype: Any) -> LlamaConfig:
         " style directory (config.json + *.safetensors) or a .gguf file."
     )
   with open(cfg_path) as f:
-    d = json.load(f)
+    try:
+      d = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(
+          f"{cfg_path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); the"
+          " file is damaged or truncated. Restore it from the original"
+          " checkpoint."
+      ) from None
   return LlamaConfig.from_hf_dict(d, dtype=dtype)
 
 

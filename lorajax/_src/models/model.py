@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from lorajax._src.core import fileio
 from lorajax._src.core.typing import PyTree
 from lorajax._src.models import gguf_io, hf_io
 from lorajax._src.models import llama as llama_lib
@@ -177,9 +178,10 @@ def from_pretrained(
   """
   path = os.fspath(path)
   dtype = jnp.dtype(dtype)
-  if not os.path.exists(path):
+  problem = fileio.path_problem(path, kind="any")
+  if problem is not None:
     raise ValueError(
-        f"{path!r} does not exist. Pass a Hugging Face style directory or a"
+        f"{path!r} {problem}. Pass a Hugging Face style directory or a"
         " .gguf file; `default_model_path()` gives the bundled SmolLM2."
     )
   if os.path.isfile(path):
