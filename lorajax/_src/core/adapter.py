@@ -116,8 +116,8 @@ class VeraWeight:
   only `lambda_d` and `lambda_b` are trained. Every use of `a` and `b` goes
   through `jax.lax.stop_gradient`, so their gradients are exactly zero and
   plain Adam/SGD leave them unchanged; weight-decaying optimizers need
-  `mask=lorajax.optim.decay_mask` (which is False on them), and `lorajax.optim.lora_plus`
-  freezes them itself.
+  `mask=lorajax.optim.decay_mask` (which is False on them), and
+  `lorajax.optim.lora_plus` freezes them itself.
 
   Attributes:
     lambda_d: Shape `(rank,)`, trained.
