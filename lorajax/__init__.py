@@ -2,7 +2,8 @@
 
 The core: adapters as a second pytree (`init`, `merge`, `unmerge`, `delta`),
 the factored transform `lora(fn)`, the train step, checkpoints, the
-summary and the mixed-precision policies (`precision_policy`). Submodules: `lorajax.peft` (Hugging Face PEFT interop),
+summary and the mixed-precision policies (`precision_policy`). Submodules:
+`lorajax.peft` (Hugging Face PEFT interop),
 `lorajax.optim` (LoRA+ and weight-decay masks), `lorajax.sharding` (sharded
 init, global batches, axes inference). The model zoo (`lorajax.models`) and
 the fine-tuning application (`lorajax.finetune`) are separate packages with
@@ -12,6 +13,7 @@ their own extras (`pip install 'lorajax[models]'`, `'lorajax[finetune]'`).
 from lorajax import optim, peft, sharding
 from lorajax._src.core.adapter import (
     LoraWeight,
+    VeraWeight,
     delta,
     init,
     is_lora,
@@ -30,6 +32,7 @@ from lorajax._src.core.factored import (
     LoraFallbackWarning,
     lora,
 )
+from lorajax._src.core.methods import VeraConfig, decompose, eva_init
 from lorajax._src.core.precision import precision_policy
 from lorajax._src.core.sharding import adapter_shardings, init_sharded
 from lorajax._src.core.summary import summary
@@ -45,8 +48,12 @@ __all__ = (
     "LoraFallbackWarning",
     "LoraWeight",
     "TrainStep",
+    "VeraConfig",
+    "VeraWeight",
     "adapter_shardings",
+    "decompose",
     "delta",
+    "eva_init",
     "init",
     "init_sharded",
     "is_lora",

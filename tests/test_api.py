@@ -25,11 +25,13 @@ CORE = {
     "summary", "unmerge",
     # Public submodules.
     "optim", "peft", "sharding",
+    # PEFT's methods (docs/methods.md).
+    "VeraConfig", "VeraWeight", "decompose", "eva_init",
 }
 
 SUBMODULES = {
     lorajax.optim: {"decay_mask", "lora_plus"},
-    lorajax.peft: {"load", "save"},
+    lorajax.peft: {"load", "save", "to_lora"},
     lorajax.sharding: {"adapter_shardings", "global_batch", "infer_axes",
                        "init_sharded"},
     lorajax.models.llama: {"LlamaConfig", "LlamaModel", "REMAT_POLICIES",

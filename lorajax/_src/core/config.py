@@ -33,6 +33,7 @@ _MLP_NAMES = (
 )
 
 PRESETS = ("all-linear", "attention", "mlp")
+INITS = ("lora", "gaussian", "pissa", "olora", "eva")
 
 
 def _is_scan_stacked(path: str, ndim: int) -> bool:
@@ -242,7 +243,16 @@ class LoraConfig:
       than two axes needs an entry.
     init: `"lora"` (`a` uniform in +-1/sqrt(d_in), `b` zero; Hu et al. 2021),
       or `"gaussian"` (`a` normal with std 1/rank, `b` zero, as PEFT's
-      `init_lora_weights="gaussian"`).
+      `init_lora_weights="gaussian"`); both are made by `lorajax.init`.
+      `"pissa"` (top-`rank` SVD of each weight; Meng et al. 2024),
+      `"pissa_niter_K"` (the same by randomized SVD with K power
+      iterations) and `"olora"` (QR of each weight; Büyükakyüz 2024) move
+      the top part of the weight into the adapter and need
+      `lorajax.decompose`, which also returns the residual base; `"eva"`
+      (from calibration activations; Paischer et al. 2024) needs
+      `lorajax.eva_init`.
+    use_dora: DoRA (Liu et al. 2024): each adapter also trains a per-output
+      magnitude, `W' = m * (W + delta) / ||W + delta||` (PEFT's `use_dora`).
     param_dtype: Storage dtype of `a` and `b` (Flax's naming: `dtype` is a
       computation dtype, `param_dtype` a storage dtype; the factored
       transform computes in the base weight's dtype). `dtype=` is a
@@ -261,6 +271,7 @@ class LoraConfig:
   axes: Any = None
   init: str = "lora"
   param_dtype: Any = "float32"
+  use_dora: bool = False
 
   def __post_init__(self):
     set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
@@ -305,10 +316,17 @@ class LoraConfig:
     for name in ("rank_pattern", "alpha_pattern", "axes"):
       for k, _ in getattr(self, name):
         _compile(k, name)
-    if self.init not in ("lora", "gaussian"):
+    if not isinstance(self.init, str) or not (
+        self.init in INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*",
+                                           self.init)):
       raise ValueError(
-          f"`init` must be 'lora' or 'gaussian'; got {self.init!r}."
+          "`init` must be 'lora' or 'gaussian' (made by `lorajax.init`),"
+          " 'pissa', 'pissa_niter_K' (K >= 1 power iterations) or 'olora'"
+          " (made by `lorajax.decompose`), or 'eva' (`lorajax.eva_init`);"
+          f" got {self.init!r}."
       )
+    if not isinstance(self.use_dora, bool):
+      raise TypeError(f"`use_dora` must be a bool; got {self.use_dora!r}.")
     try:
       dtype = jnp.dtype(self.param_dtype)
     except TypeError:
@@ -338,6 +356,7 @@ class LoraConfig:
         "axes": dict(self.axes),
         "init": self.init,
         "param_dtype": self.param_dtype,
+        "use_dora": self.use_dora,
     }
 
   @classmethod
@@ -354,6 +373,14 @@ class LoraConfig:
     """Deprecated alias of `param_dtype` (removed in lorajax 0.2.0)."""
     warnings.warn(_DTYPE_DEPRECATION, DeprecationWarning, stacklevel=2)
     return self.param_dtype
+
+  @property
+  def method(self) -> str:
+    """`"dora"`, `"pissa"`, `"olora"`, `"eva"` or `"lora"`."""
+    if self.use_dora:
+      return "dora"
+    return self.init.split("_niter_")[0] if self.init not in (
+        "lora", "gaussian") else "lora"
 
   def scale_for(self, rank: int, alpha: float) -> float:
     """The LoRA scale for a weight with this rank and alpha."""

@@ -50,6 +50,7 @@ from lorajax._src.core import jax_compat as jc
 from lorajax._src.core import (
   layouts,
   lora_kind,  # noqa: F401  (registers LoraWeight)
+  method_kinds,  # noqa: F401  (registers VeraWeight; DoRA)
 )
 from lorajax._src.core import paths as paths_lib
 from lorajax._src.core.adapter import check_fit

@@ -39,6 +39,9 @@ class LoraKind(AdapterKind):
   name = "lora"
 
   def factored(self, node: LoraWeight, base: Any, path: str) -> Factored:
+    if node.magnitude is not None:  # DoRA: its own kind (method_kinds.py).
+      from lorajax._src.core.method_kinds import DORA  # noqa: PLC0415
+      return DORA.factored(node, base, path)
     axes = node.axes
     s_ax = [j for j, c in enumerate(axes) if c == "s"]
     i_ax = [j for j, c in enumerate(axes) if c == "i"]

@@ -587,8 +587,8 @@ def _run_layers_cached(params, config, x, cos, sin, mask, cache, index):
     return x, (ck, cv)
   new_cache = []
   for p, c in zip(_layers(params), cache):
-    x, c = _layer(p, config, x, cos, sin, mask, cache=c, index=index)
-    new_cache.append(c)
+    x, c_new = _layer(p, config, x, cos, sin, mask, cache=c, index=index)
+    new_cache.append(c_new)
   return x, new_cache
 
 
