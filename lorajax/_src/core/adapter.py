@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax._src.core import paths as paths_lib
+from lorajax._src.core import quant as quant_lib
 from lorajax._src.core.config import LoraConfig, WeightPlan, check_axes
 
 PyTree = Any
@@ -145,7 +146,8 @@ def init(params: PyTree, config: LoraConfig, *, key: jax.Array) -> PyTree:
   if not isinstance(config, LoraConfig):
     raise TypeError(f"`config` must be a LoraConfig; got {type(config)}.")
   plans = config.plan(params)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=_is_weight_node)
   nodes = []
   for keypath, _ in flat:
     plan = plans.get(paths_lib.path_str(keypath))
@@ -208,12 +210,35 @@ def check_fit(params: PyTree, adapter: PyTree) -> None:
                      + "\n- ".join(errors))
 
 
+def _is_weight_node(x: Any) -> bool:
+  return quant_lib.is_quantized(x) or quant_lib.is_merged(x)
+
+
 def _apply(params: PyTree, adapter: PyTree, sign: float) -> PyTree:
   check_fit(params, adapter)
 
   def one(node, w):
-    if node is None:
+    if node is None and not (quant_lib.is_quantized(w)
+                             or quant_lib.is_merged(w)):
       return w
+    if quant_lib.is_quantized(w):
+      if sign < 0:
+        raise ValueError(
+            "`unmerge` got a quantized weight (shape"
+            f" {w.shape}) where it expects a merged one: the params are"
+            " already unmerged. Pass the output of `lorajax.merge`.")
+      # Dense in the compute dtype; the base itself is kept, never
+      # re-quantized, so `unmerge` can return it bit for bit.
+      dense = quant_lib.dequantize(w, jnp.float32)
+      if node is not None:
+        dense = dense + delta(node)
+      return quant_lib.MergedWeight(dense.astype(w.dtype), w)
+    if quant_lib.is_merged(w):
+      if sign > 0:
+        raise ValueError(
+            "`merge` got an already merged quantized weight (shape"
+            f" {w.shape}); merge into the quantized base instead.")
+      return w.base
     return (w.astype(jnp.float32) + sign * delta(node)).astype(w.dtype)
 
   # The adapter is a prefix of params: mapping over it visits every weight.

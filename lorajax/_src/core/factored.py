@@ -11,6 +11,7 @@ gradient is ever formed. Every other use falls back to the merged weight for
 that use alone, and says so.
 """
 
+import contextvars
 import dataclasses
 import functools
 import math
@@ -26,6 +27,7 @@ from jax import lax
 from jax.extend import core as jex
 
 from lorajax._src.core import paths as paths_lib
+from lorajax._src.core import quant as quant_lib
 from lorajax._src.core.adapter import LoraWeight, check_fit, is_node as _is_node
 from lorajax._src.core.config import LoraConfig
 
@@ -108,7 +110,10 @@ def _delta(t: _Tagged, dtype: Any = jnp.float32) -> jax.Array:
 
 
 def _materialize(t: _Tagged) -> jax.Array:
-  return (t.base.astype(jnp.float32) + _delta(t)).astype(t.base.dtype)
+  base = t.base
+  if quant_lib.is_quantized(base):  # [quantized bases]
+    base = quant_lib.dequantize(base, jnp.float32)
+  return (base + _delta(t)).astype(t.base.dtype)
 
 
 def _reshape_groups(old: Sequence[int], new: Sequence[int]):
@@ -170,6 +175,8 @@ class _Interpreter:
     return _materialize(t)
 
   def plain(self, x: Any, op: str) -> Any:
+    if quant_lib.is_quantized(x):  # [quantized bases]
+      return _dense_quantized(x, op)
     return self.fallback(x, op) if isinstance(x, _Tagged) else x
 
   # -- the evaluation loop -----------------------------------------------------
@@ -189,6 +196,10 @@ class _Interpreter:
       invals = [read(v) for v in eqn.invars]
       if any(isinstance(x, _Tagged) for x in invals):
         outs = self.eval_tagged(eqn, invals)
+      elif (eqn.primitive.name in _HIGHER_ORDER
+            and any(quant_lib.is_quantized(x) for x in invals)):
+        # [quantized bases] Follow a quantized weight into sub-jaxprs.
+        outs = getattr(self, "_" + eqn.primitive.name)(eqn, invals)
       else:
         outs = _bind(eqn, invals)
       for v, x in zip(eqn.outvars, outs):
@@ -622,7 +633,42 @@ def _bind_params(prim, invals, params):
   return list(out) if prim.multiple_results else [out]
 
 
+# -- [quantized bases] -----------------------------------------------------------
+# A params leaf may be a `QuantizedWeight` (lorajax/_src/core/quant.py): it is
+# traced as a dense array of its shape and dtype, and the interpreter carries
+# the node itself (alone, or as a `_Tagged`'s base). Every bind of a
+# primitive on it goes through `quant.bind_quantized`, which applies casts and
+# structural ops to its codes and scales, runs matmuls as `quant.qdot`
+# (dequantized at the matmul; the backward saves codes, not a dense weight)
+# and gathers rows of a quantized table. Anything else dequantizes the
+# weight for that use and says so (or raises under `strict=True`).
+
+_HIGHER_ORDER = frozenset({
+    "jit", "pjit", "closed_call", "core_call", "custom_jvp_call",
+    "custom_vjp_call", "custom_vjp_call_jaxpr", "remat2", "checkpoint",
+    "scan", "cond", "while",
+})
+_STRICT = contextvars.ContextVar("lorajax_lora_strict", default=False)
+
+
+def _dense_quantized(q: Any, op: str) -> jax.Array:
+  msg = quant_lib.dense_fallback_message(op, q)
+  if _STRICT.get():
+    raise LoraFallbackError(
+        msg + " `strict=True` forbids this: keep the weight dense (leave it"
+        " out of `lorajax.quantize`) or drop `strict=True`.")
+  warnings.warn(msg, LoraFallbackWarning, stacklevel=3)
+  return quant_lib.dequantize(q)
+
+
 def _bind(eqn, invals):
+  if any(quant_lib.is_quantized(x) for x in invals):
+    out = quant_lib.bind_quantized(eqn.primitive.name, eqn.primitive,
+                                   eqn.params, list(invals))
+    if out is not None:
+      return out
+    invals = [_dense_quantized(x, eqn.primitive.name)
+              if quant_lib.is_quantized(x) else x for x in invals]
   return _bind_params(eqn.primitive, invals, eqn.params)
 
 
@@ -633,7 +679,9 @@ def _is_dynamic(x: Any) -> bool:
 
 def _trace(fn, params, args, kwargs):
   """Traces `fn(params, *args, **kwargs)`; array leaves become inputs."""
-  p_leaves, p_def = jax.tree.flatten(params)
+  # [quantized bases] A QuantizedWeight is one leaf, traced as its dense
+  # shape and dtype.
+  p_leaves, p_def = jax.tree.flatten(params, is_leaf=quant_lib.is_quantized)
   ak_leaves, ak_def = jax.tree.flatten((args, kwargs))
   dyn_idx = [i for i, x in enumerate(ak_leaves) if _is_dynamic(x)]
 
@@ -645,7 +693,9 @@ def _trace(fn, params, args, kwargs):
     return fn(jax.tree.unflatten(p_def, p_leaves), *a, **kw)
 
   dyn = [ak_leaves[i] for i in dyn_idx]
-  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(p_leaves,
+  traced = [jax.ShapeDtypeStruct(x.shape, x.dtype)
+            if quant_lib.is_quantized(x) else x for x in p_leaves]
+  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(traced,
                                                                   dyn)
   return closed, out_shape, p_leaves, dyn
 
@@ -699,12 +749,17 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
       if isinstance(node, LoraWeight):
         tags.append(_from_node(sub, node, paths_lib.path_str(kp)))
       else:
-        tags.extend([None] * len(jax.tree.leaves(sub)))
+        tags.extend([None] * len(jax.tree.leaves(
+            sub, is_leaf=quant_lib.is_quantized)))
     closed, out_shape, p_leaves, dyn = _trace(fn, params, args, kwargs)
     inputs = [t if t is not None else w for t, w in zip(tags, p_leaves)]
     interp = _Interpreter(strict)
-    outs = interp.eval_closed(closed, [*inputs, *dyn])
-    outs = [interp.plain(o, "output") for o in outs]
+    token = _STRICT.set(strict)
+    try:
+      outs = interp.eval_closed(closed, [*inputs, *dyn])
+      outs = [interp.plain(o, "output") for o in outs]
+    finally:
+      _STRICT.reset(token)
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
   return wrapped
@@ -879,7 +934,7 @@ def infer_axes(fn: Callable[..., Any], params: PyTree, *args: Any,
     raise TypeError(
         "`config` must be a lorajax.LoraConfig (pass it by keyword:"
         f" `infer_axes(fn, params, *args, config=...)`); got {config!r}.")
-  flat = paths_lib.leaves_with_paths(params)
+  flat = paths_lib.leaves_with_paths(params, is_leaf=quant_lib.is_quantized)
   wanted = {}
   for path, leaf in flat:
     shape, dtype = tuple(leaf.shape), leaf.dtype
