@@ -10,6 +10,7 @@ from lorajax._src.core.factored import (
     infer_axes,
     lora,
 )
+from lorajax._src.core.loftq import loftq
 from lorajax._src.core.optim import decay_mask, lora_plus
 from lorajax._src.core.paths import path_str
 from lorajax._src.core.sharding import (
@@ -19,6 +20,8 @@ from lorajax._src.core.sharding import (
     init_sharded,
     make_train_step,
 )
+from lorajax._src.core.quant import QuantizedWeight, quantize
+from lorajax._src.core.quant import dequantize_tree as dequantize
 from lorajax._src.core.summary import Summary, summary
 
 __version__ = "0.1.0"
@@ -29,23 +32,27 @@ __all__ = (
     "LoraFallbackError",
     "LoraFallbackWarning",
     "LoraWeight",
+    "QuantizedWeight",
     "Summary",
     "TrainStep",
     "WeightPlan",
     "adapter_shardings",
     "decay_mask",
     "delta",
+    "dequantize",
     "global_batch",
     "infer_axes",
     "init",
     "init_sharded",
     "is_lora",
+    "loftq",
     "lora",
     "lora_plus",
     "make_train_step",
     "merge",
     "path_str",
     "peft",
+    "quantize",
     "summary",
     "unmerge",
 )

@@ -166,13 +166,23 @@ def _pos(axis: int, ndim: int) -> int:
 # -- dequantization -------------------------------------------------------------
 
 
-def _unpack4(codes: jax.Array, p: int, block: int) -> jax.Array:
-  """Packed nibbles (`d/2` along axis `p`) -> codes 0..15 as (.., nb, B, ..)."""
+def _unpack4(codes: jax.Array, p: int, block: int,
+             tie: jax.Array | None = None) -> jax.Array:
+  """Packed nibbles (`d/2` along axis `p`) -> codes 0..15 as (.., nb, B, ..).
+
+  With `tie`, the nibbles are split in float32 after adding `tie`, so the
+  unpacking depends on it (and is placed with the rest of the
+  dequantization); the result is then float32.
+  """
   shape = codes.shape
   nb = shape[p] * 2 // block
   c = codes.reshape(shape[:p] + (nb, block // 2) + shape[p + 1:])
-  lo = c & 0x0F
-  hi = c >> 4
+  if tie is None:
+    lo, hi = c & 0x0F, c >> 4
+  else:
+    cf = c.astype(jnp.float32) + tie
+    hi = jnp.floor(cf * (1 / 16))
+    lo = cf - 16 * hi
   return jnp.concatenate([lo, hi], axis=p + 1)
 
 
@@ -190,13 +200,16 @@ def block_scales(q: QuantizedWeight) -> jax.Array:
           + _group_expand(q.scale_offset, n))
 
 
-def dequantize(q: QuantizedWeight, dtype: Any = None) -> jax.Array:
+def dequantize(q: QuantizedWeight, dtype: Any = None, *,
+               tie: jax.Array | None = None) -> jax.Array:
   """The dense weight of `q`, computed blockwise.
 
   Args:
     q: A quantized weight.
     dtype: Result dtype; defaults to `q.dtype`. The block products run in
       this dtype, so a bfloat16 dequantization never forms float32 values.
+    tie: Optional float32 scalar (zero) added to the scales and the NF4
+      table: a data dependency that places the dequantization (see `qdot`).
 
   Returns:
     An array of `q.shape`.
@@ -206,13 +219,18 @@ def dequantize(q: QuantizedWeight, dtype: Any = None) -> jax.Array:
   shape = q.shape
   nb = shape[p] // q.block
   blocked = shape[:p] + (nb, q.block) + shape[p + 1:]
-  scale = jnp.expand_dims(block_scales(q).astype(dtype), p + 1)
+  scale = block_scales(q)
+  levels = jnp.asarray(NF4_LEVELS)
+  if tie is not None:
+    scale = scale + tie
+    levels = levels + tie
+  scale = jnp.expand_dims(scale.astype(dtype), p + 1)
   if q.format in _FOUR_BIT:
-    codes = _unpack4(q.codes, p, q.block)
+    codes = _unpack4(q.codes, p, q.block, tie)
   else:
     codes = q.codes.reshape(blocked)
   if q.format == "nf4":
-    vals = jnp.asarray(NF4_LEVELS, dtype)[codes]
+    vals = levels.astype(dtype)[codes.astype(jnp.int32)]
     out = vals * scale
   elif q.format == "q4_0":
     out = (codes.astype(dtype) - 8) * scale
@@ -513,15 +531,25 @@ def qdot(x: jax.Array, q: QuantizedWeight, *, dimension_numbers: Any,
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
 
+  # Each dequantization is tied to the activation that needs it (a zero
+  # times one of its elements, added to the block scales and the NF4 table;
+  # XLA does not fold `0.0 * v` for floats), so XLA neither hoists every
+  # layer's dequantization to the start of the program nor merges (CSE) the
+  # backward's dequantization with the forward's, which would keep every
+  # dense weight alive from the forward to the backward.
+  def tie(y):
+    v = lax.slice(y, (0,) * y.ndim, (1,) * y.ndim).reshape(())
+    return jnp.zeros((), jnp.float32) * v.astype(jnp.float32)
+
   @jax.custom_vjp
   def f(x, q):
-    return dot(x, dequantize(q))
+    return dot(x, dequantize(q, tie=tie(x)))
 
   def fwd(x, q):
-    return dot(x, dequantize(q)), q
+    return dot(x, dequantize(q, tie=tie(x))), q
 
   def bwd(q, g):
-    w = dequantize(q)
+    w = dequantize(q, tie=tie(g))
     (dx,) = jax.linear_transpose(lambda x: dot(x, w), x_aval)(g)
     zeros = jax.tree.map(
         lambda c: (np.zeros(c.shape, jax.dtypes.float0)

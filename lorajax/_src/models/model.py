@@ -152,7 +152,8 @@ def default_model_path() -> str:
 
 
 def from_pretrained(
-    path: str | os.PathLike, *, dtype: jax.typing.DTypeLike = jnp.float32
+    path: str | os.PathLike, *, dtype: jax.typing.DTypeLike = jnp.float32,
+    quantized: bool = False,
 ) -> tuple[LlamaModel, PyTree]:
   """Loads a Llama-family checkpoint: `(model, params)`.
 
@@ -164,6 +165,10 @@ def from_pretrained(
       file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors are dequantized at load;
       llama.cpp's q/k row permutation is undone).
     dtype: Storage dtype of the params and computation dtype of the model.
+    quantized: GGUF only: keep the file's Q4_0/Q4_1/Q8_0 matrices in their
+      blocks (`lorajax.QuantizedWeight` leaves, dequantized at each matmul by
+      `lorajax.lora`) instead of dequantizing them at load. For a float
+      checkpoint use `lorajax.quantize(params, "nf4")` after loading.
 
   Returns:
     The `LlamaModel` (with `.tokenizer`, or None if none was found) and the
@@ -187,9 +192,15 @@ def from_pretrained(
           f"{path!r} is a file but not a GGUF file (magic {magic!r}). Pass a"
           " .gguf file or the directory that holds config.json."
       )
-    config, params, fields = gguf_io.load_gguf(path, dtype=dtype)
+    config, params, fields = gguf_io.load_gguf(path, dtype=dtype,
+                                               quantized=bool(quantized))
     tokenizer = Tokenizer.from_gguf_fields(fields)
     return LlamaModel(config, tokenizer), params
+  if quantized:
+    raise ValueError(
+        f"`quantized=True` keeps a GGUF file's quantized blocks, but {path!r}"
+        " is a float checkpoint directory. Load it with `quantized=False`"
+        " and quantize it: `params = lorajax.quantize(params, 'nf4')`.")
   config = hf_io.load_config(path, dtype=dtype)
   gen = hf_io.read_json(os.path.join(path, "generation_config.json")) or {}
   gen_eos = gen.get("eos_token_id")
