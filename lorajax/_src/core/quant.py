@@ -230,7 +230,13 @@ def dequantize(q: QuantizedWeight, dtype: Any = None, *,
   else:
     codes = q.codes.reshape(blocked)
   if q.format == "nf4":
-    vals = levels.astype(dtype)[codes.astype(jnp.int32)]
+    # Elementwise lookup (16 selects, fused with the rest): unlike a gather
+    # from a table, it keeps the codes' sharding under explicit meshes.
+    lv = levels.astype(dtype)
+    vals = jnp.zeros(codes.shape, dtype)
+    for k in range(1, 16):
+      vals = jnp.where(codes == k, lv[k], vals)
+    vals = jnp.where(codes == 0, lv[0], vals)
     out = vals * scale
   elif q.format == "q4_0":
     out = (codes.astype(dtype) - 8) * scale
@@ -329,11 +335,15 @@ def _quantize_array(w, *, fmt, axis, double_quant, dtype):
     q = _nf4_codes(x / safe)
     scales = jnp.squeeze(absmax, p + 1)
   elif fmt == "q8_0":
+    # llama.cpp: d = absmax / 127, q = round-half-away(x / d) with the
+    # float32 d; d is then stored in float16.
     amax = jnp.max(jnp.abs(x), axis=p + 1, keepdims=True)
-    d = (amax / 127).astype(jnp.float16)
-    inv = jnp.where(d != 0, 1.0 / d.astype(jnp.float32), 0.0)
-    q = jnp.clip(jnp.round(x * inv), -127, 127).astype(jnp.int8)
-    scales = jnp.squeeze(d, p + 1)
+    d = amax / 127
+    inv = jnp.where(d != 0, 1.0 / d, 0.0)
+    v = x * inv
+    q = jnp.clip(jnp.sign(v) * jnp.floor(jnp.abs(v) + 0.5), -127, 127)
+    q = q.astype(jnp.int8)
+    scales = jnp.squeeze(d, p + 1).astype(jnp.float16)
   elif fmt == "q4_0":
     # llama.cpp: d = (value of largest magnitude) / -8, q = trunc(x/d + 8.5).
     idx = jnp.argmax(jnp.abs(x), axis=p + 1, keepdims=True)
@@ -537,19 +547,26 @@ def qdot(x: jax.Array, q: QuantizedWeight, *, dimension_numbers: Any,
   # layer's dequantization to the start of the program nor merges (CSE) the
   # backward's dequantization with the forward's, which would keep every
   # dense weight alive from the forward to the backward.
-  def tie(y):
+  # Under an explicit mesh, a sharded activation has no element to read
+  # without a collective; there an optimization barrier ties the two.
+  def deq(q, y):
+    spec = getattr(getattr(jax.typeof(y), "sharding", None), "spec", ())
+    if any(e is not None for e in (spec or ())):
+      q, _ = lax.optimization_barrier((q, y))
+      return dequantize(q)
     v = lax.slice(y, (0,) * y.ndim, (1,) * y.ndim).reshape(())
-    return jnp.zeros((), jnp.float32) * v.astype(jnp.float32)
+    return dequantize(q, tie=jnp.zeros((), jnp.float32)
+                      * v.astype(jnp.float32))
 
   @jax.custom_vjp
   def f(x, q):
-    return dot(x, dequantize(q, tie=tie(x)))
+    return dot(x, deq(q, x))
 
   def fwd(x, q):
-    return dot(x, dequantize(q, tie=tie(x))), q
+    return dot(x, deq(q, x)), q
 
   def bwd(q, g):
-    w = dequantize(q, tie=tie(g))
+    w = deq(q, g)
     (dx,) = jax.linear_transpose(lambda x: dot(x, w), x_aval)(g)
     zeros = jax.tree.map(
         lambda c: (np.zeros(c.shape, jax.dtypes.float0)
