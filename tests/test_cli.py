@@ -8,11 +8,9 @@ import sys
 import numpy as np
 import pytest
 import safetensors.numpy
-
-from lorajax._src.app import cli
-from lorajax._src.app import run_dir
-
 from _finetune_testing import write_reverse_data, write_tiny_model
+
+from lorajax._src.app import cli, run_dir
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -32,7 +30,8 @@ def _args(files, out, *extra, steps=8):
   return ["finetune", "--model", str(files["model"]), "--train",
           str(files["train"]), "--eval", str(files["eval"]),
           "--eval-examples", "4", "--max-new-tokens", "4", "--batch-size",
-          "4", "--lr", "2e-2", "--rank", "8", "--alpha", "8", "--steps", str(steps),
+          "4", "--lr", "2e-2", "--rank", "8", "--alpha", "8", "--steps",
+          str(steps),
           "--no-progress", "--output", str(out), *extra]
 
 
@@ -75,9 +74,9 @@ def test_finetune_end_to_end(files, tmp_path, capsys):
   base = safetensors.numpy.load_file(files["model"] / "model.safetensors")
   merged = safetensors.numpy.load_file(out / "merged/model.safetensors")
   key = "model.layers.0.self_attn.q_proj.weight"
-  a = tensors[f"base_model.model.model.layers.0.self_attn.q_proj.lora_A"
+  a = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A"
               ".weight"]
-  b = tensors[f"base_model.model.model.layers.0.self_attn.q_proj.lora_B"
+  b = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B"
               ".weight"]
   scale = cfg["lora_alpha"] / cfg["r"]
   np.testing.assert_allclose(merged[key], base[key] + scale * b @ a,
@@ -240,7 +239,8 @@ def test_failed_run_is_not_marked_complete(files, tmp_path, capsys):
   code = cli.main(args)
   err = capsys.readouterr().err
   assert code == 2
-  assert "Lower the learning rate" in err
+  assert "Lower the learning rate (`--lr`)" in err  # the flag, not the
+  assert "TrainConfig" not in err                   # library's argument
   assert (out / "config.json").exists()
   assert not (out / "run.json").exists()
 
@@ -256,3 +256,13 @@ def test_epochs_and_grad_accum(files, tmp_path):
   rows = [r for r in run_dir.read_metrics(out / "metrics.jsonl") if "loss" in r]
   assert len(rows) == 6
   assert all(r["padded"] % 8 == 0 for r in rows)  # 2 x 4 rows per step
+
+
+def test_without_the_finetune_extra_says_how_to_install(monkeypatch, capsys):
+  monkeypatch.setattr(cli, "FINETUNE_EXTRA", ("tqdm", "no_such_module_x"))
+  assert cli.main(["finetune", "--steps", "1"]) == 2
+  err = capsys.readouterr().err
+  assert "needs the `finetune` extra" in err
+  assert "no_such_module_x is not installed" in err
+  assert "pip install 'lorajax[finetune]'" in err
+  assert cli.missing_extras() == ["no_such_module_x"]

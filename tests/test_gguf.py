@@ -43,9 +43,9 @@ def test_dequantize_matches_gguf_reference(name):
 
 
 def test_dequantize_errors():
-  with pytest.raises(ValueError, match="ggml type 6.*Re-quantize"):
+  with pytest.raises(ValueError, match=r"ggml type 6.*Re-quantize"):
     gguf_io.dequantize(np.zeros(22, np.uint8), 6, (32,), "blk.0.attn_q.weight")
-  with pytest.raises(ValueError, match="'w'.*has 10 bytes; expected 34"):
+  with pytest.raises(ValueError, match=r"'w'.*has 10 bytes; expected 34"):
     gguf_io.dequantize(np.zeros(10, np.uint8), int(QT.Q8_0), (32,), "w")
 
 
@@ -331,7 +331,7 @@ def test_gguf_format_errors(tmp_path):
   fields, tensors = gguf_io.read_gguf(str(tmp_path / "c.gguf"))
   assert fields["general.architecture"] == "llama"
   assert tensors[0].name == "x" and tensors[0].shape == (32,)
-  with pytest.raises(ValueError, match="lacks the GGUF metadata key"
+  with pytest.raises(ValueError, match=r"lacks the GGUF metadata key"
                      " 'llama.embedding_length'"):
     llama.from_pretrained(tmp_path / "c.gguf")
 

@@ -3,6 +3,7 @@
 import json
 import os
 
+import _testing
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,13 +45,7 @@ def _adapted_logits(model, params, adapter, ids) -> dict[str, np.ndarray]:
   }
 
 
-def _nodes(adapter):
-  flat = lorajax.path_str
-  return {
-      flat(p): n for p, n in jax.tree_util.tree_flatten_with_path(
-          adapter, is_leaf=lambda x: x is None or lorajax.is_lora(x))[0]
-      if n is not None
-  }
+_nodes = _testing.nodes_by_path
 
 
 def _peft_model(rslora: bool, **kw):
@@ -177,7 +172,7 @@ def test_save_overwrite(base, tmp_path):
   adapter = lorajax.init(params, lorajax.LoraConfig(rank=2),
                          key=jax.random.key(0))
   lorajax.peft.save(tmp_path / "ad", adapter)
-  with pytest.raises(ValueError, match="exists and is not empty.*overwrite"):
+  with pytest.raises(ValueError, match=r"exists and is not empty.*overwrite"):
     lorajax.peft.save(tmp_path / "ad", adapter)
   lorajax.peft.save(tmp_path / "ad", adapter, overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ["ad"]
@@ -216,8 +211,7 @@ def test_name_map_for_other_layouts(base, tmp_path):
     np.testing.assert_array_equal(n.a, r.a)
     assert n.scale == r.scale
   # dict form, and save with a name map writes the HF names.
-  paths = [lorajax.path_str(kp) for kp, _ in
-           jax.tree_util.tree_flatten_with_path(custom)[0]]
+  paths = list(_testing.leaves_by_path(custom))
   table = {p: _hf_module(p) for p in paths if _hf_module(p)}
   ad = lorajax.peft.load(tmp_path / "ad", custom, name_map=table)
   lorajax.peft.save(tmp_path / "out", ad, name_map=table)
@@ -285,7 +279,7 @@ def test_load_rejects_tensors(saved):
   bad = dict(tensors)
   del bad[q + ".lora_B.weight"]
   save_file(bad, wpath)
-  with pytest.raises(ValueError, match="q_proj: lora_B.weight is missing"):
+  with pytest.raises(ValueError, match=r"q_proj: lora_B.weight is missing"):
     lorajax.peft.load(directory, params)
   bad = dict(tensors)
   bad[q + ".lora_A.weight"] = np.zeros((2, 32), np.float32)
@@ -310,10 +304,10 @@ def test_load_rejects_tensors(saved):
     lorajax.peft.load(directory, params)
   os.remove(wpath)
   (open(os.path.join(directory, "adapter_model.bin"), "wb")).close()
-  with pytest.raises(ValueError, match="adapter_model.bin, a pickle"):
+  with pytest.raises(ValueError, match=r"adapter_model.bin, a pickle"):
     lorajax.peft.load(directory, params)
   os.remove(os.path.join(directory, "adapter_config.json"))
-  with pytest.raises(ValueError, match="has no adapter_config.json"):
+  with pytest.raises(ValueError, match=r"has no adapter_config.json"):
     lorajax.peft.load(directory, params)
 
 
@@ -334,7 +328,7 @@ def test_save_errors(base, tmp_path):
   stacked = {"layers": {"kernel": jnp.zeros((2, 8, 8))}}
   ad = lorajax.init(stacked, lorajax.LoraConfig(rank=2, axes={".*": "sio"}),
                     key=jax.random.key(0))
-  with pytest.raises(ValueError, match="stacked adapter.*Unstack"):
+  with pytest.raises(ValueError, match=r"stacked adapter.*Unstack"):
     lorajax.peft.save(tmp_path / "a", ad)
   odd = {"layer": {"proj": jnp.zeros((8, 8))}}
   ad = lorajax.init(odd, lorajax.LoraConfig(rank=2, targets="layer/proj"),

@@ -13,7 +13,11 @@ Example:
 
 from lorajax._src.models.hf_io import save_pretrained
 from lorajax._src.models.llama import LlamaConfig, init_params
-from lorajax._src.models.model import LlamaModel, default_model_path, from_pretrained
+from lorajax._src.models.model import (
+    LlamaModel,
+    default_model_path,
+    from_pretrained,
+)
 from lorajax._src.models.tokenizer import Tokenizer
 
 __all__ = (

@@ -21,6 +21,20 @@ class CliError(Exception):
   """A user-facing error: printed as one paragraph, exit status 2."""
 
 
+# Library errors name the argument; the command line names its flag.
+_FLAG_OF_ARGUMENT = {"`TrainConfig.learning_rate`": "`--lr`"}
+
+# What `lorajax[finetune]` adds to the core (the models extra included).
+FINETUNE_EXTRA = ("gguf", "tokenizers", "jinja2", "tqdm", "matplotlib")
+
+
+def missing_extras() -> list[str]:
+  """The modules of the `finetune` extra that cannot be imported."""
+  import importlib.util  # noqa: PLC0415
+
+  return [m for m in FINETUNE_EXTRA if importlib.util.find_spec(m) is None]
+
+
 def _data_path(name: str) -> pathlib.Path:
   return pathlib.Path(
       str(importlib.resources.files("lorajax") / "data" / name))
@@ -215,6 +229,7 @@ def _context_length(model: Any) -> int | None:
 
 
 def _resolve_data(args) -> tuple[pathlib.Path, pathlib.Path | None]:
+  ev: pathlib.Path | None
   if args.train is None:
     train = _data_path(DEFAULT_TRAIN)
     ev = pathlib.Path(args.eval) if args.eval else _data_path(DEFAULT_EVAL)
@@ -292,7 +307,8 @@ def _check_targets(lora: Any, params: Any, targets: str) -> None:
              if getattr(x, "ndim", 0) == 2]
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
     raise CliError(
-        f"--targets {targets!r} matches no weight of the model. The model's 2-D weights have paths like {shown}. Pass a"
+        f"--targets {targets!r} matches no weight of the model. The model's"
+        f" 2-D weights have paths like {shown}. Pass a"
         " regex that fullmatches such paths (e.g."
         " 'model/layers/.*/self_attn/(q|v)_proj/kernel') or a preset:"
         " 'all-linear', 'attention', 'mlp'."
@@ -503,7 +519,7 @@ def _run_finetune(args) -> int:
       "wall_seconds": time.perf_counter() - t_start,
       "adapter": str(out / "adapter"),
       "merged": str(out / "merged") if args.merged_weights else None,
-      "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      "finished": datetime.datetime.now(datetime.UTC).isoformat(),
   }
   run_dir.write_json_atomic(out / run_dir.DONE_FILE, summary)
   print(
@@ -556,19 +572,19 @@ def _run_generate(args) -> int:
           f"The adapter in {str(adapter_dir)!r} does not fit the model: {e}"
       ) from None
   records = []
-  for p in args.prompt:
+  for prompt in args.prompt:
     msgs = []
     if args.system:
       msgs.append(("system", args.system))
-    msgs += [("user", p), ("assistant", "")]
+    msgs += [("user", prompt), ("assistant", "")]
     records.append(data_lib.Record(tuple(msgs), "--prompt"))
   answers = ft.generate_answers(model, params, adapter, records,
                                 max_new_tokens=args.max_new_tokens,
                                 batch_size=len(records))
-  for p, a in zip(args.prompt, answers):
+  for prompt, answer in zip(args.prompt, answers):
     if len(records) > 1:
-      print(f"> {p}")
-    print(a, flush=True)
+      print(f"> {prompt}")
+    print(answer, flush=True)
   return 0
 
 
@@ -584,6 +600,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   """
   args = build_parser().parse_args(argv)
   debug = os.environ.get("LORAJAX_DEBUG") == "1"
+  missing = missing_extras()
+  if missing:
+    _eprint(
+        f"lorajax {args.command}: error: the command line needs the"
+        f" `finetune` extra, and {', '.join(missing)} is not installed."
+        " Install it with: pip install 'lorajax[finetune]'"
+    )
+    return 2
   try:
     if args.command == "finetune":
       return _run_finetune(args)
@@ -596,6 +620,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if debug:
       raise
     msg = " ".join(str(e).split()) if isinstance(e, CliError) else str(e)
+    for arg, flag in _FLAG_OF_ARGUMENT.items():  # Library names -> flags.
+      msg = msg.replace(arg, flag)
     _eprint(f"lorajax {args.command}: error: {msg}")
     return 2
 

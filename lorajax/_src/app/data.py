@@ -184,7 +184,8 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
                   _FORMAT_HELP) from None
     records.append(_parse_record(obj, source))
   if not records:
-    raise DataError(f"Data file {str(path)!r} holds no examples. {_FORMAT_HELP}")
+    raise DataError(
+        f"Data file {str(path)!r} holds no examples. {_FORMAT_HELP}")
   return records
 
 

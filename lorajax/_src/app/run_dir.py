@@ -22,8 +22,6 @@ from typing import Any
 
 import numpy as np
 
-PyTree = Any
-
 DONE_FILE = "run.json"
 
 
@@ -69,13 +67,10 @@ def checkpoint_manager(directory: pathlib.Path, config: Any):
 
 def latest_step(directory: pathlib.Path) -> int | None:
   """The newest checkpoint step in `directory`, or None."""
-  if not directory.is_dir():
-    return None
-  from lorajax._src.core.config import LoraConfig  # noqa: PLC0415
+  from lorajax._src.core.checkpoint import CheckpointManager  # noqa: PLC0415
 
-  # Listing steps does not depend on the LoRA config.
-  with checkpoint_manager(directory, LoraConfig()) as mngr:
-    return mngr.latest_step()
+  steps = CheckpointManager.saved_steps(directory)
+  return steps[-1] if steps else None
 
 
 def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:

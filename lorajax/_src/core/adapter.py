@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import warnings
 import zlib
 from typing import Any
 
@@ -11,39 +12,68 @@ import jax.numpy as jnp
 from lorajax._src.core import paths as paths_lib
 from lorajax._src.core import quant as quant_lib
 from lorajax._src.core.config import LoraConfig, WeightPlan, check_axes
-
-PyTree = Any
+from lorajax._src.core.typing import Array, Float, PRNGKeyArray, PyTree
 
 _LETTERS = "abcdefghijklmnopqstuvwxyz"  # no 'r': it names the rank axis.
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class LoraWeight:
   """The low-rank update `scale * a @ b` of one weight.
 
   `a` and `b` are the only pytree children, so `jax.grad`, optax and orbax see
-  just them; `scale`, `alpha` and `axes` are static metadata.
+  just them; `alpha`, `axes` and `rslora` are static metadata, and `scale` is
+  derived from them: `alpha / rank`, or `alpha / sqrt(rank)` with `rslora`.
 
   Attributes:
     a: Shape `(*stack, *in, rank)`: stack and input axes in weight order.
     b: Shape `(*stack, rank, *out)`: stack and output axes in weight order.
-    scale: Multiplier of `a @ b` (`alpha / rank`, or `alpha / sqrt(rank)`).
+    alpha: The LoRA alpha.
     axes: One letter per weight axis: `s` stacked, `i` input, `o` output.
-    alpha: The LoRA alpha the scale came from (kept for exports).
+    rslora: Scale by `alpha / sqrt(rank)` (rsLoRA, Kalajdzievski 2023)
+      instead of `alpha / rank`.
   """
 
   a: jax.Array
   b: jax.Array
-  scale: float = dataclasses.field(metadata=dict(static=True))
+  alpha: float = dataclasses.field(metadata=dict(static=True))
   axes: str = dataclasses.field(default="io", metadata=dict(static=True))
-  alpha: float | None = dataclasses.field(
-      default=None, metadata=dict(static=True)
-  )
+  rslora: bool = dataclasses.field(default=False,
+                                   metadata=dict(static=True))
+
+  def __init__(self, a: Any, b: Any, alpha: float | None = None,
+               axes: str = "io", rslora: bool = False, *,
+               scale: float | None = None):
+    if scale is not None:
+      # Deprecated: before 0.2 the scale was stored; derive alpha from it.
+      warnings.warn(
+          "`LoraWeight(scale=...)` is deprecated and will be removed in"
+          " lorajax 0.2.0; pass `alpha=` (and `rslora=True` for alpha /"
+          " sqrt(rank)): the scale is derived from them.",
+          DeprecationWarning, stacklevel=2)
+      if alpha is None:
+        rank = a.shape[-1]
+        alpha = scale * (math.sqrt(rank) if rslora else rank)
+    if alpha is None:
+      raise TypeError("`LoraWeight` needs `alpha` (the scale is"
+                      " alpha / rank, or alpha / sqrt(rank) with rslora).")
+    set_ = object.__setattr__
+    set_(self, "a", a)
+    set_(self, "b", b)
+    set_(self, "alpha", float(alpha))
+    set_(self, "axes", axes)
+    set_(self, "rslora", bool(rslora))
 
   @property
   def rank(self) -> int:
     return self.a.shape[-1]
+
+  @property
+  def scale(self) -> float:
+    """`alpha / rank`, or `alpha / sqrt(rank)` with `rslora`."""
+    rank = self.rank
+    return self.alpha / (math.sqrt(rank) if self.rslora else rank)
 
   @property
   def weight_shape(self) -> tuple[int, ...]:
@@ -78,7 +108,8 @@ def _einsum_specs(axes: str) -> tuple[str, str, str]:
   return f"{s}{i}r", f"{s}r{o}", "".join(names)
 
 
-def delta(node: LoraWeight, dtype: Any = jnp.float32) -> jax.Array:
+def delta(node: LoraWeight,
+          dtype: Any = jnp.float32) -> Float[Array, "*weight"]:
   """The dense update `scale * (a contracted with b)`, in weight axis order.
 
   Args:
@@ -98,8 +129,9 @@ def delta(node: LoraWeight, dtype: Any = jnp.float32) -> jax.Array:
   return (node.scale * d).astype(dtype)
 
 
-def _init_one(plan: WeightPlan, config: LoraConfig, key: jax.Array):
-  dtype = jnp.dtype(config.dtype)
+def _init_one(plan: WeightPlan, config: LoraConfig,
+              key: PRNGKeyArray) -> LoraWeight:
+  dtype = jnp.dtype(config.param_dtype)
   d_in = math.prod(plan.in_shape)
   if config.init == "lora":
     bound = 1.0 / math.sqrt(d_in)
@@ -110,12 +142,12 @@ def _init_one(plan: WeightPlan, config: LoraConfig, key: jax.Array):
     a = jax.random.normal(key, plan.a_shape, dtype=jnp.float32) / plan.rank
   b = jnp.zeros(plan.b_shape, dtype)
   return LoraWeight(
-      a=a.astype(dtype), b=b, scale=plan.scale, axes=plan.axes,
-      alpha=plan.alpha,
+      a=a.astype(dtype), b=b, alpha=plan.alpha, axes=plan.axes,
+      rslora=config.use_rslora,
   )
 
 
-def _path_key(key: jax.Array, path: str) -> jax.Array:
+def _path_key(key: PRNGKeyArray, path: str) -> PRNGKeyArray:
   # A key per weight from its path, so adding or removing a target leaves
   # every other weight's initialisation unchanged.
   return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
@@ -190,24 +222,29 @@ def check_fit(params: PyTree, adapter: PyTree) -> None:
           f"{path!r}: expected a LoraWeight or None; got {type(node)}."
       )
       continue
-    shape = tuple(getattr(w, "shape", ()))
-    try:
-      check_axes(node.axes, shape, path)
-    except ValueError as e:
-      errors.append(str(e))
-      continue
-    if node.a.ndim != node.axes.count("s") + node.axes.count("i") + 1 or (
-        node.b.ndim != node.axes.count("s") + node.axes.count("o") + 1
-    ) or node.weight_shape != shape or node.a.shape[-1] != node.b.shape[
-        node.axes.count("s")]:
-      errors.append(
-          f"{path!r}: weight shape {shape} with axes {node.axes!r} does not"
-          f" fit adapter a{tuple(node.a.shape)} b{tuple(node.b.shape)}."
-          " Re-create the adapter for these params."
-      )
+    errors += check_node(node, tuple(getattr(w, "shape", ())), path)
   if errors:
     raise ValueError("The adapter does not fit the params:\n- "
                      + "\n- ".join(errors))
+
+
+def check_node(node: LoraWeight, shape: tuple[int, ...], path: str
+               ) -> list[str]:
+  """Problems fitting one `LoraWeight` to a weight of `shape` at `path`."""
+  try:
+    check_axes(node.axes, shape, path)
+  except ValueError as e:
+    return [str(e)]
+  if node.a.ndim != node.axes.count("s") + node.axes.count("i") + 1 or (
+      node.b.ndim != node.axes.count("s") + node.axes.count("o") + 1
+  ) or node.weight_shape != shape or node.a.shape[-1] != node.b.shape[
+      node.axes.count("s")]:
+    return [
+        f"{path!r}: weight shape {shape} with axes {node.axes!r} does not"
+        f" fit adapter a{tuple(node.a.shape)} b{tuple(node.b.shape)}."
+        " Re-create the adapter for these params."
+    ]
+  return []
 
 
 def _is_weight_node(x: Any) -> bool:
@@ -217,7 +254,8 @@ def _is_weight_node(x: Any) -> bool:
 def _apply(params: PyTree, adapter: PyTree, sign: float) -> PyTree:
   check_fit(params, adapter)
 
-  def one(node, w):
+  def one(node: LoraWeight | None, w: Any) -> Any:
+    # `w` is an array, or a quantized / merged-quantized weight node.
     if node is None and not (quant_lib.is_quantized(w)
                              or quant_lib.is_merged(w)):
       return w

@@ -27,10 +27,10 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight
+from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
-
-PyTree = Any
+from lorajax._src.core.typing import PyTree
 
 _FORMAT = "lorajax-checkpoint"
 _VERSION = 1
@@ -60,6 +60,7 @@ def _adapter_nodes(adapter: PyTree, what: str) -> list[tuple[str, LoraWeight]]:
 def _weight_meta(path: str, n: LoraWeight) -> dict[str, Any]:
   return {
       "path": path, "axes": n.axes, "scale": n.scale, "alpha": n.alpha,
+      "rslora": n.rslora,
       "a": list(n.a.shape), "b": list(n.b.shape),
       "dtype": np.dtype(n.a.dtype).name,
   }
@@ -107,7 +108,7 @@ def _checksums(leaves: list[jax.Array]) -> list[int]:
   """One checksum per array, computed where the arrays live."""
   if not leaves:
     return []
-  kw = {}
+  kw: dict[str, Any] = {}
   mesh = next((getattr(x.sharding, "mesh", None) for x in leaves
                if isinstance(getattr(x, "sharding", None), NamedSharding)),
               None)
@@ -161,8 +162,8 @@ class CheckpointManager:
   Example:
     >>> with lorajax.CheckpointManager(path, config, max_to_keep=3) as mgr:
     ...   for step in range(n):
-    ...     adapter, opt_state, loss = train.step(params, adapter, opt_state,
-    ...                                           batch)
+    ...     adapter, opt_state, metrics = train.step(params, adapter,
+    ...                                              opt_state, batch)
     ...     mgr.save(step + 1, adapter, opt_state)
     >>> # later, on any mesh: templates give shapes and target shardings
     >>> adapter, opt_state, step = mgr.restore(adapter=adapter0,
@@ -205,7 +206,12 @@ class CheckpointManager:
         item_names=("state", "meta"),
     )
     ref = weakref.ref(self)
-    self._atexit = lambda: (m := ref()) is not None and m.close()
+
+    def finish_at_exit() -> None:
+      if (m := ref()) is not None:
+        m.close()
+
+    self._atexit = finish_at_exit
     # Finish pending saves at exit. This must run before Python's thread
     # pools refuse new work (they stop at the threading-shutdown hooks, which
     # run before `atexit`), so it is registered as such a hook where the
@@ -240,6 +246,30 @@ class CheckpointManager:
     return self._mgr
 
   # Queries.
+  @staticmethod
+  def saved_steps(directory: str | os.PathLike) -> list[int]:
+    """The finished saves in `directory`, oldest first, without a manager.
+
+    Reads the directory only (no `LoraConfig` needed, nothing written), e.g.
+    to decide whether a run can resume.
+
+    Args:
+      directory: A checkpoint directory (missing: no steps).
+
+    Returns:
+      The saved steps, oldest first.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+      return []
+    mgr = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=("state", "meta"))
+    try:
+      return sorted(mgr.all_steps())
+    finally:
+      mgr.close()
+
   def all_steps(self) -> list[int]:
     """The saved steps (finished saves only), oldest first."""
     return sorted(self._live().all_steps())
@@ -449,12 +479,11 @@ class CheckpointManager:
         str(i): {"a": _abstract_leaf(n.a, f"{p!r}.a"),
                  "b": _abstract_leaf(n.b, f"{p!r}.b")}
         for i, (p, n) in enumerate(nodes)}}
-    if meta["opt_state"]:
-      if opt_state is not None:
-        flat, _ = jax.tree_util.tree_flatten_with_path(opt_state)
-        target["opt_state"] = {
-            str(i): _abstract_leaf(x, jax.tree_util.keystr(p))
-            for i, (p, x) in enumerate(flat)}
+    if meta["opt_state"] and opt_state is not None:
+      flat, _ = jax.tree_util.tree_flatten_with_path(opt_state)
+      target["opt_state"] = {
+          str(i): _abstract_leaf(x, jax.tree_util.keystr(p))
+          for i, (p, x) in enumerate(flat)}
     try:
       state = self._live().restore(
           step,
@@ -481,8 +510,8 @@ class CheckpointManager:
         out.append(None)
         continue
       arrs = state["adapter"][str(next(it))]
-      out.append(LoraWeight(a=arrs["a"], b=arrs["b"], scale=n.scale,
-                            axes=n.axes, alpha=n.alpha))
+      out.append(LoraWeight(a=arrs["a"], b=arrs["b"], alpha=n.alpha,
+                            axes=n.axes, rslora=n.rslora))
     new_adapter = jax.tree_util.tree_unflatten(a_def, out)
     new_opt = None
     if opt_state is not None:

