@@ -19,6 +19,7 @@ from lorajax._src.core.loftq import loftq
 from lorajax._src.core.quant import (
     FORMATS,
     MergedWeight,
+    QuantizationWarning,
     QuantizedWeight,
     is_quantized,
     quantize,
@@ -28,6 +29,7 @@ from lorajax._src.core.quant import dequantize_tree as dequantize
 __all__ = (
     "FORMATS",
     "MergedWeight",
+    "QuantizationWarning",
     "QuantizedWeight",
     "dequantize",
     "is_quantized",

@@ -15,20 +15,25 @@ import lorajax.finetune
 import lorajax.models.llama
 import lorajax.optim
 import lorajax.peft
+import lorajax.quant
 import lorajax.sharding
 
 CORE = {
     "CheckpointManager", "CorruptCheckpointError", "LoraConfig",
     "LoraFallbackError", "LoraFallbackWarning", "LoraWeight", "TrainStep",
     "adapter_shardings", "delta", "init", "init_sharded", "is_lora",
-    "is_node", "lora", "make_train_step", "merge", "summary", "unmerge",
+    "is_node", "lora", "make_train_step", "merge", "quantize", "summary",
+    "unmerge",
     # Public submodules.
-    "optim", "peft", "sharding",
+    "optim", "peft", "quant", "sharding",
 }
 
 SUBMODULES = {
     lorajax.optim: {"decay_mask", "lora_plus"},
     lorajax.peft: {"load", "save"},
+    lorajax.quant: {"FORMATS", "MergedWeight", "QuantizationWarning",
+                    "QuantizedWeight",
+                    "dequantize", "is_quantized", "loftq", "quantize"},
     lorajax.sharding: {"adapter_shardings", "global_batch", "infer_axes",
                        "init_sharded"},
     lorajax.models.llama: {"LlamaConfig", "LlamaModel", "Tokenizer",

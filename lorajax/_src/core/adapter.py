@@ -253,6 +253,17 @@ def _is_weight_node(x: Any) -> bool:
 
 def _apply(params: PyTree, adapter: PyTree, sign: float) -> PyTree:
   check_fit(params, adapter)
+  if sign > 0:
+    n = sum(1 for x in jax.tree.leaves(params, is_leaf=_is_weight_node)
+            if quant_lib.is_quantized(x))
+    if n:
+      warnings.warn(
+          f"lorajax.merge: {n} quantized base weights are dequantized into a"
+          " dense merged model (materialised in their compute dtype). The"
+          " quantized base is kept, so `lorajax.unmerge` returns it bit for"
+          " bit. To train or generate without a dense copy, run"
+          " `lorajax.lora(fn)` on the quantized params instead.",
+          quant_lib.QuantizationWarning, stacklevel=3)
 
   def one(node: LoraWeight | None, w: Any) -> Any:
     # `w` is an array, or a quantized / merged-quantized weight node.

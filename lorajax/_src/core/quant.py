@@ -79,7 +79,7 @@ NF4_LEVELS = _nf4_levels()
 
 
 class QuantizationWarning(UserWarning):
-  """A quantized weight was dequantized to a dense array for one use."""
+  """Quantized base weights were dequantized into a dense model (`merge`)."""
 
 
 @jax.tree_util.register_dataclass
