@@ -399,3 +399,52 @@ def test_bfloat16_compute_dequantizes_in_bfloat16():
     warnings.simplefilter("error")
     y = quant.qdot(x, q, dimension_numbers=DN)
   assert y.dtype == jnp.bfloat16
+
+
+# -- the main job ----------------------------------------------------------------
+
+
+def test_finetune_cli_trains_on_an_int8_base(tmp_path, capsys):
+  import json
+
+  import safetensors.numpy
+  from _finetune_testing import write_reverse_data, write_tiny_model
+
+  from lorajax._src.app import cli, run_dir
+
+  model = write_tiny_model(tmp_path / "model")
+  write_reverse_data(tmp_path / "train.jsonl", 16, seed=0)
+  write_reverse_data(tmp_path / "eval.jsonl", 2, seed=1)
+  out = tmp_path / "run"
+  args = ["finetune", "--model", str(model), "--train",
+          str(tmp_path / "train.jsonl"), "--eval",
+          str(tmp_path / "eval.jsonl"), "--eval-examples", "2",
+          "--max-new-tokens", "3", "--batch-size", "4", "--lr", "2e-2",
+          "--rank", "4", "--alpha", "4", "--steps", "6", "--no-progress",
+          "--quantize", "int8", "--output", str(out)]
+  with pytest.warns(lorajax.quant.QuantizationWarning):  # merged export
+    assert cli.main(args + ["--merged-weights"]) == 0
+  assert json.loads((out / "config.json").read_text())["quantize"] == "int8"
+  losses = [r["loss"] for r in run_dir.read_metrics(out / "metrics.jsonl")
+            if "loss" in r]
+  assert losses[-1] < losses[0]
+  # The merged export is the int8 base, dequantized, plus the adapter.
+  base = safetensors.numpy.load_file(model / "model.safetensors")
+  merged = safetensors.numpy.load_file(out / "merged/model.safetensors")
+  ad = safetensors.numpy.load_file(out / "adapter/adapter_model.safetensors")
+  key = "model.layers.0.mlp.up_proj.weight"  # (out, in)
+  w = base[key]
+  scale = np.abs(w).max(axis=1, keepdims=True) / 127  # per output channel
+  w_int8 = np.clip(np.round(w / scale), -127, 127) * scale
+  pre = "base_model.model.model.layers.0.mlp.up_proj"
+  delta = ad[pre + ".lora_B.weight"] @ ad[pre + ".lora_A.weight"]
+  np.testing.assert_allclose(merged[key], w_int8 + delta, atol=1e-5)
+  assert np.abs(merged[key] - w - delta).max() > 1e-6  # really quantized
+  for extra, match in ((["--quantize", "gguf"], "is a directory"),
+                       (["--quantize", "int8", "--mode", "merged"],
+                        "Drop --mode merged")):
+    args = ["finetune", "--model", str(model), "--train",
+            str(tmp_path / "train.jsonl"), "--steps", "1",
+            "--output", str(tmp_path / f"bad{len(extra)}"), *extra]
+    assert cli.main(args) != 0
+    assert match in capsys.readouterr().err

@@ -225,7 +225,7 @@ def _load_model(path: str | None, quantize: str = "none"):
     if quantize in ("nf4", "int8"):
       import lorajax  # noqa: PLC0415
 
-      params = lorajax.quantize(params, quantize)
+      params = lorajax.quantize(params, quantize, min_size=0)
   except Exception as e:  # noqa: BLE001
     raise CliError(
         f"Could not load the model from {str(p)!r}: {type(e).__name__}: {e}"
