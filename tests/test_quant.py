@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import lorajax
 from lorajax._src.core import quant
@@ -81,7 +82,7 @@ BOUND = {  # max |w - dequantize(quantize(w))| / (per-block absmax)
 
 @pytest.mark.parametrize(
     "fmt,dq", [(f, False) for f in sorted(BOUND)] + [("nf4", True)],
-    ids=sorted(BOUND) + ["nf4-dq"])
+    ids=[*sorted(BOUND), "nf4-dq"])
 def test_round_trip_error_bounds(fmt, dq):
   w = _w((256, 40), seed=2) * (1 + jnp.arange(40) / 10)  # varied channels
   q = quant.quantize_array(w, fmt, double_quant=dq)
@@ -118,7 +119,7 @@ def test_quantize_per_regex_and_errors():
   assert q["emb"]["embedding"].axis == -1  # tables: blocks along features
   assert q["b"]["kernel"] is params["b"]["kernel"]
   assert q["n"]["scale"] is params["n"]["scale"]
-  with pytest.raises(ValueError, match="'a/kernel'.*not a multiple of 'nf4'"):
+  with pytest.raises(ValueError, match=r"'a/kernel'.*not a multiple of 'nf4'"):
     lorajax.quantize({"a": {"kernel": _w((96, 64))}}, "nf4", min_size=0)
   with pytest.raises(ValueError, match="fullmatch no leaf"):
     lorajax.quantize(params, {"zzz": "nf4"})
@@ -141,7 +142,7 @@ def test_qdot_gradient_saves_codes_not_a_dense_weight():
   np.testing.assert_allclose(vjp(g)[0], g @ w.T, rtol=1e-5, atol=1e-5)
 
 
-# -- lorajax.lora on a quantized base --------------------------------------------
+# -- lorajax.lora on a quantized base ------------------------------------------
 
 CFG = llama.LlamaConfig(
     vocab_size=128, hidden_size=64, intermediate_size=128,
@@ -219,7 +220,7 @@ def test_unsupported_use_materialises_and_says_so():
     out = lorajax.lora(fn)(q, ad, 1.0)
   np.testing.assert_allclose(out, jnp.sum(jnp.exp(quant.dequantize(q["w"]))),
                              rtol=1e-5)
-  with pytest.raises(lorajax.LoraFallbackError, match="'w'.*exp.*strict"):
+  with pytest.raises(lorajax.LoraFallbackError, match=r"'w'.*exp.*strict"):
     lorajax.lora(fn, strict=True)(q, ad, 1.0)
 
 
@@ -401,7 +402,7 @@ def test_bfloat16_compute_dequantizes_in_bfloat16():
   assert y.dtype == jnp.bfloat16
 
 
-# -- the main job ----------------------------------------------------------------
+# -- the main job -------------------------------------------------------------
 
 
 def test_finetune_cli_trains_on_an_int8_base(tmp_path, capsys):
@@ -423,7 +424,7 @@ def test_finetune_cli_trains_on_an_int8_base(tmp_path, capsys):
           "--rank", "4", "--alpha", "4", "--steps", "6", "--no-progress",
           "--quantize", "int8", "--output", str(out)]
   with pytest.warns(lorajax.quant.QuantizationWarning):  # merged export
-    assert cli.main(args + ["--merged-weights"]) == 0
+    assert cli.main([*args, "--merged-weights"]) == 0
   assert json.loads((out / "config.json").read_text())["quantize"] == "int8"
   losses = [r["loss"] for r in run_dir.read_metrics(out / "metrics.jsonl")
             if "loss" in r]

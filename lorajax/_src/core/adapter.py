@@ -288,6 +288,8 @@ def _apply(params: PyTree, adapter: PyTree, sign: float) -> PyTree:
             "`merge` got an already merged quantized weight (shape"
             f" {w.shape}); merge into the quantized base instead.")
       return w.base
+    if node is None:
+      return w
     return (w.astype(jnp.float32) + sign * delta(node)).astype(w.dtype)
 
   # The adapter is a prefix of params: mapping over it visits every weight.

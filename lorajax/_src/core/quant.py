@@ -17,7 +17,8 @@ Formats (blocks run along `axis`; `B` values per block):
 | format | codes | per block | value |
 |---|---|---|---|
 | `nf4`  | 4-bit, 2 per byte | float32 absmax (B = 64) | `NF4[q] * absmax` |
-| `nf4` + `double_quant` | as `nf4` | int8 absmax code, float32 scale and offset per 256 absmaxes | as `nf4` |
+| `nf4` + `double_quant` | as `nf4` | int8 absmax codes; per 256 of them |
+|   |   | a float32 scale and offset | as `nf4` |
 | `int8` | int8 | float32 absmax / 127 per output channel | `q * scale` |
 | `q8_0` | int8 | float16 `d` (B = 32) | `q * d` |
 | `q4_0` | 4-bit | float16 `d` (B = 32) | `(q - 8) * d` |
@@ -40,8 +41,7 @@ import dataclasses
 import functools
 import re
 import statistics
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -126,7 +126,7 @@ class QuantizedWeight(LazyBase):
     object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
 
   @property
-  def shape(self) -> tuple[int, ...]:
+  def shape(self) -> tuple[int, ...]:  # type: ignore[override]
     """The dense weight's shape."""
     s = list(self.codes.shape)
     if self.format in _FOUR_BIT:
@@ -192,7 +192,7 @@ def _pos(axis: int, ndim: int) -> int:
   return axis % ndim
 
 
-# -- dequantization -------------------------------------------------------------
+# -- dequantization ------------------------------------------------------------
 
 
 def _unpack4(codes: jax.Array, p: int, block: int,
@@ -205,7 +205,7 @@ def _unpack4(codes: jax.Array, p: int, block: int,
   """
   shape = codes.shape
   nb = shape[p] * 2 // block
-  c = codes.reshape(shape[:p] + (nb, block // 2) + shape[p + 1:])
+  c = codes.reshape((*shape[:p], nb, block // 2, *shape[p + 1:]))
   if tie is None:
     lo, hi = c & 0x0F, c >> 4
   else:
@@ -225,8 +225,10 @@ def block_scales(q: QuantizedWeight) -> jax.Array:
   if not q.double_quant:
     return q.scales.astype(jnp.float32)
   n = q.scales.shape[-1]
-  return (q.scales.astype(jnp.float32) * _group_expand(q.scale_scales, n)
-          + _group_expand(q.scale_offset, n))
+  ss, so = q.scale_scales, q.scale_offset
+  assert ss is not None and so is not None  # double_quant sets both
+  return (q.scales.astype(jnp.float32) * _group_expand(ss, n)
+          + _group_expand(so, n))
 
 
 def dequantize(q: QuantizedWeight, dtype: Any = None, *,
@@ -247,7 +249,7 @@ def dequantize(q: QuantizedWeight, dtype: Any = None, *,
   p = _pos(q.axis, q.ndim)
   shape = q.shape
   nb = shape[p] // q.block
-  blocked = shape[:p] + (nb, q.block) + shape[p + 1:]
+  blocked = (*shape[:p], nb, q.block, *shape[p + 1:])
   scale = block_scales(q)
   levels = jnp.asarray(NF4_LEVELS)
   if tie is not None:
@@ -270,7 +272,9 @@ def dequantize(q: QuantizedWeight, dtype: Any = None, *,
   elif q.format == "q4_0":
     out = (codes.astype(dtype) - 8) * scale
   elif q.format == "q4_1":
-    m = jnp.expand_dims(q.mins.astype(dtype), p + 1)
+    mins = q.mins
+    assert mins is not None  # q4_1 always has them
+    m = jnp.expand_dims(mins.astype(dtype), p + 1)
     out = codes.astype(dtype) * scale + m
   else:  # int8, q8_0
     out = codes.astype(dtype) * scale
@@ -300,12 +304,12 @@ def dequantize_tree(tree: PyTree, dtype: Any = None) -> PyTree:
           x, MergedWeight))
 
 
-# -- quantization ---------------------------------------------------------------
+# -- quantization --------------------------------------------------------------
 
 
 def _blocked(w: jax.Array, p: int, block: int) -> jax.Array:
   s = w.shape
-  return w.reshape(s[:p] + (s[p] // block, block) + s[p + 1:])
+  return w.reshape((*s[:p], s[p] // block, block, *s[p + 1:]))
 
 
 def _pack4(q: jax.Array, p: int, shape: tuple[int, ...]) -> jax.Array:
@@ -332,7 +336,7 @@ def _double_quant(absmax: jax.Array):
   groups = -(-n // _DQ_GROUP)
   pad = groups * _DQ_GROUP - n
   a = jnp.pad(absmax, [(0, 0)] * (absmax.ndim - 1) + [(0, pad)])
-  a = a.reshape(absmax.shape[:-1] + (groups, _DQ_GROUP))
+  a = a.reshape((*absmax.shape[:-1], groups, _DQ_GROUP))
   valid = (jnp.arange(groups * _DQ_GROUP) < n).reshape(groups, _DQ_GROUP)
   count = valid.sum(-1)
   mean = jnp.where(valid, a, 0).sum(-1) / count
@@ -340,7 +344,7 @@ def _double_quant(absmax: jax.Array):
   amax = jnp.max(jnp.abs(centred), axis=-1)
   scale = jnp.where(amax > 0, amax / 127, 1.0)
   codes = jnp.clip(jnp.round(centred / scale[..., None]), -127, 127)
-  codes = codes.astype(jnp.int8).reshape(absmax.shape[:-1] + (-1,))[..., :n]
+  codes = codes.astype(jnp.int8).reshape((*absmax.shape[:-1], -1))[..., :n]
   return codes, scale.astype(jnp.float32), mean.astype(jnp.float32)
 
 
@@ -487,17 +491,19 @@ def quantize(params: PyTree, formats: str | Mapping[str, str | None] = "nf4",
       try:
         rx = re.compile(k)
       except re.error as e:
-        raise ValueError(f"`formats` key {k!r} is not a valid regex: {e}.")
+        raise ValueError(
+            f"`formats` key {k!r} is not a valid regex: {e}.") from None
       if v is not None and v not in FORMATS:
         raise ValueError(f"`formats[{k!r}]` is {v!r}; expected one of"
                          f" {FORMATS} or None.")
       rules.append((k, rx, v))
   axis_rules = []
-  for k, v in dict(axes or {}).items():
+  for k, ax in dict(axes or {}).items():
     try:
-      axis_rules.append((re.compile(k), int(v)))
+      axis_rules.append((re.compile(k), int(ax)))
     except re.error as e:
-      raise ValueError(f"`axes` key {k!r} is not a valid regex: {e}.")
+      raise ValueError(
+          f"`axes` key {k!r} is not a valid regex: {e}.") from None
   used = set()
   flat, treedef = jax.tree_util.tree_flatten_with_path(
       params, is_leaf=is_quantized)
@@ -539,7 +545,7 @@ def quantize(params: PyTree, formats: str | Mapping[str, str | None] = "nf4",
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-# -- the quantized matmul --------------------------------------------------------
+# -- the quantized matmul ------------------------------------------------------
 
 
 def qdot(x: jax.Array, q: QuantizedWeight, *, dimension_numbers: Any,
@@ -607,15 +613,7 @@ def qdot(x: jax.Array, q: QuantizedWeight, *, dimension_numbers: Any,
   return f(x, q)
 
 
-def dense_fallback_message(op: str, q: QuantizedWeight, path: str = "") -> str:
-  where = f" {path!r}" if path else ""
-  return (f"lorajax.lora: the quantized weight{where} ({q!r}) is used by"
-          f" `{op}`, which cannot run on its blocks; for this use the dense"
-          f" weight is materialised (dequantized to {q.dtype}), costing"
-          " a dense copy of it.")
-
-
-# -- merged weights that remember their quantized base --------------------------
+# -- merged weights that remember their quantized base -------------------------
 
 
 @jax.tree_util.register_dataclass
@@ -657,7 +655,7 @@ class MergedWeight:
     return self.merged.ndim
 
   @property
-  def T(self) -> jax.Array:  # noqa: N802
+  def T(self) -> jax.Array:
     return self.merged.T
 
   def astype(self, dtype: Any) -> jax.Array:
@@ -681,7 +679,7 @@ def is_merged(x: Any) -> bool:
   return isinstance(x, MergedWeight)
 
 
-# -- the LazyBase hooks ---------------------------------------------------------
+# -- the LazyBase hooks --------------------------------------------------------
 
 
 def _single_level(q: QuantizedWeight) -> QuantizedWeight:

@@ -131,8 +131,9 @@ def quantized_blocks(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
         f" {data.size} bytes; expected {rows * cols // _BLOCK * nbytes}. The"
         " file is truncated or corrupt.")
   blocks = data.reshape(rows, cols // _BLOCK, nbytes)
-  d = blocks[..., :2].copy().view(np.float16)[..., 0]
-  mins = None
+  d: np.ndarray = blocks[..., :2].copy().view(np.float16)[..., 0]
+  mins: np.ndarray | None = None
+  codes: np.ndarray
   if ggml_type == Q8_0:
     codes = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)
     fmt = "q8_0"
@@ -143,7 +144,8 @@ def quantized_blocks(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
     mins = blocks[..., 2:4].copy().view(np.float16)[..., 0]
     codes = blocks[..., 4:].reshape(rows, cols // 2).copy()
     fmt = "q4_1"
-  parts = [codes, d] + ([mins] if mins is not None else [])
+  parts: list[np.ndarray] = [codes, d] + ([mins] if mins is not None
+                                          else [])
   if heads is not None:
     parts = [unpermute_rotary(x, heads) for x in parts]
   if transpose:
