@@ -449,3 +449,13 @@ def test_finetune_cli_trains_on_an_int8_base(tmp_path, capsys):
             "--output", str(tmp_path / f"bad{len(extra)}"), *extra]
     assert cli.main(args) != 0
     assert match in capsys.readouterr().err
+
+
+def test_summary_counts_quantized_weights_at_their_stored_bytes():
+  params = {"a": {"kernel": _w((256, 128))}, "n": {"scale": jnp.ones(128)}}
+  q = lorajax.quantize(params, "nf4")
+  ad = lorajax.init(q, lorajax.LoraConfig(rank=2), key=jax.random.key(0))
+  s = lorajax.summary(q, ad)
+  assert s.frozen == 256 * 128 + 128
+  # 4 bits per weight + a float32 absmax per 64 weights, + the dense norm.
+  assert s.frozen_bytes == 256 * 128 // 2 + 4 * 256 * 128 // 64 + 4 * 128
