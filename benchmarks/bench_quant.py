@@ -10,8 +10,13 @@ on all linear layers) is compiled and measured:
 - `args_bytes`, `temp_bytes`: `compiled.memory_analysis()` (arguments incl.
   params, adapter and optimizer state; XLA's temporaries);
 - `peak_bytes`: `args + temps + outputs - aliased` (the step's own peak);
-- `step_s`: median step time after warm-up (round-robin over the variants,
-  `block_until_ready`), compile time separately.
+- `step_s`: median step time after warm-up (`block_until_ready`), compile
+  time separately.
+
+Each variant runs in its own process (`--variant`), one after the other, so
+only one model is in memory at a time (the shared machine's memory is small);
+step times are therefore not round-robin: compare them with the load average
+recorded next to them.
 
 Usage:
   python benchmarks/bench_quant.py [--smoke] [--steps N] [--batch B]
@@ -36,10 +41,36 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=64)
   ap.add_argument("--rank", type=int, default=16)
+  ap.add_argument("--variant", default=None,
+                  help="run one variant in this process (used internally).")
   ap.add_argument("--out", default=None,
                   help="directory for quant.jsonl / quant.md (default: print"
                   " only).")
   args = ap.parse_args()
+
+  names = (["float32", "int8", "nf4", "q4_1"] if args.smoke else
+           ["float32", "int8", "nf4", "gguf_q4_1"])
+  if args.variant is None:
+    import subprocess  # noqa: PLC0415
+
+    lines = []
+    for name in names:
+      cmd = [sys.executable, __file__, "--variant", name, "--steps",
+             str(args.steps), "--batch", str(args.batch), "--seq",
+             str(args.seq), "--rank", str(args.rank)]
+      if args.smoke:
+        cmd.append("--smoke")
+      res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      got = [json.loads(x) for x in res.stdout.splitlines()
+             if x.startswith("{")]
+      if res.returncode or not got:
+        print(f"variant {name} failed (rc {res.returncode}):"
+              f" {res.stderr[-2000:]}", file=sys.stderr)
+        continue
+      lines.extend(got)
+      print(json.dumps(got[0]), flush=True)
+    _write(lines, args)
+    return
 
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
@@ -57,20 +88,16 @@ def main() -> None:
         tie_word_embeddings=True)
     model = llama.LlamaModel(cfg)
     dense = llama.init_params(cfg, key=jax.random.key(0))
-    variants = {"float32": dense,
-                "int8": lorajax.quantize(dense, "int8"),
-                "nf4": lorajax.quantize(dense, "nf4"),
-                "q4_1": lorajax.quantize(dense, "q4_1")}
     steps, batch, seq = 2, 2, 16
   else:
     path = llama.default_model_path()
-    model, dense = llama.from_pretrained(path)
-    _, gguf_native = llama.from_pretrained(path, quantized=True)
-    variants = {"float32": dense,
-                "int8": lorajax.quantize(dense, "int8"),
-                "nf4": lorajax.quantize(dense, "nf4"),
-                "gguf_q4_1": gguf_native}
+    model, dense = llama.from_pretrained(
+        path, quantized=args.variant == "gguf_q4_1")
     steps, batch, seq = args.steps, args.batch, args.seq
+  fmt = {"float32": None, "gguf_q4_1": None}.get(args.variant, args.variant)
+  variants = {args.variant: dense if fmt is None
+              else lorajax.quantize(dense, fmt)}
+  del dense
   vocab = model.config.vocab_size
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(3, vocab, (batch, seq)), jnp.int32)
@@ -117,8 +144,6 @@ def main() -> None:
           r["params"], r["adapter"], r["opt_state"])
       jax.block_until_ready(loss)
       r["times"].append(time.perf_counter() - t0)
-  base = runs["float32"]
-  base_step = statistics.median(base["times"])
   lines = []
   for name, r in runs.items():
     st = statistics.median(r["times"])
@@ -130,8 +155,7 @@ def main() -> None:
         args_mb=round(r["args_bytes"] / 2**20, 1),
         temp_mb=round(r["temp_bytes"] / 2**20, 1),
         peak_mb=round(r["peak_bytes"] / 2**20, 1),
-        peak_vs_float32=round(r["peak_bytes"] / base["peak_bytes"], 3),
-        step_s=round(st, 4), step_vs_float32=round(st / base_step, 3),
+        peak_bytes=r["peak_bytes"], step_s=round(st, 4),
         compile_s=round(r["compile_s"], 1),
         first_loss=round(r["first_loss"], 4),
         jax=jax.__version__, device=jax.devices()[0].device_kind,
@@ -139,29 +163,42 @@ def main() -> None:
         python=platform.python_version()))
   for line in lines:
     print(json.dumps(line), flush=True)
-  if args.out:
+
+
+def _write(lines, args) -> None:
+  """Adds the ratios to float32 and writes quant.jsonl / quant.md."""
+  base = next((x for x in lines if x["variant"] == "float32"), None)
+  for x in lines:
+    if base is not None:
+      x["peak_vs_float32"] = round(x["peak_bytes"] / base["peak_bytes"], 3)
+      x["step_vs_float32"] = round(x["step_s"] / base["step_s"], 3)
+  if args.out and lines:
+    batch, seq = lines[0]["batch"], lines[0]["seq"]
+    jax_version = lines[0]["jax"]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "quant.jsonl").open("w") as f:
       for line in lines:
         f.write(json.dumps(line) + "\n")
     rows = ["| base | base MB | step args MB | step temps MB | step peak MB"
-            " | peak vs f32 | median step s | step vs f32 | compile s |",
+            " | peak vs f32 | median step s | step vs f32 | compile s (load) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for x in lines:
       rows.append(
           f"| {x['variant']} | {x['base_mb']} | {x['args_mb']} |"
-          f" {x['temp_mb']} | {x['peak_mb']} | {x['peak_vs_float32']} |"
-          f" {x['step_s']} | {x['step_vs_float32']} | {x['compile_s']} |")
+          f" {x['temp_mb']} | {x['peak_mb']} | {x.get('peak_vs_float32')} |"
+          f" {x['step_s']} | {x.get('step_vs_float32')} | {x['compile_s']}"
+          f" (load {x['load_avg']}) |")
     (out / "quant.md").write_text(
         f"# Quantized bases: LoRA train step on {lines[0]['model']}\n\n"
         f"Batch {batch} x {seq} tokens, LoRA r={args.rank} all-linear, Adam,"
-        f" factored (`lorajax.lora`), jax {jax.__version__} on"
-        f" {lines[0]['device']} ({os.cpu_count()} cores, shared: load"
-        f" average {lines[0]['load_avg']} while measuring, so step times"
-        " are noisy; ratios from one round-robin run).\n\n"
+        f" factored (`lorajax.lora`), jax {jax_version} on"
+        f" {lines[0]['device']} ({os.cpu_count()} cores, shared with other"
+        " jobs: the load average at the end of each variant is in the last"
+        " column, so step times are noisy; one process per variant, run one"
+        " after the other). Memory is XLA's compile-time"
+        " `memory_analysis()` of the step, exact for the program.\n\n"
         + "\n".join(rows) + "\n")
-  sys.exit(0)
 
 
 if __name__ == "__main__":
