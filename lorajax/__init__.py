@@ -5,12 +5,13 @@ the factored transform `lora(fn)`, the train step, checkpoints, the
 summary and the mixed-precision policies (`precision_policy`). Submodules:
 `lorajax.peft` (Hugging Face PEFT interop),
 `lorajax.optim` (LoRA+ and weight-decay masks), `lorajax.sharding` (sharded
-init, global batches, axes inference). The model zoo (`lorajax.models`) and
+init, global batches, axes inference), `lorajax.quant` (quantized frozen
+bases: NF4, int8, GGUF blocks; LoftQ). The model zoo (`lorajax.models`) and
 the fine-tuning application (`lorajax.finetune`) are separate packages with
 their own extras (`pip install 'lorajax[models]'`, `'lorajax[finetune]'`).
 """
 
-from lorajax import optim, peft, sharding
+from lorajax import optim, peft, quant, sharding
 from lorajax._src.core.adapter import (
     LoraWeight,
     VeraWeight,
@@ -34,6 +35,7 @@ from lorajax._src.core.factored import (
 )
 from lorajax._src.core.methods import VeraConfig, decompose, eva_init
 from lorajax._src.core.precision import precision_policy
+from lorajax._src.core.quant import quantize
 from lorajax._src.core.sharding import adapter_shardings, init_sharded
 from lorajax._src.core.summary import summary
 from lorajax._src.core.train import TrainStep, make_train_step
@@ -64,6 +66,8 @@ __all__ = (
     "optim",
     "peft",
     "precision_policy",
+    "quant",
+    "quantize",
     "sharding",
     "summary",
     "unmerge",

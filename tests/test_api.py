@@ -15,6 +15,7 @@ import lorajax.finetune
 import lorajax.models.llama
 import lorajax.optim
 import lorajax.peft
+import lorajax.quant
 import lorajax.sharding
 
 CORE = {
@@ -22,9 +23,9 @@ CORE = {
     "LoraFallbackError", "LoraFallbackWarning", "LoraWeight", "TrainStep",
     "adapter_shardings", "delta", "init", "init_sharded", "is_lora",
     "is_node", "lora", "make_train_step", "merge", "precision_policy",
-    "summary", "unmerge",
+    "quantize", "summary", "unmerge",
     # Public submodules.
-    "optim", "peft", "sharding",
+    "optim", "peft", "quant", "sharding",
     # PEFT's methods (docs/methods.md).
     "VeraConfig", "VeraWeight", "decompose", "eva_init",
 }
@@ -32,6 +33,9 @@ CORE = {
 SUBMODULES = {
     lorajax.optim: {"decay_mask", "lora_plus"},
     lorajax.peft: {"load", "save", "to_lora"},
+    lorajax.quant: {"FORMATS", "MergedWeight", "QuantizationWarning",
+                    "QuantizedWeight",
+                    "dequantize", "is_quantized", "loftq", "quantize"},
     lorajax.sharding: {"adapter_shardings", "global_batch", "infer_axes",
                        "init_sharded"},
     lorajax.models.llama: {"LlamaConfig", "LlamaModel", "REMAT_POLICIES",

@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="factored: x@W + s*(x@a)@b, no dense weight gradients;"
                  " merged: run the model on W + s*a@b. Default: factored"
                  " when available.")
+  g.add_argument("--quantize", choices=("none", "nf4", "int8", "gguf"),
+                 default="none",
+                 help="train on a quantized frozen base: nf4 (QLoRA, blocks"
+                 " of 64) or int8 (per output channel) quantize the loaded"
+                 " weights; gguf keeps a .gguf file's Q4_0/Q4_1/Q8_0 blocks"
+                 " as they are. Needs --mode factored (the default).")
   g.add_argument("--seed", type=_seed_int, default=0)
   g = ft.add_argument_group("outputs")
   g.add_argument("--output", default=None,
@@ -499,7 +505,7 @@ def _inspect_model(p: pathlib.Path):
   return config, abstract
 
 
-def _load_model(p: pathlib.Path):
+def _load_model(p: pathlib.Path, quantize: str = "none"):
   """Loads `(model, params, resolved_path)`; CliError on any failure."""
   try:
     from lorajax.models import llama  # noqa: PLC0415
@@ -510,8 +516,18 @@ def _load_model(p: pathlib.Path):
     ) from None
   import jax.numpy as jnp  # noqa: PLC0415
 
+  if quantize == "gguf" and not p.is_file():
+    raise CliError(
+        f"--quantize gguf keeps a .gguf file's quantized blocks, but"
+        f" {str(p)!r} is a directory. Pass a .gguf file, or use --quantize"
+        " nf4 or int8 for a float checkpoint.")
   try:
-    model, params = llama.from_pretrained(str(p), dtype=jnp.float32)
+    model, params = llama.from_pretrained(str(p), dtype=jnp.float32,
+                                          quantized=quantize == "gguf")
+    if quantize in ("nf4", "int8"):
+      import lorajax  # noqa: PLC0415
+
+      params = lorajax.quantize(params, quantize, min_size=0)
   except Exception as e:  # noqa: BLE001
     raise CliError(
         f"Could not load the model from {str(p)!r}: {type(e).__name__}: {e}"
@@ -760,6 +776,16 @@ def _run_finetune(args, session: _Session) -> int:
   model_path = str(p_model.resolve())
   mconf, abstract = _inspect_model(p_model)
   ctx = mconf.max_position_embeddings
+  if args.quantize != "none" and (args.mode or "factored") != "factored":
+    raise CliError(
+        f"--quantize {args.quantize} trains on the quantized base through"
+        " the factored path; --mode merged would dequantize every weight at"
+        " every step. Drop --mode merged (or use --quantize none).")
+  if args.quantize == "gguf" and not p_model.is_file():
+    raise CliError(
+        f"--quantize gguf keeps a .gguf file's quantized blocks, but"
+        f" {str(p_model)!r} is a directory. Pass a .gguf file, or use"
+        " --quantize nf4 or int8 for a float checkpoint.")
   if args.seq_len is not None and ctx is not None and args.seq_len > ctx:
     raise CliError(
         f"--seq-len {args.seq_len} exceeds the model's context length {ctx}."
@@ -794,7 +820,7 @@ def _run_finetune(args, session: _Session) -> int:
 
   print(f"Loading model {args.model or '(default SmolLM2-135M-Instruct)'}",
         flush=True)
-  model, params, model_path = _load_model(p_model)
+  model, params, model_path = _load_model(p_model, args.quantize)
   limit = args.seq_len or ctx
   train_ex = data_lib.load_dataset(train_path, model.tokenizer,
                                    max_length=limit)
@@ -818,7 +844,8 @@ def _run_finetune(args, session: _Session) -> int:
     seq_len = min(seq_len, ctx)
   config = _config_from_args(args, seq_len)
   settings = {
-      "model": model_path, "train": str(train_path),
+      "model": model_path, "quantize": args.quantize,
+      "train": str(train_path),
       "eval": str(eval_path) if eval_path else None,
       **config.to_dict(),
       "steps": total,
@@ -970,8 +997,10 @@ def _train_and_export(args, session, model, params, model_path, train_ex,
     import lorajax  # noqa: PLC0415
     from lorajax.models import llama  # noqa: PLC0415
 
-    llama.save_pretrained(out / "merged", model.config,
-                          lorajax.merge(params, state.adapter), overwrite=True)
+    # A quantized base merges into a dense model (dequantized).
+    merged = lorajax.quant.dequantize(lorajax.merge(params, state.adapter))
+    llama.save_pretrained(out / "merged", model.config, merged,
+                          overwrite=True)
   records = run_dir.read_metrics(metrics_path, warn=session.warn)
   run_dir.plot_loss(records, out / "loss.png",
                     title=f"LoRA r={config.lora.rank} on"

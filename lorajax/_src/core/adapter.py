@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lorajax._src.core import paths as paths_lib
+from lorajax._src.core import quant as quant_lib
 from lorajax._src.core.config import LoraConfig, WeightPlan, check_axes
 from lorajax._src.core.typing import Array, Float, PRNGKeyArray, PyTree
 
@@ -397,7 +398,8 @@ def init(params: PyTree, config: Any, *, key: jax.Array) -> PyTree:
         " residual params and the adapter), or `lorajax.eva_init(params,"
         " config, activations)` for 'eva'.")
   plans = config.plan(params)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=_is_weight_node)
   nodes = []
   for keypath, w in flat:
     plan = plans.get(paths_lib.path_str(keypath))
@@ -493,6 +495,10 @@ def check_vera(node: "VeraWeight", shape: tuple[int, ...], path: str
   return []
 
 
+def _is_weight_node(x: Any) -> bool:
+  return quant_lib.is_quantized(x) or quant_lib.is_merged(x)
+
+
 def _apply(params: PyTree, adapter: PyTree, sign: float) -> PyTree:
   check_fit(params, adapter)
   if sign < 0:
@@ -507,7 +513,41 @@ def _apply(params: PyTree, adapter: PyTree, sign: float) -> PyTree:
           + ", ".join(dora[:4]) + (" ..." if len(dora) > 4 else "")
           + ". `merge` is pure: keep the original params and use them.")
 
-  def one(node, w):
+  if sign > 0:
+    n = sum(1 for x in jax.tree.leaves(params, is_leaf=_is_weight_node)
+            if quant_lib.is_quantized(x))
+    if n:
+      warnings.warn(
+          f"lorajax.merge: {n} quantized base weights are dequantized into a"
+          " dense merged model (materialised in their compute dtype). The"
+          " quantized base is kept, so `lorajax.unmerge` returns it bit for"
+          " bit. To train or generate without a dense copy, run"
+          " `lorajax.lora(fn)` on the quantized params instead.",
+          quant_lib.QuantizationWarning, stacklevel=3)
+
+  def one(node: LoraWeight | None, w: Any) -> Any:
+    # `w` is an array, or a quantized / merged-quantized weight node.
+    if node is None and not (quant_lib.is_quantized(w)
+                             or quant_lib.is_merged(w)):
+      return w
+    if quant_lib.is_quantized(w):
+      if sign < 0:
+        raise ValueError(
+            "`unmerge` got a quantized weight (shape"
+            f" {w.shape}) where it expects a merged one: the params are"
+            " already unmerged. Pass the output of `lorajax.merge`.")
+      # Dense in the compute dtype; the base itself is kept, never
+      # re-quantized, so `unmerge` can return it bit for bit.
+      dense = quant_lib.dequantize(w, jnp.float32)
+      if node is not None:
+        dense = merged_weight(dense, node)
+      return quant_lib.MergedWeight(dense.astype(w.dtype), w)
+    if quant_lib.is_merged(w):
+      if sign > 0:
+        raise ValueError(
+            "`merge` got an already merged quantized weight (shape"
+            f" {w.shape}); merge into the quantized base instead.")
+      return w.base
     if node is None:
       return w
     if sign > 0:

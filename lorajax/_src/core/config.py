@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax._src.core import paths as paths_lib
+from lorajax._src.core import quant as quant_lib
 
 # Names of a linear layer's weight leaf in Flax linen/NNX (`kernel`) and in
 # Hugging Face style or plain-dict params (`weight`, `w`).
@@ -52,6 +53,10 @@ def _is_scan_stacked(path: str, ndim: int) -> bool:
     if part == "layers":
       return not any(q.isdigit() for q in parts[j + 1:])
   return False
+
+
+def _is_weight_node(x: Any) -> bool:
+  return quant_lib.is_quantized(x) or quant_lib.is_merged(x)
 
 
 def _names_regex(names: Sequence[str]) -> str:
@@ -435,7 +440,8 @@ class LoraConfig:
         and no `axes` entry, an axes string does not fit, or a rank exceeds
         `min(d_in, d_out)`.
     """
-    leaves = paths_lib.leaves_with_paths(params)
+    # A quantized weight (`lorajax.quantize`) is one leaf of its dense shape.
+    leaves = paths_lib.leaves_with_paths(params, is_leaf=_is_weight_node)
     plans: dict[str, WeightPlan] = {}
     candidates = []
     errors = []

@@ -211,9 +211,26 @@ class _Interpreter:
 
   # -- fallbacks --
 
+  def lazy_fallback(self, v: Factored, op: str) -> jax.Array:
+    """A lazy base (e.g. quantized) made dense for one use, reported."""
+    msg = (
+        f"lorajax.lora: the frozen weight {v.path!r} ({v.base!r}) is used by"
+        f" `{op}`, which cannot run on its stored form; for this use the"
+        " dense weight is materialised (dequantized), costing a dense copy"
+        " of it."
+    )
+    if self.strict:
+      raise LoraFallbackError(
+          msg + " `strict=True` forbids this: keep the weight dense (leave"
+          " it out of `lorajax.quantize`) or drop `strict=True`.")
+    if (v.path, op) not in self.reported:
+      self.reported.add((v.path, op))
+      warnings.warn(msg, LoraFallbackWarning, stacklevel=3)
+    return dense(v.base)
+
   def fallback(self, v: Factored, op: str, why: str = "") -> jax.Array:
     if v.kind is BASE_ONLY:
-      return dense(v.base)  # A lazy base without adapter: just dequantize.
+      return self.lazy_fallback(v, op)
     msg = (
         f"lorajax.lora: the adapted weight {v.path!r} is used by `{op}`"
         f"{' (' + why + ')' if why else ''}, which the factored path does not"
@@ -286,7 +303,8 @@ class _Interpreter:
     base = v.base
     if isinstance(base, LazyBase):
       new_base = base.structural(op)
-      base = op.bind_dense(base.dequantize()) if new_base is None else new_base
+      base = (op.bind_dense(self.lazy_fallback(v, rule.name))
+              if new_base is None else new_base)
     else:
       base = op.bind_dense(base)
     if v.kind is BASE_ONLY and not isinstance(base, LazyBase):

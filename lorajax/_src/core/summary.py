@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from lorajax._src.core import adapter as adapter_lib
 from lorajax._src.core import paths as paths_lib
+from lorajax._src.core import quant as quant_lib
 from lorajax._src.core.typing import PyTree
 
 
@@ -125,8 +126,11 @@ def summary(params: PyTree, adapter: PyTree) -> Summary:
         rank=node.rank, scale=node.scale, trainable=n_w,
         frozen=math.prod(w.shape)))
   f_n = f_b = 0
-  for leaf in jax.tree.leaves(params):
-    n, b = _size(leaf)
+  for leaf in jax.tree.leaves(params, is_leaf=quant_lib.is_quantized):
+    if quant_lib.is_quantized(leaf):  # Its weights, at their stored bytes.
+      n, b = math.prod(leaf.shape), leaf.nbytes
+    else:
+      n, b = _size(leaf)
     f_n += n
     f_b += b
   return Summary(tuple(rows), t_n, t_b, f_n, f_b)

@@ -158,6 +158,7 @@ def default_model_path() -> str:
 def from_pretrained(
     path: str | os.PathLike, *, dtype: jax.typing.DTypeLike = jnp.float32,
     scan_layers: bool | None = None, remat: str = "none",
+    quantized: bool = False,
 ) -> tuple[LlamaModel, PyTree]:
   """Loads a Llama-family checkpoint: `(model, params)`.
 
@@ -176,6 +177,11 @@ def from_pretrained(
       least 5 layers). See `LlamaConfig.scan_layers`.
     remat: Rematerialisation policy of the layer body, `"none"`, `"full"`
       or `"dots"` (see `LlamaConfig.remat`).
+    quantized: GGUF only: keep the file's Q4_0/Q4_1/Q8_0 matrices in their
+      blocks (`lorajax.QuantizedWeight` leaves, dequantized at each matmul by
+      `lorajax.lora`) instead of dequantizing them at load. For a float
+      checkpoint use `lorajax.quantize(params, "nf4")` after loading.
+      Quantized GGUF layers stay unrolled (`scan_layers` must not be True).
 
   Returns:
     The `LlamaModel` (with `.tokenizer`, or None if none was found) and the
@@ -201,9 +207,15 @@ def from_pretrained(
           " .gguf file or the directory that holds config.json."
       )
     config, params, fields = gguf_io.load_gguf(
-        path, dtype=dtype, scan_layers=scan_layers, remat=remat)
+        path, dtype=dtype, scan_layers=scan_layers, remat=remat,
+        quantized=bool(quantized))
     tokenizer = Tokenizer.from_gguf_fields(fields)
     return LlamaModel(config, tokenizer), params
+  if quantized:
+    raise ValueError(
+        f"`quantized=True` keeps a GGUF file's quantized blocks, but {path!r}"
+        " is a float checkpoint directory. Load it with `quantized=False`"
+        " and quantize it: `params = lorajax.quantize(params, 'nf4')`.")
   config = hf_io.load_config(path, dtype=dtype, scan_layers=scan_layers,
                              remat=remat)
   gen = hf_io.read_json(os.path.join(path, "generation_config.json")) or {}
