@@ -250,14 +250,13 @@ def saved(base, tmp_path):
         (dict(use_dora=True), "lora_magnitude_vector is missing"),
         (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'.*"
          "path_initial_model_for_weight_conversion"),
-        (dict(layers_to_transform=[0]), "layers_to_transform=\\[0\\]"),
         (dict(fan_in_fan_out=True), "fan_in_fan_out=true"),
         (dict(bias="all"), "bias='all'"),
         (dict(lora_bias=True), "lora_bias=true"),
         (dict(modules_to_save=["lm_head"]), r"modules_to_save=\['lm_head'\]"),
         (dict(r=3), "rank 2 but adapter_config.json says r=3"),
     ],
-    ids=["loha", "dora", "pissa", "layers_to_transform", "fan_in_fan_out",
+    ids=["loha", "dora", "pissa", "fan_in_fan_out",
          "bias", "lora_bias",
          "modules_to_save", "rank"],
 )

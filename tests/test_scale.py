@@ -339,10 +339,10 @@ def test_bf16_policy_tracks_f32_finetune():
       x = jnp.concatenate([v.ravel() for v in jax.tree.leaves(g16)])
       y = jnp.concatenate([v.ravel() for v in jax.tree.leaves(g32)])
       assert jnp.vdot(x, y) / (jnp.linalg.norm(x) * jnp.linalg.norm(y)) > 0.99
-    step = make_train_step(model, tx, mode="factored")
+    step = make_train_step(model, tx, mode="factored").step
     curve = []
     for batch in batches:
-      adapter, opt_state, m = step(adapter, opt_state, params, batch)
+      adapter, opt_state, m = step(params, adapter, opt_state, batch)
       curve.append(float(m["loss"]))
     losses[name] = np.asarray(curve)
     adapters[name] = adapter

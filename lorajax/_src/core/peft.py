@@ -332,9 +332,9 @@ def save(
 
 
 # PEFT LoraConfig options with no lorajax counterpart: (key, fix).
+# (`layers_to_transform` needs no counterpart: only the listed layers have
+# tensors in the file, and lorajax adapts exactly the modules it finds.)
 _UNSUPPORTED = (
-    ("layers_to_transform", "re-train without it, or adapt the layers by"
-     " `targets` regexes"),
     ("layer_replication", "expand the base model first"),
     ("trainable_token_indices", "re-train without trainable tokens"),
     ("target_parameters", "adapt nn.Linear modules via target_modules"),
