@@ -1,0 +1,208 @@
+"""Adapter sets: per-example adapters, multi-tenant training, hot swap,
+generation with mixed ids, and weighted combination against PEFT."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lorajax
+import lorajax.multi as multi
+from lorajax.models import llama
+
+STRATEGIES = ("gather", "onehot", "ragged")
+
+
+def _perturbed(adapter, key, scale=0.3):
+  """Non-zero `b` (and a perturbed `a`): B = 0 would prove nothing."""
+  leaves, treedef = jax.tree.flatten(adapter)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([
+      x + scale * jax.random.normal(k, x.shape, x.dtype)
+      for x, k in zip(leaves, keys)])
+
+
+def _mlp(params, x):
+  h = jnp.tanh(x @ params["w1"]["kernel"])
+  return h @ params["w2"]["kernel"]
+
+
+@pytest.fixture(scope="module")
+def mlp():
+  k = jax.random.split(jax.random.key(0), 8)
+  params = {"w1": {"kernel": jax.random.normal(k[0], (8, 12)) / 3},
+            "w2": {"kernel": jax.random.normal(k[1], (12, 6)) / 3}}
+  adapters = {
+      name: _perturbed(lorajax.init(params, lorajax.LoraConfig(
+          rank=rank, alpha=alpha), key=k[2 + i]), k[5 + i])
+      for i, (name, rank, alpha) in enumerate(
+          [("r2", 2, 4.0), ("r4", 4, 2.0), ("r3", 3, 3.0)])}
+  return params, adapters
+
+
+def _reference(fn, params, adapters, ids, x):
+  """Each example alone, through the dense merged weights."""
+  outs = []
+  for e, i in enumerate(ids):
+    p = params if i < 0 else lorajax.merge(params, adapters[i])
+    outs.append(fn(p, x[e:e + 1]))
+  return jnp.concatenate(outs)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES + ("auto",))
+def test_mixed_batch_equals_each_example_alone(mlp, strategy):
+  params, named = mlp
+  aset = multi.build(named)
+  adapters = [named[n] for n in aset.names]
+  ids = [0, 2, multi.BASE_ID, 1, 2, 0]
+  x = jax.random.normal(jax.random.key(3), (6, 5, 8))
+  got = jax.jit(multi.lora(_mlp, strategy=strategy))(
+      params, aset.weights, jnp.array(ids), x)
+  want = _reference(_mlp, params, adapters, ids, x)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+  # Gradients: slot k only from its own examples.
+  def loss_set(w):
+    y = multi.lora(_mlp, strategy=strategy)(params, w, jnp.array(ids), x)
+    return jnp.sum(jnp.sin(y))
+
+  g = jax.grad(loss_set)(aset.weights)
+  for k, ad in enumerate(adapters):
+    mine = [e for e, i in enumerate(ids) if i == k]
+
+    def loss_one(a, mine=mine):
+      y = _mlp(lorajax.merge(params, a), x[jnp.array(mine)])
+      return jnp.sum(jnp.sin(y))
+
+    # Padded dense-merge gradients w.r.t. a and b of this slot alone.
+    want_g = jax.grad(loss_one)(ad)
+    for path in ("w1", "w2"):
+      node, ref = g[path]["kernel"], want_g[path]["kernel"]
+      r = ref.rank
+      np.testing.assert_allclose(node.a[k, :, :r], ref.a, atol=1e-4,
+                                 rtol=1e-4)
+      np.testing.assert_allclose(node.b[k, :r], ref.b, atol=1e-4, rtol=1e-4)
+      # Padding stays exactly zero.
+      assert not np.any(node.a[k, :, r:]) and not np.any(node.b[k, r:])
+
+
+def test_per_token_ids(mlp):
+  params, named = mlp
+  aset = multi.build(named)
+  adapters = [named[n] for n in aset.names]
+  x = jax.random.normal(jax.random.key(4), (3, 4, 8))
+  ids = jnp.array([[0, 1, 2, -1], [2, 2, 0, 1], [-1, -1, 1, 0]])
+  want = jnp.stack([
+      jnp.stack([(_mlp(params, x[e, t]) if ids[e, t] < 0 else _mlp(
+          lorajax.merge(params, adapters[ids[e, t]]), x[e, t]))
+                 for t in range(4)]) for e in range(3)])
+  for strategy in STRATEGIES:
+    got = multi.lora(_mlp, strategy=strategy)(params, aset, ids, x)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5,
+                               err_msg=strategy)
+
+
+def test_set_management_and_slots(mlp, tmp_path):
+  params, named = mlp
+  aset = multi.build(named, max_rank=6, num_slots=4)
+  assert aset.num_slots == 4 and aset.max_rank == 6
+  assert aset.names == ("r2", "r4", "r3", None)
+  back = aset.adapter("r4")
+  np.testing.assert_array_equal(back["w1"]["kernel"].a,
+                                named["r4"]["w1"]["kernel"].a)
+  assert back["w1"]["kernel"].alpha == 2.0
+  aset2 = multi.add(aset, named["r2"], name="again")
+  assert aset2.names[3] == "again"
+  aset3 = multi.remove(aset2, "r4")
+  assert aset3.names[1] is None
+  assert not np.any(aset3.weights["w1"]["kernel"].a[1])
+  with pytest.raises(ValueError, match="rank 4 exceeds"):
+    multi.replace(multi.build([named["r2"]]), 0, named["r4"])
+  with pytest.raises(ValueError, match="already used"):
+    multi.add(aset, named["r3"], name="r3")
+  # Save / load: one PEFT directory per slot.
+  multi.save(tmp_path / "set", aset)
+  assert sorted(p.name for p in (tmp_path / "set").iterdir()) == [
+      "r2", "r3", "r4"]
+  loaded = multi.load(tmp_path / "set", params)
+  for name in ("r2", "r3", "r4"):
+    got, want = loaded.adapter(name), named[name]
+    for path in ("w1", "w2"):
+      np.testing.assert_allclose(
+          lorajax.delta(got[path]["kernel"]),
+          lorajax.delta(want[path]["kernel"]), atol=1e-6)
+  with pytest.raises(ValueError, match="per-example adapter ids"):
+    lorajax.lora(_mlp)(params, aset.weights, jnp.ones((2, 8)))
+  with pytest.raises(ValueError, match="do not match"):
+    multi.lora(_mlp)(params, aset, jnp.zeros((3,), int), jnp.ones((2, 8)))
+
+
+def test_hot_swap_does_not_retrace(mlp):
+  params, named = mlp
+  aset = multi.build(named, max_rank=4)
+  traces = []
+
+  @jax.jit
+  def run(w, ids, x):
+    traces.append(1)
+    return multi.lora(_mlp)(params, w, ids, x)
+
+  x = jax.random.normal(jax.random.key(5), (3, 8))
+  ids = jnp.array([0, 1, 2])
+  run(aset.weights, ids, x)
+  new = _perturbed(lorajax.init(params, lorajax.LoraConfig(rank=2, alpha=7.),
+                                key=jax.random.key(9)), jax.random.key(10))
+  swapped = multi.replace(aset, "r4", new, name="new")
+  got = run(swapped.weights, jnp.array([1, 1, 0]), x)
+  got2 = run(swapped.weights, jnp.array([2, 0, 1]), x)
+  assert len(traces) == 1
+  want = _mlp(lorajax.merge(params, new), x)
+  np.testing.assert_allclose(got[:2], want[:2], atol=2e-5)
+  np.testing.assert_allclose(got2[2], want[2], atol=2e-5)
+
+
+def test_two_adapters_trained_in_one_step_equal_each_alone(mlp):
+  params, named = mlp
+  a0, a1 = named["r4"], _perturbed(named["r4"], jax.random.key(11))
+  aset = multi.build([a0, a1])
+  x = jax.random.normal(jax.random.key(6), (4, 8))
+  y = jax.random.normal(jax.random.key(7), (4, 6))
+  ids = jnp.array([0, 1, 1, 0])
+  tx = optax.adamw(1e-2, weight_decay=0.1)
+  ptx = multi.per_slot(tx)
+
+  def set_loss(w):
+    out = multi.lora(_mlp)(params, w, ids, x)
+    # Sum of per-example losses: each slot's part is its own loss.
+    return jnp.sum((out - y) ** 2)
+
+  w, state = aset.weights, ptx.init(aset.weights)
+  active = multi.active_slots(ids, 2)
+  for _ in range(3):
+    g = jax.grad(set_loss)(w)
+    up, state = ptx.update(g, state, w, active=active)
+    w = optax.apply_updates(w, up)
+
+  for k, ad in enumerate((a0, a1)):
+    mine = jnp.where(ids == k)[0]
+
+    def loss(a, mine=mine):
+      return jnp.sum((lorajax.lora(_mlp)(params, a, x[mine]) - y[mine]) ** 2)
+
+    st = tx.init(ad)
+    for _ in range(3):
+      up, st = tx.update(jax.grad(loss)(ad), st, ad)
+      ad = optax.apply_updates(ad, up)
+    for path in ("w1", "w2"):
+      np.testing.assert_allclose(w[path]["kernel"].a[k], ad[path]["kernel"].a,
+                                 atol=1e-5)
+      np.testing.assert_allclose(w[path]["kernel"].b[k], ad[path]["kernel"].b,
+                                 atol=1e-5)
+  # The scale never trains.
+  np.testing.assert_array_equal(w["w1"]["kernel"].scale,
+                                aset.weights["w1"]["kernel"].scale)
+  # A slot absent from the batch keeps its weights and state.
+  g = jax.grad(set_loss)(w)
+  up, _ = ptx.update(g, state, w, active=jnp.array([True, False]))
+  assert not np.any(up["w1"]["kernel"].a[1])
