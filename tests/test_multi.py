@@ -206,3 +206,51 @@ def test_two_adapters_trained_in_one_step_equal_each_alone(mlp):
   g = jax.grad(set_loss)(w)
   up, _ = ptx.update(g, state, w, active=jnp.array([True, False]))
   assert not np.any(up["w1"]["kernel"].a[1])
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+  config = llama.LlamaConfig(vocab_size=64, hidden_size=32,
+                             intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)
+  params = llama.init_params(config, key=jax.random.key(0))
+  adapters = [
+      _perturbed(lorajax.init(params, lorajax.LoraConfig(
+          rank=r, alpha=8.0), key=jax.random.key(20 + r)),
+                 jax.random.key(30 + r), scale=0.5)
+      for r in (2, 4)]
+  return config, params, adapters
+
+
+def test_llama_logits_and_generation_with_mixed_ids(tiny_llama):
+  config, params, adapters = tiny_llama
+  model = llama.LlamaModel(config)
+  aset = multi.build(adapters)
+  ids = jnp.array([[3, 9, 4, 1, 7], [5, 5, 2, 8, 1], [9, 1, 1, 3, 3],
+                   [2, 6, 6, 6, 4]])
+  adapter_ids = [1, multi.BASE_ID, 0, 1]
+  logits = multi.lora(model.apply)(params, aset, jnp.array(adapter_ids), ids)
+  for e, i in enumerate(adapter_ids):
+    p = params if i < 0 else lorajax.merge(params, adapters[i])
+    np.testing.assert_allclose(logits[e], model.apply(p, ids[e:e + 1])[0],
+                               atol=2e-4, rtol=2e-4)
+
+  out = model.generate(params, ids, 5, eos_id=-1, adapter=aset,
+                       adapter_ids=adapter_ids)
+  for e, i in enumerate(adapter_ids):
+    p = params if i < 0 else lorajax.merge(params, adapters[i])
+    want = model.generate(p, ids[e:e + 1], 5, eos_id=-1)
+    np.testing.assert_array_equal(out[e], want[0])
+  # The adapters change the output (the test would catch ignored ids).
+  assert not np.array_equal(out[1], out[3])
+  # New ids and a swapped slot: same compiled program.
+  from lorajax._src.models import llama as llama_src  # noqa: PLC0415
+
+  before = llama_src._generate._cache_size()
+  swapped = multi.replace(aset, 1, adapters[0])
+  out2 = model.generate(params, ids, 5, eos_id=-1, adapter=swapped,
+                        adapter_ids=[0, 1, 1, multi.BASE_ID])
+  assert llama_src._generate._cache_size() == before
+  want0 = model.generate(lorajax.merge(params, adapters[0]), ids[:3], 5,
+                         eos_id=-1)
+  np.testing.assert_array_equal(out2[:3], want0)
