@@ -254,3 +254,113 @@ def test_llama_logits_and_generation_with_mixed_ids(tiny_llama):
   want0 = model.generate(lorajax.merge(params, adapters[0]), ids[:3], 5,
                          eos_id=-1)
   np.testing.assert_array_equal(out2[:3], want0)
+
+
+# -- weighted combination against PEFT -------------------------------------------
+
+COMBOS = [
+    ("linear", {}), ("cat", {}), ("svd", {}),
+    ("svd", {"svd_rank": 3}),
+    ("ties", {"density": 0.5}),
+    ("ties", {"density": 0.6, "majority_sign_method": "frequency"}),
+    ("magnitude_prune", {"density": 0.4}),
+    ("ties_svd", {"density": 0.5}), ("magnitude_prune_svd", {"density": 0.5}),
+    ("dare_linear", {"density": 0.5}), ("dare_ties", {"density": 0.7}),
+    ("dare_ties", {"density": 0.5, "majority_sign_method": "frequency"}),
+]
+
+
+@pytest.fixture(scope="module")
+def peft_pair():
+  import peft  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+
+  from tests._llama_testing import tiny_torch_llama  # noqa: PLC0415
+
+  tm = tiny_torch_llama(hidden_size=16, intermediate_size=24,
+                        num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1)
+  torch.manual_seed(0)
+  cfg = dict(r=4, target_modules=["q_proj", "v_proj"],
+             init_lora_weights=False)
+  pm = peft.get_peft_model(tm, peft.LoraConfig(lora_alpha=8, **cfg),
+                           adapter_name="x")
+  pm.add_adapter("y", peft.LoraConfig(lora_alpha=3, **cfg))
+  modules = {n: m for n, m in pm.base_model.model.named_modules()
+             if n.endswith(("q_proj", "v_proj"))}
+  ours = []
+  for name, alpha in (("x", 8.0), ("y", 3.0)):
+    ours.append({n.replace(".", "/"): lorajax.LoraWeight(
+        jnp.asarray(m.lora_A[name].weight.detach().numpy().T),
+        jnp.asarray(m.lora_B[name].weight.detach().numpy().T), alpha)
+                 for n, m in modules.items()})
+  return pm, modules, ours
+
+
+@pytest.mark.parametrize("ctype,kw", COMBOS,
+                         ids=[f"{c}-{i}" for i, (c, _) in enumerate(COMBOS)])
+def test_add_weighted_adapter_matches_peft(peft_pair, ctype, kw, monkeypatch):
+  from peft.utils import merge_utils  # noqa: PLC0415
+
+  pm, modules, ours = peft_pair
+  weights = [0.7, -1.3]
+  key = jax.random.key(42)
+  if ctype.startswith("dare"):
+    # Reproducible randomness on both sides: PEFT's Bernoulli masks are
+    # replaced by lorajax's (`multi.dare_mask`), found by tensor value.
+    masks = {}
+    for k, ad in enumerate(ours):
+      for path, node in ad.items():
+        for which, t in ((0, node.a), (1, node.b)):
+          m = multi.dare_mask(key, path, which, k, t.shape,
+                              density=kw["density"])
+          masks[np.ascontiguousarray(np.asarray(t).T).tobytes()] = m.T
+
+    def random_pruning(tensor, density, rescale):
+      m = masks[np.ascontiguousarray(tensor.detach().numpy()).tobytes()]
+      out = tensor * merge_utils.torch.as_tensor(m)
+      return out / density if rescale else out
+
+    monkeypatch.setattr(merge_utils, "random_pruning", random_pruning)
+  name = f"c{COMBOS.index((ctype, kw))}"
+  pm.add_weighted_adapter(["x", "y"], weights, name, combination_type=ctype,
+                          **kw)
+  got = multi.add_weighted_adapter(ours, weights, combination_type=ctype,
+                                   key=key, **kw)
+  for n, m in modules.items():
+    want = m.get_delta_weight(name).detach().numpy().T
+    node = got[n.replace(".", "/")]
+    assert node.rank == m.r[name]
+    np.testing.assert_allclose(lorajax.delta(node), want, atol=2e-5,
+                               rtol=1e-4)
+    assert abs(want).max() > 1e-3  # Not a trivially zero combination.
+
+
+def test_dare_masks_keep_density_fraction():
+  t = jnp.ones((200, 8))
+  m = multi.dare_mask(jax.random.key(0), "w", 0, 0, t.shape, density=0.3)
+  assert abs(m.mean() - 0.3) < 0.03
+  ad = {"w": lorajax.LoraWeight(jnp.ones((8, 4)), jnp.ones((4, 8)), 4.0)}
+  # density 1: DARE keeps everything, so it equals linear.
+  lin = multi.add_weighted_adapter([ad, ad], [0.5, 0.25],
+                                   combination_type="linear")
+  dare = multi.add_weighted_adapter([ad, ad], [0.5, 0.25],
+                                    combination_type="dare_linear",
+                                    density=1.0, key=jax.random.key(0))
+  np.testing.assert_allclose(lorajax.delta(dare["w"]),
+                             lorajax.delta(lin["w"]), rtol=1e-6)
+  with pytest.raises(ValueError, match="key="):
+    multi.add_weighted_adapter([ad, ad], [1, 1], combination_type="dare_ties",
+                               density=0.5)
+
+
+def test_svd_clamp_bounds_the_factors(peft_pair):
+  # PEFT's clamp level is a quantile of the SVD factors, whose signs are
+  # not unique (LAPACK's choice), so it is checked here by its definition.
+  _, _, ours = peft_pair
+  got = multi.add_weighted_adapter(ours, [1.0, 0.5], combination_type="svd",
+                                   svd_clamp=0.8)
+  for node in got.values():
+    a, b = np.asarray(node.a), np.asarray(node.b)
+    vals = np.abs(np.concatenate([a.ravel(), b.ravel()]))
+    assert np.mean(vals >= vals.max() - 1e-7) > 0.05  # Some were clamped.
