@@ -3,13 +3,14 @@
 The core: adapters as a second pytree (`init`, `merge`, `unmerge`, `delta`),
 the factored transform `lora(fn)`, the train step, checkpoints and the
 summary. Submodules: `lorajax.peft` (Hugging Face PEFT interop),
+`lorajax.multi` (many adapters on one base: per-example adapter ids),
 `lorajax.optim` (LoRA+ and weight-decay masks), `lorajax.sharding` (sharded
 init, global batches, axes inference). The model zoo (`lorajax.models`) and
 the fine-tuning application (`lorajax.finetune`) are separate packages with
 their own extras (`pip install 'lorajax[models]'`, `'lorajax[finetune]'`).
 """
 
-from lorajax import optim, peft, sharding
+from lorajax import multi, optim, peft, sharding
 from lorajax._src.core.adapter import (
     LoraWeight,
     delta,
@@ -53,6 +54,7 @@ __all__ = (
     "lora",
     "make_train_step",
     "merge",
+    "multi",
     "optim",
     "peft",
     "sharding",

@@ -13,6 +13,7 @@ import pytest
 import lorajax
 import lorajax.finetune
 import lorajax.models.llama
+import lorajax.multi
 import lorajax.optim
 import lorajax.peft
 import lorajax.sharding
@@ -23,11 +24,15 @@ CORE = {
     "adapter_shardings", "delta", "init", "init_sharded", "is_lora",
     "is_node", "lora", "make_train_step", "merge", "summary", "unmerge",
     # Public submodules.
-    "optim", "peft", "sharding",
+    "multi", "optim", "peft", "sharding",
 }
 
 SUBMODULES = {
     lorajax.optim: {"decay_mask", "lora_plus"},
+    lorajax.multi: {"BASE_ID", "AdapterSet", "LoraSetWeight", "SlotInfo",
+                    "active_slots", "add", "add_weighted_adapter", "build",
+                    "dare_mask", "load", "lora", "per_slot", "remove",
+                    "replace", "save"},
     lorajax.peft: {"load", "save"},
     lorajax.sharding: {"adapter_shardings", "global_batch", "infer_axes",
                        "init_sharded"},

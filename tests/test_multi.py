@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import lorajax
-import lorajax.multi as multi
+from lorajax import multi
 from lorajax.models import llama
 
 STRATEGIES = ("gather", "onehot", "ragged")
@@ -50,7 +50,7 @@ def _reference(fn, params, adapters, ids, x):
   return jnp.concatenate(outs)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES + ("auto",))
+@pytest.mark.parametrize("strategy", (*STRATEGIES, "auto"))
 def test_mixed_batch_equals_each_example_alone(mlp, strategy):
   params, named = mlp
   aset = multi.build(named)
@@ -184,7 +184,8 @@ def test_two_adapters_trained_in_one_step_equal_each_alone(mlp):
     up, state = ptx.update(g, state, w, active=active)
     w = optax.apply_updates(w, up)
 
-  for k, ad in enumerate((a0, a1)):
+  for k, start in enumerate((a0, a1)):
+    ad = start
     mine = jnp.where(ids == k)[0]
 
     def loss(a, mine=mine):
@@ -244,7 +245,7 @@ def test_llama_logits_and_generation_with_mixed_ids(tiny_llama):
   # The adapters change the output (the test would catch ignored ids).
   assert not np.array_equal(out[1], out[3])
   # New ids and a swapped slot: same compiled program.
-  from lorajax._src.models import llama as llama_src  # noqa: PLC0415
+  from lorajax._src.models import llama as llama_src
 
   before = llama_src._generate._cache_size()
   swapped = multi.replace(aset, 1, adapters[0])
@@ -256,7 +257,7 @@ def test_llama_logits_and_generation_with_mixed_ids(tiny_llama):
   np.testing.assert_array_equal(out2[:3], want0)
 
 
-# -- weighted combination against PEFT -------------------------------------------
+# -- weighted combination against PEFT ----------------------------------------
 
 COMBOS = [
     ("linear", {}), ("cat", {}), ("svd", {}),
@@ -272,10 +273,10 @@ COMBOS = [
 
 @pytest.fixture(scope="module")
 def peft_pair():
-  import peft  # noqa: PLC0415
-  import torch  # noqa: PLC0415
+  import peft
+  import torch
 
-  from tests._llama_testing import tiny_torch_llama  # noqa: PLC0415
+  from tests._llama_testing import tiny_torch_llama
 
   tm = tiny_torch_llama(hidden_size=16, intermediate_size=24,
                         num_hidden_layers=1, num_attention_heads=2,
@@ -300,7 +301,7 @@ def peft_pair():
 @pytest.mark.parametrize("ctype,kw", COMBOS,
                          ids=[f"{c}-{i}" for i, (c, _) in enumerate(COMBOS)])
 def test_add_weighted_adapter_matches_peft(peft_pair, ctype, kw, monkeypatch):
-  from peft.utils import merge_utils  # noqa: PLC0415
+  from peft.utils import merge_utils
 
   pm, modules, ours = peft_pair
   weights = [0.7, -1.3]

@@ -49,7 +49,7 @@ BASE_ID = -1
 STRATEGIES = ("auto", "gather", "onehot", "ragged")
 Strategy = Literal["auto", "gather", "onehot", "ragged"]
 
-# -- the stacked node ------------------------------------------------------------
+# -- the stacked node ----------------------------------------------------------
 
 
 @jax.tree_util.register_dataclass
@@ -117,6 +117,7 @@ class _SetKind(AdapterKind):
     b_src = s_ax + o_ax
     b = jnp.transpose(b, [b_src.index(j) for j in sorted(b_src)]
                       + [len(b_src), len(b_src) + 1])
+    assert node.ids is not None  # `check` ran first.
     return Factored(base, (a, b, node.scale, node.ids), axes,
                     ("si", "so", "", ""), self, node.strategy, path)
 
@@ -149,8 +150,9 @@ class _SetKind(AdapterKind):
     return errors
 
   def trainable(self, node: LoraSetWeight) -> Any:
-    return dataclasses.replace(node, a=True, b=True, scale=False,
-                               ids=None if node.ids is None else False)
+    flags: Any = dict(a=True, b=True, scale=False,
+                      ids=None if node.ids is None else False)
+    return dataclasses.replace(node, **flags)
 
   def materialize(self, v: Factored) -> jax.Array:
     raise ValueError(
@@ -268,7 +270,7 @@ def _ragged(x, x_spec, x_con, a, b, scale, ids, v, out, lhs_is_w):
 
 register_adapter_kind(LoraSetWeight, _SetKind())
 
-# -- the adapter set ------------------------------------------------------------
+# -- the adapter set -----------------------------------------------------------
 
 
 class SlotInfo(NamedTuple):
@@ -352,7 +354,7 @@ class AdapterSet:
                                             is_leaf=_is_set_node)
 
 
-def _nodes(tree: PyTree) -> list[LoraWeight]:
+def _nodes(tree: PyTree) -> list[LoraSetWeight]:
   return [n for n in jax.tree.leaves(tree, is_leaf=_is_set_node)
           if n is not None]
 
@@ -432,7 +434,7 @@ def build(adapters: Sequence[PyTree] | Mapping[str, PyTree], *,
     raise ValueError(f"`num_slots={num_slots}` is smaller than the"
                      f" {len(named)} adapters given.")
   flats = [_flat(a, is_node) for _, a in named]
-  first = {}
+  first: dict[str, LoraWeight] = {}
   for f in flats:
     for p, node in f.items():
       first.setdefault(p, node)
@@ -444,7 +446,7 @@ def build(adapters: Sequence[PyTree] | Mapping[str, PyTree], *,
       raise ValueError(f"`max_rank={max_rank}` is below the largest adapter"
                        f" rank {r_max}.")
     r_max = max_rank
-  template = named[[p for p, f in enumerate(flats) if f][0]][1]
+  template = named[next(p for p, f in enumerate(flats) if f)][1]
 
   def stacked(kp, node):
     path = paths_lib.path_str(kp)
@@ -556,7 +558,7 @@ def add(aset: AdapterSet, adapter: PyTree, *, name: str) -> AdapterSet:
         scale=jnp.concatenate([node.scale, jnp.zeros_like(node.scale[:1])]))
 
   grown = AdapterSet(jax.tree.map(grow, aset.weights, is_leaf=_is_set_node),
-                     aset.slots + (None,))
+                     (*aset.slots, None))
   return replace(grown, grown.num_slots - 1, adapter, name=name)
 
 
@@ -634,7 +636,7 @@ def load(directories: Sequence[str | os.PathLike] | str | os.PathLike,
   return build(adapters, max_rank=max_rank, num_slots=num_slots)
 
 
-# -- running with per-example ids --------------------------------------------------
+# -- running with per-example ids ----------------------------------------------
 
 
 def bind(weights: AdapterSet | PyTree, ids: jax.Array, *,
@@ -758,7 +760,7 @@ def per_slot(tx: optax.GradientTransformation
   def update(updates, state, params=None, *, active=None, **extra):
     del extra
     if params is None:
-      new_u, new_s = jax.vmap(lambda u, s: tx.update(u, s))(
+      new_u, new_s = jax.vmap(tx.update)(
           updates, state.inner)
     else:
       new_u, new_s = jax.vmap(tx.update)(updates, state.inner, params)
@@ -782,7 +784,7 @@ def per_slot(tx: optax.GradientTransformation
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-# -- weighted combination (PEFT add_weighted_adapter) ------------------------------
+# -- weighted combination (PEFT add_weighted_adapter) --------------------------
 
 Combination = Literal[
     "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear",
@@ -905,7 +907,7 @@ def add_weighted_adapter(
     raise ValueError("All adapters must adapt the same weights.")
   ranks = [max(n.rank for n in f.values()) for f in flats]
   if combination_type in _SAME_RANK:
-    if len(set(n.rank for f in flats for n in f.values())) != 1:
+    if len({n.rank for f in flats for n in f.values()}) != 1:
       raise ValueError(f"`{combination_type}` needs all adapters to have the"
                        f" same rank; got ranks {ranks}.")
     new_rank = ranks[0]
@@ -918,7 +920,7 @@ def add_weighted_adapter(
   dens = 1.0 if density is None else float(density)
 
   def dare_masks(path: str, which: int, shapes) -> list[np.ndarray] | None:
-    if not base.startswith("dare"):
+    if key is None or not base.startswith("dare"):
       return None
     return [dare_mask(key, path, which, k, s, density=dens)
             for k, s in enumerate(shapes)]
