@@ -27,9 +27,9 @@ from lorajax._src.core.multi import (
     save,
 )
 
-__all__ = (
-    "BASE_ID",
+__all__ = (  # noqa: RUF022 (plain sorted order, as tests/test_api.py checks)
     "AdapterSet",
+    "BASE_ID",
     "LoraSetWeight",
     "SlotInfo",
     "active_slots",
