@@ -365,3 +365,25 @@ def test_svd_clamp_bounds_the_factors(peft_pair):
     a, b = np.asarray(node.a), np.asarray(node.b)
     vals = np.abs(np.concatenate([a.ravel(), b.ravel()]))
     assert np.mean(vals >= vals.max() - 1e-7) > 0.05  # Some were clamped.
+
+
+def test_scanned_stacked_weights():
+  # Layers stacked on axis 0 ("sio") and run by lax.scan: the slot factors
+  # are sliced per layer with the weight.
+  k = jax.random.split(jax.random.key(50), 4)
+  params = {"w": jax.random.normal(k[0], (3, 6, 6)) / 2.5}
+
+  def fn(p, x):
+    return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]
+
+  cfg = lambda r: lorajax.LoraConfig(rank=r, alpha=2.0,  # noqa: E731
+                                     targets="w", axes={"w": "sio"})
+  ads = [_perturbed(lorajax.init(params, cfg(r), key=k[1 + i]), k[3])
+         for i, r in enumerate((1, 3))]
+  aset = multi.build(ads)
+  x = jax.random.normal(k[3], (4, 2, 6))
+  ids = [1, 0, multi.BASE_ID, 1]
+  for strategy in STRATEGIES:
+    got = multi.lora(fn, strategy=strategy)(params, aset, jnp.array(ids), x)
+    np.testing.assert_allclose(got, _reference(fn, params, ads, ids, x),
+                               atol=2e-5, err_msg=strategy)
