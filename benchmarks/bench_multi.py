@@ -29,10 +29,10 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-import bench_step  # noqa: E402
+import bench_step
 
-import lorajax  # noqa: E402
-import lorajax.multi as multi  # noqa: E402
+import lorajax
+from lorajax import multi
 
 TARGETS = r".*(attn|mlp)/.*/kernel"
 
