@@ -232,11 +232,9 @@ def _choose(strategy: str, ids: jax.Array, n_slots: int) -> str:
   """The documented choice rule for `strategy="auto"`."""
   if strategy != "auto":
     return strategy
-  if n_slots <= 4:
-    return "onehot"
-  if ids.ndim >= 2:
-    return "ragged"
-  return "gather"
+  if ids.ndim < 2:
+    return "gather"
+  return "onehot" if n_slots <= 4 else "ragged"
 
 
 def _ragged(x, x_spec, x_con, a, b, scale, ids, v, out, lhs_is_w):
@@ -695,8 +693,8 @@ def lora(fn: Callable[..., Any], *, strategy: Strategy = "auto",
     * `"ragged"`: sort tokens by slot and run `lax.ragged_dot` twice (SGMV
       semantics; cost proportional to tokens); for `x @ W` with a 2-D `W`,
       others use `"gather"`.
-    * `"auto"` (default): `"onehot"` for at most 4 slots, else `"ragged"`
-      for per-token ids and `"gather"` for per-example ids.
+    * `"auto"` (default): `"gather"` for per-example ids; for per-token
+      ids `"onehot"` with at most 4 slots, else `"ragged"`.
 
   Args:
     fn: As in `lorajax.lora`.
