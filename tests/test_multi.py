@@ -50,7 +50,7 @@ def _reference(fn, params, adapters, ids, x):
   return jnp.concatenate(outs)
 
 
-@pytest.mark.parametrize("strategy", (*STRATEGIES, "auto"))
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_mixed_batch_equals_each_example_alone(mlp, strategy):
   params, named = mlp
   aset = multi.build(named)
