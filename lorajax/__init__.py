@@ -1,18 +1,21 @@
 """lorajax: functional LoRA fine-tuning for JAX.
 
 The core: adapters as a second pytree (`init`, `merge`, `unmerge`, `delta`),
-the factored transform `lora(fn)`, the train step, checkpoints and the
-summary. Submodules: `lorajax.peft` (Hugging Face PEFT interop),
-`lorajax.multi` (many adapters on one base: per-example adapter ids),
+the factored transform `lora(fn)`, the train step, checkpoints, the
+summary and the mixed-precision policies (`precision_policy`). Submodules:
+`lorajax.peft` (Hugging Face PEFT interop), `lorajax.multi` (many adapters
+on one base: per-example adapter ids),
 `lorajax.optim` (LoRA+ and weight-decay masks), `lorajax.sharding` (sharded
-init, global batches, axes inference). The model zoo (`lorajax.models`) and
+init, global batches, axes inference), `lorajax.quant` (quantized frozen
+bases: NF4, int8, GGUF blocks; LoftQ). The model zoo (`lorajax.models`) and
 the fine-tuning application (`lorajax.finetune`) are separate packages with
 their own extras (`pip install 'lorajax[models]'`, `'lorajax[finetune]'`).
 """
 
-from lorajax import multi, optim, peft, sharding
+from lorajax import multi, optim, peft, quant, sharding
 from lorajax._src.core.adapter import (
     LoraWeight,
+    VeraWeight,
     delta,
     init,
     is_lora,
@@ -31,6 +34,9 @@ from lorajax._src.core.factored import (
     LoraFallbackWarning,
     lora,
 )
+from lorajax._src.core.methods import VeraConfig, decompose, eva_init
+from lorajax._src.core.precision import precision_policy
+from lorajax._src.core.quant import quantize
 from lorajax._src.core.sharding import adapter_shardings, init_sharded
 from lorajax._src.core.summary import summary
 from lorajax._src.core.train import TrainStep, make_train_step
@@ -45,8 +51,12 @@ __all__ = (
     "LoraFallbackWarning",
     "LoraWeight",
     "TrainStep",
+    "VeraConfig",
+    "VeraWeight",
     "adapter_shardings",
+    "decompose",
     "delta",
+    "eva_init",
     "init",
     "init_sharded",
     "is_lora",
@@ -57,6 +67,9 @@ __all__ = (
     "multi",
     "optim",
     "peft",
+    "precision_policy",
+    "quant",
+    "quantize",
     "sharding",
     "summary",
     "unmerge",

@@ -16,15 +16,19 @@ import lorajax.models.llama
 import lorajax.multi
 import lorajax.optim
 import lorajax.peft
+import lorajax.quant
 import lorajax.sharding
 
 CORE = {
     "CheckpointManager", "CorruptCheckpointError", "LoraConfig",
     "LoraFallbackError", "LoraFallbackWarning", "LoraWeight", "TrainStep",
     "adapter_shardings", "delta", "init", "init_sharded", "is_lora",
-    "is_node", "lora", "make_train_step", "merge", "summary", "unmerge",
+    "is_node", "lora", "make_train_step", "merge", "precision_policy",
+    "quantize", "summary", "unmerge",
     # Public submodules.
-    "multi", "optim", "peft", "sharding",
+    "multi", "optim", "peft", "quant", "sharding",
+    # PEFT's methods (docs/methods.md).
+    "VeraConfig", "VeraWeight", "decompose", "eva_init",
 }
 
 SUBMODULES = {
@@ -33,12 +37,17 @@ SUBMODULES = {
                     "active_slots", "add", "add_weighted_adapter", "build",
                     "dare_mask", "load", "lora", "per_slot", "remove",
                     "replace", "save"},
-    lorajax.peft: {"load", "save"},
+    lorajax.peft: {"load", "save", "to_lora"},
+    lorajax.quant: {"FORMATS", "MergedWeight", "QuantizationWarning",
+                    "QuantizedWeight",
+                    "dequantize", "is_quantized", "loftq", "quantize"},
     lorajax.sharding: {"adapter_shardings", "global_batch", "infer_axes",
                        "init_sharded"},
-    lorajax.models.llama: {"LlamaConfig", "LlamaModel", "Tokenizer",
+    lorajax.models.llama: {"LlamaConfig", "LlamaModel", "REMAT_POLICIES",
+                           "SCAN_MIN_LAYERS", "Tokenizer",
                            "default_model_path", "from_pretrained",
-                           "init_params", "save_pretrained"},
+                           "init_params", "save_pretrained", "stack_layers",
+                           "unstack_layers"},
 }
 
 

@@ -30,6 +30,7 @@ import optax
 from lorajax._src.app import data as data_lib
 from lorajax._src.core import adapter as adapter_lib
 from lorajax._src.core import factored as factored_lib
+from lorajax._src.core import quant as quant_lib
 from lorajax._src.core import train as train_lib
 from lorajax._src.core.config import LoraConfig
 from lorajax._src.core.typing import PyTree
@@ -98,12 +99,19 @@ class TrainConfig:
       v = getattr(self, name)
       if not isinstance(v, int) or v < 1:
         raise ValueError(f"`{name}` must be an integer >= 1; got {v!r}.")
-    if self.epochs is not None and not self.epochs > 0:
-      raise ValueError(f"`epochs` must be > 0; got {self.epochs!r}.")
-    if not self.learning_rate > 0:
+    if self.epochs is not None and not 0 < self.epochs < math.inf:
       raise ValueError(
-          f"`learning_rate` must be > 0; got {self.learning_rate!r}."
+          f"`epochs` must be a finite number > 0; got {self.epochs!r}.")
+    if not 0 < self.learning_rate < math.inf:
+      raise ValueError(
+          "`learning_rate` must be a finite number > 0; got"
+          f" {self.learning_rate!r}."
       )
+    for name in ("weight_decay", "max_grad_norm"):
+      v = getattr(self, name, None)
+      if v is not None and not 0 <= v < math.inf:
+        raise ValueError(
+            f"`{name}` must be a finite number >= 0 (or None); got {v!r}.")
     if self.seq_len is not None and self.seq_len < 2:
       raise ValueError(f"`seq_len` must be >= 2; got {self.seq_len!r}.")
     if self.mode is not None and self.mode not in MODES:
@@ -431,7 +439,12 @@ def generate_answers(
   stops = {*(getattr(cfg, "eos_token_ids", None) or ()),
            getattr(cfg, "eos_token_id", None), tok.eos_id} - {None}
   eos = tuple(sorted(int(s) for s in stops)) or None
-  run_params = params if adapter is None else _merge_jit(params, adapter)
+  quantized = _has_quantized(params)
+  if quantized:  # Decode on the quantized base: never a dense copy.
+    gen = _factored_generate(model, max_new_tokens, eos)
+    adapter = _no_adapter(params) if adapter is None else adapter
+  else:
+    run_params = params if adapter is None else _merge_jit(params, adapter)
   prompts = [prompt_ids(r, tok) for r in records]
   pad = tok.pad_id if tok.pad_id is not None else 0
   answers: list[str] = []
@@ -445,9 +458,12 @@ def generate_answers(
       att[i, width - len(p):] = 1
     for i in range(len(chunk), batch_size):  # Filler rows repeat row 0.
       ids[i], att[i] = ids[0], att[0]
-    out = model.generate(run_params, jnp.asarray(ids), max_new_tokens,
-                         temperature=0.0, attention_mask=jnp.asarray(att),
-                         eos_id=eos)
+    if quantized:
+      out = gen(params, adapter, jnp.asarray(ids), jnp.asarray(att))
+    else:
+      out = model.generate(run_params, jnp.asarray(ids), max_new_tokens,
+                           temperature=0.0, attention_mask=jnp.asarray(att),
+                           eos_id=eos)
     out = np.asarray(out)
     if out.shape[1] == width + max_new_tokens:
       out = out[:, width:]
@@ -481,6 +497,32 @@ class EvalResult(NamedTuple):
 _merge_jit = jax.jit(adapter_lib.merge)
 
 
+def _has_quantized(params: PyTree) -> bool:
+  return any(quant_lib.is_quantized(x) for x in jax.tree.leaves(
+      params, is_leaf=quant_lib.is_quantized))
+
+
+def _no_adapter(params: PyTree) -> PyTree:
+  return jax.tree.map(lambda _: None, params, is_leaf=quant_lib.is_quantized)
+
+
+@functools.lru_cache(maxsize=16)
+def _factored_generate(model: Any, max_new_tokens: int, eos: Any):
+  """`model.generate` through `lorajax.lora`, jitted (quantized bases)."""
+  def gen(params, input_ids, attention_mask):
+    return model.generate(params, input_ids, max_new_tokens, temperature=0.0,
+                          attention_mask=attention_mask, eos_id=eos)
+  return jax.jit(factored_lib.lora(gen))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_sums_factored(model, params, adapter, input_ids, attention_mask,
+                        loss_mask):
+  logits = factored_lib.lora(model.apply)(params, adapter, input_ids,
+                                          attention_mask)
+  return loss_sums(logits, input_ids, loss_mask)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_sums(model, params, input_ids, attention_mask, loss_mask):
   logits = model.apply(params, input_ids, attention_mask)
@@ -507,7 +549,11 @@ def eval_loss(
   Returns:
     The loss per completion token.
   """
-  run_params = params if adapter is None else _merge_jit(params, adapter)
+  quantized = _has_quantized(params)
+  if quantized:  # Evaluate on the quantized base: never a dense copy.
+    adapter = _no_adapter(params) if adapter is None else adapter
+  else:
+    run_params = params if adapter is None else _merge_jit(params, adapter)
 
   order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
   s = n = 0.0
@@ -515,8 +561,12 @@ def eval_loss(
     exs = [examples[i] for i in order[start:start + batch_size]]
     width = _bucket(max(map(len, exs)))
     b = data_lib.pad_batch(exs, width, batch_size)
-    ds, dn = _eval_sums(model, run_params, b.input_ids, b.attention_mask,
-                        b.loss_mask)
+    if quantized:
+      ds, dn = _eval_sums_factored(model, params, adapter, b.input_ids,
+                                   b.attention_mask, b.loss_mask)
+    else:
+      ds, dn = _eval_sums(model, run_params, b.input_ids, b.attention_mask,
+                          b.loss_mask)
     s += float(ds)
     n += float(dn)
   return s / max(n, 1.0)

@@ -50,6 +50,7 @@ from lorajax._src.core import jax_compat as jc
 from lorajax._src.core import (
   layouts,
   lora_kind,  # noqa: F401  (registers LoraWeight)
+  method_kinds,  # noqa: F401  (registers VeraWeight; DoRA)
 )
 from lorajax._src.core import paths as paths_lib
 from lorajax._src.core.adapter import check_fit
@@ -140,6 +141,8 @@ _RULES = (
          " factors are left to the compiler"),
     Rule("reduce_precision", "passthrough", "acts on the base"),
     Rule("optimization_barrier", "passthrough", "acts on the base"),
+    Rule("reshard", "passthrough", "reshards the base; the factors are left"
+         " to the compiler"),
     Rule("jit", "call", "body interpreted inline"),
     Rule("closed_call", "call", "body interpreted inline"),
     Rule("remat", "remat", "body interpreted inside `jax.checkpoint` with the"
@@ -208,9 +211,26 @@ class _Interpreter:
 
   # -- fallbacks --
 
+  def lazy_fallback(self, v: Factored, op: str) -> jax.Array:
+    """A lazy base (e.g. quantized) made dense for one use, reported."""
+    msg = (
+        f"lorajax.lora: the frozen weight {v.path!r} ({v.base!r}) is used by"
+        f" `{op}`, which cannot run on its stored form; for this use the"
+        " dense weight is materialised (dequantized), costing a dense copy"
+        " of it."
+    )
+    if self.strict:
+      raise LoraFallbackError(
+          msg + " `strict=True` forbids this: keep the weight dense (leave"
+          " it out of `lorajax.quantize`) or drop `strict=True`.")
+    if (v.path, op) not in self.reported:
+      self.reported.add((v.path, op))
+      warnings.warn(msg, LoraFallbackWarning, stacklevel=3)
+    return dense(v.base)
+
   def fallback(self, v: Factored, op: str, why: str = "") -> jax.Array:
     if v.kind is BASE_ONLY:
-      return dense(v.base)  # A lazy base without adapter: just dequantize.
+      return self.lazy_fallback(v, op)
     msg = (
         f"lorajax.lora: the adapted weight {v.path!r} is used by `{op}`"
         f"{' (' + why + ')' if why else ''}, which the factored path does not"
@@ -283,7 +303,8 @@ class _Interpreter:
     base = v.base
     if isinstance(base, LazyBase):
       new_base = base.structural(op)
-      base = op.bind_dense(base.dequantize()) if new_base is None else new_base
+      base = (op.bind_dense(self.lazy_fallback(v, rule.name))
+              if new_base is None else new_base)
     else:
       base = op.bind_dense(base)
     if v.kind is BASE_ONLY and not isinstance(base, LazyBase):
@@ -505,7 +526,9 @@ def _inputs(params: PyTree, adapter: PyTree) -> list[Any]:
                                   for x, t in zip(leaves, train)])
       out.append(kind.factored(node, leaf, path))
     elif _is_lazy(leaf):
-      out.append(Factored(leaf, (), "", (), BASE_ONLY, None, path))
+      # No adapter: roles only have to be uniform for layouts to move it.
+      out.append(Factored(leaf, (), "s" * len(leaf.shape), (), BASE_ONLY,
+                          None, path))
     else:
       out.append(leaf)
   return out

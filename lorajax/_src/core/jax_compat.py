@@ -84,7 +84,24 @@ _TRACED = {
         jax.lax.optimization_barrier, _sds((2,))),
     # Exported as `remat_p` only from JAX 0.8.
     "remat": lambda: _traced(jax.checkpoint(jnp.sin), _sds((2,))),
+    "reshard": lambda: _traced_reshard(),  # noqa: PLW0108  (defined below)
 }
+
+# Resolved when the installed JAX has them; their absence is not a problem.
+_OPTIONAL = frozenset({"reshard"})
+
+
+def _traced_reshard():
+  """`reshard` binds only under a mesh with explicit axes."""
+  try:
+    from jax.sharding import AxisType, PartitionSpec  # noqa: PLC0415
+    mesh = jax.sharding.AbstractMesh((1,), ("x",),
+                                     axis_types=(AxisType.Explicit,))
+    with jax.sharding.use_abstract_mesh(mesh):
+      return _traced(lambda x: jax.sharding.reshard(x, PartitionSpec("x")),
+                     _sds((2,)))
+  except Exception:  # noqa: BLE001  (an older JAX: no explicit axes)
+    return None
 
 
 @functools.cache
@@ -410,7 +427,7 @@ def check_installed_jax() -> list[str]:
   problems = []
   prims = primitives()
   for name in required_primitives():
-    if name not in prims:
+    if name not in prims and name not in _OPTIONAL:
       where = ("jax.extend.core.primitives." + " or ".join(_PUBLIC[name])
                if name in _PUBLIC else "")
       if name in _TRACED:
