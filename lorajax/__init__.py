@@ -3,7 +3,8 @@
 The core: adapters as a second pytree (`init`, `merge`, `unmerge`, `delta`),
 the factored transform `lora(fn)`, the train step, checkpoints, the
 summary and the mixed-precision policies (`precision_policy`). Submodules:
-`lorajax.peft` (Hugging Face PEFT interop),
+`lorajax.peft` (Hugging Face PEFT interop), `lorajax.multi` (many adapters
+on one base: per-example adapter ids),
 `lorajax.optim` (LoRA+ and weight-decay masks), `lorajax.sharding` (sharded
 init, global batches, axes inference), `lorajax.quant` (quantized frozen
 bases: NF4, int8, GGUF blocks; LoftQ). The model zoo (`lorajax.models`) and
@@ -11,7 +12,7 @@ the fine-tuning application (`lorajax.finetune`) are separate packages with
 their own extras (`pip install 'lorajax[models]'`, `'lorajax[finetune]'`).
 """
 
-from lorajax import optim, peft, quant, sharding
+from lorajax import multi, optim, peft, quant, sharding
 from lorajax._src.core.adapter import (
     LoraWeight,
     VeraWeight,
@@ -63,6 +64,7 @@ __all__ = (
     "lora",
     "make_train_step",
     "merge",
+    "multi",
     "optim",
     "peft",
     "precision_policy",

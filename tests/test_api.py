@@ -13,6 +13,7 @@ import pytest
 import lorajax
 import lorajax.finetune
 import lorajax.models.llama
+import lorajax.multi
 import lorajax.optim
 import lorajax.peft
 import lorajax.quant
@@ -25,13 +26,17 @@ CORE = {
     "is_node", "lora", "make_train_step", "merge", "precision_policy",
     "quantize", "summary", "unmerge",
     # Public submodules.
-    "optim", "peft", "quant", "sharding",
+    "multi", "optim", "peft", "quant", "sharding",
     # PEFT's methods (docs/methods.md).
     "VeraConfig", "VeraWeight", "decompose", "eva_init",
 }
 
 SUBMODULES = {
     lorajax.optim: {"decay_mask", "lora_plus"},
+    lorajax.multi: {"BASE_ID", "AdapterSet", "LoraSetWeight", "SlotInfo",
+                    "active_slots", "add", "add_weighted_adapter", "build",
+                    "dare_mask", "load", "lora", "per_slot", "remove",
+                    "replace", "save"},
     lorajax.peft: {"load", "save", "to_lora"},
     lorajax.quant: {"FORMATS", "MergedWeight", "QuantizationWarning",
                     "QuantizedWeight",

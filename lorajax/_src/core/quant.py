@@ -55,6 +55,8 @@ from lorajax._src.core.extend import LazyBase, StructuralOp
 PyTree = Any
 
 FORMATS = ("nf4", "int8", "q4_0", "q4_1", "q8_0")
+"""The storage formats of a `QuantizedWeight`: NF4 (QLoRA), int8 per output
+channel, and the GGUF blocks Q4_0, Q4_1 and Q8_0."""
 _FOUR_BIT = ("nf4", "q4_0", "q4_1")
 _BLOCK = {"nf4": 64, "q4_0": 32, "q4_1": 32, "q8_0": 32}
 _DQ_GROUP = 256  # Absmaxes per group in NF4 double quantization.

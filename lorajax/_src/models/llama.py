@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorajax._src.core import factored
+from lorajax._src.core import multi as multi_lib
 from lorajax._src.core.adapter import LoraWeight
 from lorajax._src.core.typing import PyTree
 
@@ -646,7 +648,7 @@ _PROMPT_BUCKET = 32
     jax.jit, static_argnames=("config", "max_new_tokens", "temperature")
 )
 def _generate(params, config, input_ids, attention_mask, key, eos_ids, pad_id,
-              *, max_new_tokens, temperature):
+              adapter=None, *, max_new_tokens, temperature):
   b, p_len = input_ids.shape
   total = p_len + max_new_tokens
   dtype = jnp.dtype(config.dtype)
@@ -673,10 +675,27 @@ def _generate(params, config, input_ids, attention_mask, key, eos_ids, pad_id,
   cos, sin = _rope_tables(config, positions)
   causal = jnp.arange(total)[None, :] <= jnp.arange(p_len)[:, None]
   mask = causal[None] & key_valid[:, None, :]
-  x = _embed(params, input_ids, dtype)
-  x, new_cache = _run_layers_cached(params, config, x, cos, sin, mask, cache,
-                                    0)
-  logits = _logits(params, config, x[:, -1:])[:, 0]
+  def run(f, *args):
+    # Unmerged adapters (one adapter, or an adapter set bound to
+    # per-example ids) run factored; their arrays are traced, so new
+    # adapter weights or ids reuse the compiled program.
+    if adapter is None:
+      return f(params, *args)
+    return factored.lora(f)(params, adapter, *args)
+
+  def prefill(params, input_ids, cos, sin, mask, cache):
+    x = _embed(params, input_ids, dtype)
+    x, new_cache = _run_layers_cached(params, config, x, cos, sin, mask,
+                                      cache, 0)
+    return _logits(params, config, x[:, -1:])[:, 0], new_cache
+
+  def step(params, tok, cos, sin, mask, cache, slot):
+    x = _embed(params, tok[:, None], dtype)
+    x, new_cache = _run_layers_cached(params, config, x, cos, sin, mask,
+                                      cache, slot)
+    return _logits(params, config, x)[:, 0], new_cache
+
+  logits, new_cache = run(prefill, input_ids, cos, sin, mask, cache)
   key, sub = jax.random.split(key)
   tok = pick(logits, sub)
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
@@ -693,10 +712,7 @@ def _generate(params, config, input_ids, attention_mask, key, eos_ids, pad_id,
     pos = (n_valid + t - 1)[:, None]
     cos, sin = _rope_tables(config, pos)
     mask = (jnp.arange(total) <= slot)[None, None, :] & key_valid[:, None, :]
-    x = _embed(params, tok[:, None], dtype)
-    x, new_cache = _run_layers_cached(params, config, x, cos, sin, mask,
-                                      cache, slot)
-    logits = _logits(params, config, x)[:, 0]
+    logits, new_cache = run(step, tok, cos, sin, mask, cache, slot)
     key, sub = jax.random.split(key)
     nxt = pick(logits, sub)
     nxt = jnp.where(done, pad_id, nxt)
@@ -720,9 +736,27 @@ def generate(
     attention_mask: jax.Array | None = None,
     eos_id: int | Sequence[int] | None = None,
     pad_id: int | None = None,
+    adapter: PyTree | None = None,
+    adapter_ids: jax.Array | None = None,
 ) -> jax.Array:
-  """Decodes with a KV cache (see `LlamaModel.generate`)."""
+  """Decodes with a KV cache (see `LlamaModel.generate`).
+
+  `adapter` runs unmerged (factored): an adapter tree, or with
+  `adapter_ids` (one int per example, `lorajax.multi.BASE_ID` for the base
+  model) an adapter set (`lorajax.multi.AdapterSet` or its `weights`), each
+  example decoding with its own adapter. New ids or adapter weights of the
+  same shapes reuse the compiled program.
+  """
   input_ids = jnp.asarray(input_ids, jnp.int32)
+  if adapter_ids is not None:
+    if adapter is None:
+      raise ValueError("`adapter_ids` needs `adapter` (an adapter set).")
+    adapter_ids = jnp.asarray(adapter_ids)
+    if adapter_ids.shape != input_ids.shape[:1]:
+      raise ValueError(
+          f"`adapter_ids` must have one id per example, shape"
+          f" {input_ids.shape[:1]}; got {adapter_ids.shape}.")
+    adapter = multi_lib.bind(adapter, adapter_ids)
   if input_ids.ndim == 1:
     raise ValueError(
         f"`input_ids` must have shape (batch, seq); got {input_ids.shape}."
@@ -787,7 +821,7 @@ def generate(
   return _generate(
       params, config, input_ids, attention_mask, key,
       jnp.asarray(eos_ids, jnp.int32),
-      jnp.int32(pad_id), max_new_tokens=max_new_tokens,
+      jnp.int32(pad_id), adapter, max_new_tokens=max_new_tokens,
       temperature=temperature,
   )
 

@@ -85,6 +85,8 @@ class LlamaModel:
       key: jax.Array | None = None,
       attention_mask: jax.typing.ArrayLike | None = None,
       eos_id: int | Sequence[int] | None = None,
+      adapter: PyTree | None = None,
+      adapter_ids: jax.typing.ArrayLike | None = None,
   ) -> jax.Array:
     """Decodes up to `max_new_tokens` tokens with a KV cache, under `jit`.
 
@@ -105,6 +107,12 @@ class LlamaModel:
       attention_mask: Optional (batch, seq) mask, 0 for (left) padding.
       eos_id: Stop token id, or several; defaults to `config.eos_token_ids`
         or `config.eos_token_id`. Pass -1 to never stop early.
+      adapter: An adapter run unmerged (factored) while decoding: an adapter
+        tree, or with `adapter_ids` an adapter set
+        (`lorajax.multi.AdapterSet` or its `weights`).
+      adapter_ids: One adapter id per example (`lorajax.multi.BASE_ID` for
+        the base model): each example decodes with its own adapter of the
+        set. Changing the ids or the set's weights does not recompile.
 
     Returns:
       The new token ids, int32 of shape (batch, max_new_tokens) (the prompt is
@@ -119,7 +127,8 @@ class LlamaModel:
         params, self.config, jnp.asarray(input_ids), max_new_tokens,
         temperature=temperature, key=key,
         attention_mask=_optional(attention_mask),
-        eos_id=eos_id,
+        eos_id=eos_id, adapter=adapter,
+        adapter_ids=None if adapter_ids is None else jnp.asarray(adapter_ids),
     )
 
 
