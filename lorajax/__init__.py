@@ -1,8 +1,9 @@
 """lorajax: functional LoRA fine-tuning for JAX.
 
 The core: adapters as a second pytree (`init`, `merge`, `unmerge`, `delta`),
-the factored transform `lora(fn)`, the train step, checkpoints and the
-summary. Submodules: `lorajax.peft` (Hugging Face PEFT interop),
+the factored transform `lora(fn)`, the train step, checkpoints, the
+summary and the mixed-precision policies (`precision_policy`). Submodules:
+`lorajax.peft` (Hugging Face PEFT interop),
 `lorajax.optim` (LoRA+ and weight-decay masks), `lorajax.sharding` (sharded
 init, global batches, axes inference), `lorajax.quant` (quantized frozen
 bases: NF4, int8, GGUF blocks; LoftQ). The model zoo (`lorajax.models`) and
@@ -13,6 +14,7 @@ their own extras (`pip install 'lorajax[models]'`, `'lorajax[finetune]'`).
 from lorajax import optim, peft, quant, sharding
 from lorajax._src.core.adapter import (
     LoraWeight,
+    VeraWeight,
     delta,
     init,
     is_lora,
@@ -31,6 +33,8 @@ from lorajax._src.core.factored import (
     LoraFallbackWarning,
     lora,
 )
+from lorajax._src.core.methods import VeraConfig, decompose, eva_init
+from lorajax._src.core.precision import precision_policy
 from lorajax._src.core.quant import quantize
 from lorajax._src.core.sharding import adapter_shardings, init_sharded
 from lorajax._src.core.summary import summary
@@ -46,8 +50,12 @@ __all__ = (
     "LoraFallbackWarning",
     "LoraWeight",
     "TrainStep",
+    "VeraConfig",
+    "VeraWeight",
     "adapter_shardings",
+    "decompose",
     "delta",
+    "eva_init",
     "init",
     "init_sharded",
     "is_lora",
@@ -57,6 +65,7 @@ __all__ = (
     "merge",
     "optim",
     "peft",
+    "precision_policy",
     "quant",
     "quantize",
     "sharding",

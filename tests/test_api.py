@@ -22,23 +22,27 @@ CORE = {
     "CheckpointManager", "CorruptCheckpointError", "LoraConfig",
     "LoraFallbackError", "LoraFallbackWarning", "LoraWeight", "TrainStep",
     "adapter_shardings", "delta", "init", "init_sharded", "is_lora",
-    "is_node", "lora", "make_train_step", "merge", "quantize", "summary",
-    "unmerge",
+    "is_node", "lora", "make_train_step", "merge", "precision_policy",
+    "quantize", "summary", "unmerge",
     # Public submodules.
     "optim", "peft", "quant", "sharding",
+    # PEFT's methods (docs/methods.md).
+    "VeraConfig", "VeraWeight", "decompose", "eva_init",
 }
 
 SUBMODULES = {
     lorajax.optim: {"decay_mask", "lora_plus"},
-    lorajax.peft: {"load", "save"},
+    lorajax.peft: {"load", "save", "to_lora"},
     lorajax.quant: {"FORMATS", "MergedWeight", "QuantizationWarning",
                     "QuantizedWeight",
                     "dequantize", "is_quantized", "loftq", "quantize"},
     lorajax.sharding: {"adapter_shardings", "global_batch", "infer_axes",
                        "init_sharded"},
-    lorajax.models.llama: {"LlamaConfig", "LlamaModel", "Tokenizer",
+    lorajax.models.llama: {"LlamaConfig", "LlamaModel", "REMAT_POLICIES",
+                           "SCAN_MIN_LAYERS", "Tokenizer",
                            "default_model_path", "from_pretrained",
-                           "init_params", "save_pretrained"},
+                           "init_params", "save_pretrained", "stack_layers",
+                           "unstack_layers"},
 }
 
 

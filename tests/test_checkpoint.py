@@ -215,6 +215,9 @@ def test_keep_last_n_sizes_and_metadata(tmp_path, uninterrupted):
     mgr.wait_until_finished()
     assert mgr.all_steps() == [4, 5]
     assert mgr.latest_step() == 5
+    # Listing needs no config (and no manager).
+    assert lorajax.CheckpointManager.saved_steps(tmp_path / "both") == [4, 5]
+    assert lorajax.CheckpointManager.saved_steps(tmp_path / "none") == []
     assert mgr.saved_config() == config
     meta = mgr.metadata(5)
     assert meta["user"] == {"epoch": 2}

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import lorajax
+from lorajax._src.core import jax_compat
 
 RTOL, ATOL = 2e-4, 2e-5  # f32, accumulations in a different order.
 
@@ -299,7 +300,7 @@ def _dense_weight_dots(jaxpr, shapes):
     if (eqn.primitive.name == "dot_general"
         and tuple(eqn.outvars[0].aval.shape) in shapes):
       found.append(eqn.outvars[0].aval.shape)
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+    for sub in jax_compat.jaxprs_in_params(eqn.params):
       found += _dense_weight_dots(sub, shapes)
   return found
 

@@ -150,6 +150,20 @@ def test_permutation_is_undone(tmp_path):
     np.testing.assert_array_equal(np.asarray(got).T, want)
 
 
+def test_gguf_loads_into_scanned_layers(tmp_path):
+  tm = tiny_torch_llama(seed=4)
+  _write_gguf(tmp_path / "m.gguf", tm, "F32")
+  model, params = llama.from_pretrained(tmp_path / "m.gguf",
+                                        scan_layers=True)
+  assert model.config.scanned
+  q = params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  want = tm.model.layers[1].self_attn.q_proj.weight.detach().numpy()
+  np.testing.assert_array_equal(np.asarray(q[1]).T, want)
+  ids = random_ids(np.random.default_rng(1), 2, 10)
+  np.testing.assert_allclose(
+      model.apply(params, ids), torch_logits(tm, ids), atol=1e-4, rtol=0)
+
+
 def test_gguf_errors(tmp_path):
   tm = tiny_torch_llama(seed=5)
   _write_gguf(tmp_path / "m.gguf", tm, "F32", arch="gpt2")

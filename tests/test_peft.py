@@ -245,14 +245,20 @@ def saved(base, tmp_path):
     "change,match",
     [
         (dict(peft_type="LOHA"), "peft_type 'LOHA'"),
-        (dict(use_dora=True), "use_dora=true"),
+        # DoRA loads (tests/test_methods.py); without magnitudes it is
+        # incomplete.
+        (dict(use_dora=True), "lora_magnitude_vector is missing"),
+        (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'.*"
+         "path_initial_model_for_weight_conversion"),
+        (dict(layers_to_transform=[0]), "layers_to_transform=\\[0\\]"),
         (dict(fan_in_fan_out=True), "fan_in_fan_out=true"),
         (dict(bias="all"), "bias='all'"),
         (dict(lora_bias=True), "lora_bias=true"),
         (dict(modules_to_save=["lm_head"]), r"modules_to_save=\['lm_head'\]"),
         (dict(r=3), "rank 2 but adapter_config.json says r=3"),
     ],
-    ids=["loha", "dora", "fan_in_fan_out", "bias", "lora_bias",
+    ids=["loha", "dora", "pissa", "layers_to_transform", "fan_in_fan_out",
+         "bias", "lora_bias",
          "modules_to_save", "rank"],
 )
 def test_load_rejects_config(saved, change, match):
@@ -328,8 +334,15 @@ def test_save_errors(base, tmp_path):
   stacked = {"layers": {"kernel": jnp.zeros((2, 8, 8))}}
   ad = lorajax.init(stacked, lorajax.LoraConfig(rank=2, axes={".*": "sio"}),
                     key=jax.random.key(0))
-  with pytest.raises(ValueError, match=r"stacked adapter.*Unstack"):
+  # A stacked adapter whose path gives no per-layer module name.
+  with pytest.raises(ValueError, match=r"stacked adapter.*no per-layer PEFT"
+                     r" module name.*`name_map`.*\{\}"):
     lorajax.peft.save(tmp_path / "a", ad)
+  experts = {"moe": {"kernel": jnp.zeros((8, 2, 8))}}
+  ad = lorajax.init(experts, lorajax.LoraConfig(rank=2, axes={".*": "iso"}),
+                    key=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"axes 'iso'.*one leading stack"):
+    lorajax.peft.save(tmp_path / "a", ad, name_map={"moe/kernel": "m{}"})
   odd = {"layer": {"proj": jnp.zeros((8, 8))}}
   ad = lorajax.init(odd, lorajax.LoraConfig(rank=2, targets="layer/proj"),
                     key=jax.random.key(0))

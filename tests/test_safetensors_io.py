@@ -116,3 +116,14 @@ print("HEAVY", heavy)
                        check=False)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "HEAVY []" in out.stdout, out.stdout
+
+
+def test_models_import_without_the_application_stack():
+  code = ("import sys, lorajax.models.llama\n"
+          "print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0]"
+          " in ('flax', 'matplotlib', 'tqdm', 'torch')))")
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=120, env=env, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "HEAVY []" in out.stdout, out.stdout

@@ -171,6 +171,10 @@ def test_has_aux_donation_and_errors():
   stacked = jax.tree.map(lambda x: x.reshape(2, 4, *x.shape[1:]), batch)
   with pytest.raises(ValueError, match=r"batch holds 2 microbatches"):
     mb.step(params, copy(adapter), mb.init(adapter), stacked)
+  ragged = {"x": stacked["x"], "y": batch["y"]}
+  with pytest.raises(ValueError, match=r"one common size; got leading"
+                     r" sizes \[2, 8\]"):
+    mb.step(params, copy(adapter), mb.init(adapter), ragged)
   with pytest.raises(ValueError, match=r"holds no NamedSharding"):
     lorajax.make_train_step(mse, optax.sgd(LR), adapter_shardings={"w": None})
 

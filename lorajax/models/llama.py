@@ -12,7 +12,14 @@ Example:
 """
 
 from lorajax._src.models.hf_io import save_pretrained
-from lorajax._src.models.llama import LlamaConfig, init_params
+from lorajax._src.models.llama import (
+    REMAT_POLICIES,
+    SCAN_MIN_LAYERS,
+    LlamaConfig,
+    init_params,
+    stack_layers,
+    unstack_layers,
+)
 from lorajax._src.models.model import (
     LlamaModel,
     default_model_path,
@@ -21,6 +28,8 @@ from lorajax._src.models.model import (
 from lorajax._src.models.tokenizer import Tokenizer
 
 __all__ = (
+    "REMAT_POLICIES",
+    "SCAN_MIN_LAYERS",
     "LlamaConfig",
     "LlamaModel",
     "Tokenizer",
@@ -28,4 +37,6 @@ __all__ = (
     "from_pretrained",
     "init_params",
     "save_pretrained",
+    "stack_layers",
+    "unstack_layers",
 )

@@ -99,12 +99,19 @@ class TrainConfig:
       v = getattr(self, name)
       if not isinstance(v, int) or v < 1:
         raise ValueError(f"`{name}` must be an integer >= 1; got {v!r}.")
-    if self.epochs is not None and not self.epochs > 0:
-      raise ValueError(f"`epochs` must be > 0; got {self.epochs!r}.")
-    if not self.learning_rate > 0:
+    if self.epochs is not None and not 0 < self.epochs < math.inf:
       raise ValueError(
-          f"`learning_rate` must be > 0; got {self.learning_rate!r}."
+          f"`epochs` must be a finite number > 0; got {self.epochs!r}.")
+    if not 0 < self.learning_rate < math.inf:
+      raise ValueError(
+          "`learning_rate` must be a finite number > 0; got"
+          f" {self.learning_rate!r}."
       )
+    for name in ("weight_decay", "max_grad_norm"):
+      v = getattr(self, name, None)
+      if v is not None and not 0 <= v < math.inf:
+        raise ValueError(
+            f"`{name}` must be a finite number >= 0 (or None); got {v!r}.")
     if self.seq_len is not None and self.seq_len < 2:
       raise ValueError(f"`seq_len` must be >= 2; got {self.seq_len!r}.")
     if self.mode is not None and self.mode not in MODES:

@@ -34,6 +34,25 @@ _MLP_NAMES = (
 )
 
 PRESETS = ("all-linear", "attention", "mlp")
+INITS = ("lora", "gaussian", "pissa", "olora", "eva")
+
+
+def _is_scan_stacked(path: str, ndim: int) -> bool:
+  """The default-`"sio"` rule for scan-stacked layers (see `LoraConfig`).
+
+  True for a 3-axis weight whose path runs through a part named `layers`
+  followed by at least one module name and the weight name, none of them an
+  index: `model/layers/self_attn/q_proj/kernel` (`lorajax.models.llama` with
+  scanned layers, Flax `nn.scan(..., variable_axes={"params": 0})` modules
+  named `layers`), but not `model/layers/0/.../kernel` or `layers/kernel`.
+  """
+  parts = path.split("/")
+  if ndim != 3 or parts[-1] not in ("kernel", "weight", "w"):
+    return False
+  for j, part in enumerate(parts[:-2]):
+    if part == "layers":
+      return not any(q.isdigit() for q in parts[j + 1:])
+  return False
 
 
 def _is_weight_node(x: Any) -> bool:
@@ -221,11 +240,24 @@ class LoraConfig:
     axes: Maps regexes (fullmatch) to an axes string with one letter per
       weight axis: `s` stacked (scan-stacked layers, MoE experts: a separate
       adapter per slice), `i` input (contracted with the activation), `o`
-      output. A 2-D weight defaults to `"io"`; a weight with more axes needs an
-      entry.
+      output. A 2-D weight defaults to `"io"`. A 3-D weight under a path
+      part named `layers` followed by module names (no layer index), the
+      scan-stacked layout of `lorajax.models.llama`
+      (`model/layers/self_attn/q_proj/kernel`, shape `(layers, in, out)`),
+      defaults to `"sio"`: one adapter per layer. Any other weight with more
+      than two axes needs an entry.
     init: `"lora"` (`a` uniform in +-1/sqrt(d_in), `b` zero; Hu et al. 2021),
       or `"gaussian"` (`a` normal with std 1/rank, `b` zero, as PEFT's
-      `init_lora_weights="gaussian"`).
+      `init_lora_weights="gaussian"`); both are made by `lorajax.init`.
+      `"pissa"` (top-`rank` SVD of each weight; Meng et al. 2024),
+      `"pissa_niter_K"` (the same by randomized SVD with K power
+      iterations) and `"olora"` (QR of each weight; Büyükakyüz 2024) move
+      the top part of the weight into the adapter and need
+      `lorajax.decompose`, which also returns the residual base; `"eva"`
+      (from calibration activations; Paischer et al. 2024) needs
+      `lorajax.eva_init`.
+    use_dora: DoRA (Liu et al. 2024): each adapter also trains a per-output
+      magnitude, `W' = m * (W + delta) / ||W + delta||` (PEFT's `use_dora`).
     param_dtype: Storage dtype of `a` and `b` (Flax's naming: `dtype` is a
       computation dtype, `param_dtype` a storage dtype; the factored
       transform computes in the base weight's dtype). `dtype=` is a
@@ -244,6 +276,7 @@ class LoraConfig:
   axes: Any = None
   init: str = "lora"
   param_dtype: Any = "float32"
+  use_dora: bool = False
 
   def __post_init__(self):
     set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
@@ -288,10 +321,17 @@ class LoraConfig:
     for name in ("rank_pattern", "alpha_pattern", "axes"):
       for k, _ in getattr(self, name):
         _compile(k, name)
-    if self.init not in ("lora", "gaussian"):
+    if not isinstance(self.init, str) or not (
+        self.init in INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*",
+                                           self.init)):
       raise ValueError(
-          f"`init` must be 'lora' or 'gaussian'; got {self.init!r}."
+          "`init` must be 'lora' or 'gaussian' (made by `lorajax.init`),"
+          " 'pissa', 'pissa_niter_K' (K >= 1 power iterations) or 'olora'"
+          " (made by `lorajax.decompose`), or 'eva' (`lorajax.eva_init`);"
+          f" got {self.init!r}."
       )
+    if not isinstance(self.use_dora, bool):
+      raise TypeError(f"`use_dora` must be a bool; got {self.use_dora!r}.")
     try:
       dtype = jnp.dtype(self.param_dtype)
     except TypeError:
@@ -321,6 +361,7 @@ class LoraConfig:
         "axes": dict(self.axes),
         "init": self.init,
         "param_dtype": self.param_dtype,
+        "use_dora": self.use_dora,
     }
 
   @classmethod
@@ -337,6 +378,14 @@ class LoraConfig:
     """Deprecated alias of `param_dtype` (removed in lorajax 0.2.0)."""
     warnings.warn(_DTYPE_DEPRECATION, DeprecationWarning, stacklevel=2)
     return self.param_dtype
+
+  @property
+  def method(self) -> str:
+    """`"dora"`, `"pissa"`, `"olora"`, `"eva"` or `"lora"`."""
+    if self.use_dora:
+      return "dora"
+    return self.init.split("_niter_")[0] if self.init not in (
+        "lora", "gaussian") else "lora"
 
   def scale_for(self, rank: int, alpha: float) -> float:
     """The LoRA scale for a weight with this rank and alpha."""
@@ -423,6 +472,8 @@ class LoraConfig:
           ((k, v) for k, v in self.axes if re.fullmatch(k, path)),
           (None, None),
       )
+      if axes is None and _is_scan_stacked(path, len(shape)):
+        axes = "sio"
       if axes is None:
         if len(shape) != 2:
           errors.append(

@@ -342,7 +342,9 @@ class _BaseOnly(AdapterKind):
   def dot_general(self, v, use):
     return use.base_output()
 
-  gather = conv = ragged_dot = dot_general
+  # A gather may index a stacked axis: `None` lets the interpreter try it as
+  # a structural op first (so `LazyBase.structural` can keep it lazy).
+  conv = ragged_dot = dot_general
 
 
 BASE_ONLY = _BaseOnly()

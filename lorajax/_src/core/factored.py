@@ -50,6 +50,7 @@ from lorajax._src.core import jax_compat as jc
 from lorajax._src.core import (
   layouts,
   lora_kind,  # noqa: F401  (registers LoraWeight)
+  method_kinds,  # noqa: F401  (registers VeraWeight; DoRA)
 )
 from lorajax._src.core import paths as paths_lib
 from lorajax._src.core.adapter import check_fit
@@ -140,6 +141,8 @@ _RULES = (
          " factors are left to the compiler"),
     Rule("reduce_precision", "passthrough", "acts on the base"),
     Rule("optimization_barrier", "passthrough", "acts on the base"),
+    Rule("reshard", "passthrough", "reshards the base; the factors are left"
+         " to the compiler"),
     Rule("jit", "call", "body interpreted inline"),
     Rule("closed_call", "call", "body interpreted inline"),
     Rule("remat", "remat", "body interpreted inside `jax.checkpoint` with the"
@@ -523,7 +526,9 @@ def _inputs(params: PyTree, adapter: PyTree) -> list[Any]:
                                   for x, t in zip(leaves, train)])
       out.append(kind.factored(node, leaf, path))
     elif _is_lazy(leaf):
-      out.append(Factored(leaf, (), "", (), BASE_ONLY, None, path))
+      # No adapter: roles only have to be uniform for layouts to move it.
+      out.append(Factored(leaf, (), "s" * len(leaf.shape), (), BASE_ONLY,
+                          None, path))
     else:
       out.append(leaf)
   return out

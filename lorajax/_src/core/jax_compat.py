@@ -82,7 +82,26 @@ _TRACED = {
         _sds((2,), jnp.int32)),
     "optimization_barrier": lambda: _traced(
         jax.lax.optimization_barrier, _sds((2,))),
+    # Exported as `remat_p` only from JAX 0.8.
+    "remat": lambda: _traced(jax.checkpoint(jnp.sin), _sds((2,))),
+    "reshard": lambda: _traced_reshard(),  # noqa: PLW0108  (defined below)
 }
+
+# Resolved when the installed JAX has them; their absence is not a problem.
+_OPTIONAL = frozenset({"reshard"})
+
+
+def _traced_reshard():
+  """`reshard` binds only under a mesh with explicit axes."""
+  try:
+    from jax.sharding import AxisType, PartitionSpec  # noqa: PLC0415
+    mesh = jax.sharding.AbstractMesh((1,), ("x",),
+                                     axis_types=(AxisType.Explicit,))
+    with jax.sharding.use_abstract_mesh(mesh):
+      return _traced(lambda x: jax.sharding.reshard(x, PartitionSpec("x")),
+                     _sds((2,)))
+  except Exception:  # noqa: BLE001  (an older JAX: no explicit axes)
+    return None
 
 
 @functools.cache
@@ -101,6 +120,8 @@ def primitives() -> dict[str, Primitive]:
         found[name] = prim
         break
   for name, make in _TRACED.items():
+    if name in found:
+      continue
     prim = make()
     if prim is not None:
       found[name] = prim
@@ -109,7 +130,7 @@ def primitives() -> dict[str, Primitive]:
 
 def required_primitives() -> tuple[str, ...]:
   """The logical names of every primitive the rule table relies on."""
-  return tuple(_PUBLIC) + tuple(_TRACED)
+  return tuple(dict.fromkeys((*_PUBLIC, *_TRACED)))
 
 
 # -- jaxpr variables and binding -----------------------------------------------
@@ -406,12 +427,15 @@ def check_installed_jax() -> list[str]:
   problems = []
   prims = primitives()
   for name in required_primitives():
-    if name not in prims:
+    if name not in prims and name not in _OPTIONAL:
       where = ("jax.extend.core.primitives." + " or ".join(_PUBLIC[name])
-               if name in _PUBLIC else "the jaxpr of its jax.lax function")
+               if name in _PUBLIC else "")
+      if name in _TRACED:
+        where += (" or " if where else "") + "the jaxpr of its jax function"
       problems.append(f"primitive {name!r} not found in {where} (JAX"
                       f" {jax.__version__})")
   for name, (reader, fn, avals) in _examples().items():
+    eqns = []
     try:
       eqns = [e for e in _all_eqns(jax.make_jaxpr(fn)(*avals).jaxpr)
               if e.primitive is prims.get(name)]
@@ -427,8 +451,21 @@ def check_installed_jax() -> list[str]:
   return problems
 
 
+def jaxprs_in_params(params: dict) -> list[jex.Jaxpr]:
+  """The jaxprs among a primitive's params (`jax.extend.core` has this
+  function only from JAX 0.8)."""
+  out = []
+  for v in params.values():
+    for x in (v if isinstance(v, (tuple, list)) else (v,)):
+      if isinstance(x, jex.ClosedJaxpr):
+        out.append(x.jaxpr)
+      elif isinstance(x, jex.Jaxpr):
+        out.append(x)
+  return out
+
+
 def _all_eqns(jaxpr):
   for eqn in jaxpr.eqns:
     yield eqn
-    for sub in jex.jaxprs_in_params(eqn.params):
+    for sub in jaxprs_in_params(eqn.params):
       yield from _all_eqns(sub)

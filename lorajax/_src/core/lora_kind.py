@@ -39,6 +39,9 @@ class LoraKind(AdapterKind):
   name = "lora"
 
   def factored(self, node: LoraWeight, base: Any, path: str) -> Factored:
+    if node.magnitude is not None:  # DoRA: its own kind (method_kinds.py).
+      from lorajax._src.core.method_kinds import DORA  # noqa: PLC0415
+      return DORA.factored(node, base, path)
     axes = node.axes
     s_ax = [j for j, c in enumerate(axes) if c == "s"]
     i_ax = [j for j, c in enumerate(axes) if c == "i"]
@@ -98,6 +101,7 @@ class LoraKind(AdapterKind):
     x_free = "".join(xs[k] for k in range(x.ndim)
                      if k not in x_con and k not in x_bat)
     out = batch + (w_free + x_free if lhs_is_w else x_free + w_free)
+    base_out = use.base_output()
     a, b = v.parts
     a_spec = "".join(wl[j] for j in v.held(0)) + r
     b_spec = "".join(wl[j] for j in v.held(1)) + r
@@ -107,7 +111,7 @@ class LoraKind(AdapterKind):
         "".join(xs), x.astype(dtype), a_spec, a.astype(dtype), b_spec,
         b.astype(dtype), out, scale=v.meta, **opts)
     out_dtype = use.out_aval.dtype
-    return (use.base_output() + delta.astype(out_dtype)).astype(out_dtype)
+    return (base_out + delta.astype(out_dtype)).astype(out_dtype)
 
   def gather(self, v: Factored, use: Use) -> jax.Array | None:
     """An embedding lookup: rows of `W`, plus `scale * (rows of a) @ b`."""
@@ -210,11 +214,11 @@ class LoraKind(AdapterKind):
     roles = tagged[0].roles
     if any(p.kind is not self or p.roles != roles for p in tagged):
       return None
+    if any(not isinstance(p.base, jax.Array) for p in tagged):
+      return None  # A lazy base would be dequantized whole: no gain.
     role = roles[dim]
     base = jnp.concatenate([dense(p.base) if isinstance(p, Factored) else p
                             for p in pieces], dim)
-    if any(not isinstance(p.base, jax.Array) for p in tagged):
-      return None  # A lazy base would be dequantized whole: no gain.
     held_a = [j for j, c in enumerate(roles) if c in "si"]
     held_b = [j for j, c in enumerate(roles) if c in "so"]
     dtype = tagged[0].parts[1].dtype

@@ -19,7 +19,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, init
+from lorajax._src.core.adapter import LoraWeight, VeraWeight, init
 from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
 from lorajax._src.core.typing import PyTree
@@ -179,12 +179,29 @@ def adapter_shardings(
           )
     else:
       a_spec, b_spec = lora_specs(named.spec, node.axes, path)
+    if isinstance(node, VeraWeight):
+      # VeRA's vectors are tiny; the shared projections follow the weight.
+      rep = NamedSharding(named.mesh, PartitionSpec())
+      lam_b = NamedSharding(named.mesh, PartitionSpec(*tuple(b_spec)[1:]))
+      out.append(VeraWeight(
+          lambda_d=rep, lambda_b=lam_b,  # type: ignore[arg-type]
+          a=NamedSharding(named.mesh, a_spec),  # type: ignore[arg-type]
+          b=NamedSharding(named.mesh, b_spec),  # type: ignore[arg-type]
+          seed=node.seed, axes=node.axes))
+      continue
+    mag = None
+    if node.magnitude is not None:  # DoRA: b's spec without the rank axis.
+      n_s = node.axes.count("s")
+      entries = tuple(b_spec) + (None,) * (node.b.ndim - len(tuple(b_spec)))
+      mag = NamedSharding(named.mesh,
+                          PartitionSpec(*entries[:n_s], *entries[n_s + 1:]))
     # A pytree of shardings mirroring the adapter: LoraWeight nodes whose
     # children are NamedShardings instead of arrays.
     out.append(LoraWeight(
         a=NamedSharding(named.mesh, a_spec),
         b=NamedSharding(named.mesh, b_spec),
         alpha=node.alpha, axes=node.axes, rslora=node.rslora,
+        magnitude=mag,
     ))
   unused = [k for k, _, _ in compiled if k not in used]
   if unused:

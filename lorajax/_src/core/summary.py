@@ -110,13 +110,20 @@ def summary(params: PyTree, adapter: PyTree) -> Summary:
   for (kp, node), w in zip(nodes, weights):
     if node is None:
       continue
-    na, ba = _size(node.a)
-    nb, bb = _size(node.b)
-    t_n += na + nb
-    t_b += ba + bb
+    # Trained arrays: a, b (+ DoRA's magnitude); VeRA trains only its
+    # vectors (its shared projections are frozen and not counted).
+    if isinstance(node, adapter_lib.VeraWeight):
+      trained = (node.lambda_d, node.lambda_b)
+    else:
+      trained = (node.a, node.b) + (
+          () if node.magnitude is None else (node.magnitude,))
+    sizes = [_size(x) for x in trained]
+    n_w, b_w = sum(n for n, _ in sizes), sum(b for _, b in sizes)
+    t_n += n_w
+    t_b += b_w
     rows.append(WeightSummary(
         path=paths_lib.path_str(kp), shape=tuple(w.shape), axes=node.axes,
-        rank=node.rank, scale=node.scale, trainable=na + nb,
+        rank=node.rank, scale=node.scale, trainable=n_w,
         frozen=math.prod(w.shape)))
   f_n = f_b = 0
   for leaf in jax.tree.leaves(params, is_leaf=quant_lib.is_quantized):

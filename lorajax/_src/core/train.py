@@ -107,7 +107,8 @@ def _split(batch: PyTree, k: int) -> PyTree:
 
 
 def _num_microbatches(batch: PyTree, accum_steps: int) -> int:
-  sizes = {x.shape[0] for x in jax.tree.leaves(batch) if x.ndim}
+  sizes = {x.shape[0] for x in jax.tree.leaves(batch)
+           if getattr(x, "ndim", 0)}
   if len(sizes) != 1:
     raise ValueError(
         "With `microbatched=True` every batch leaf has a leading microbatch"

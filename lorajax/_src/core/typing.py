@@ -4,12 +4,13 @@ Array shapes are annotated with jaxtyping, e.g. `Float[Array, "*b d_in"]`:
 one name per axis, `*name` for any number of axes, `...` for anything. The
 annotations are documentation and type-checker input (a type checker reads
 `Float[Array, ...]` as `jax.Array`); nothing checks them at run time, so they
-cost nothing, unless jaxtyping's import hook is switched on, for example
-
-    pytest --jaxtyping-packages=lorajax,beartype.beartype tests/test_core.py
-
-which checks every annotated call's dtypes and shapes (and that the named
-axes agree between arguments and result).
+cost nothing. To check them, wrap a function:
+`jaxtyping.jaxtyped(fn, typechecker=beartype.beartype)` checks every call's
+dtypes and shapes and that the named axes agree between arguments and result
+(tests/test_typing.py does this for the core's array functions). jaxtyping's
+whole-package import hook (`pytest --jaxtyping-packages=...`) also checks the
+fields of pytree dataclasses such as `LoraWeight`, which legitimately hold
+`jax.ShapeDtypeStruct` leaves under `jax.eval_shape`, so it is not used.
 
 Axis names used in the core: `rank` the LoRA rank; `*weight` all axes of an
 adapted weight; `*x` all axes of an activation; `*a_axes` / `*b_axes` the

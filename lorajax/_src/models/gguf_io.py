@@ -1,5 +1,6 @@
 """GGUF (llama.cpp) checkpoints: metadata, dequantization, q/k unpermuting."""
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax._src.core import quant as quant_lib
+from lorajax._src.models import llama as llama_lib
 from lorajax._src.models.llama import LlamaConfig
 
 # ggml type ids (ggml.h): stable across gguf versions.
@@ -376,12 +378,16 @@ def _set(tree: dict, path: list[str], value: Any) -> None:
   tree[path[-1]] = value
 
 
-def load_gguf(path: str, *, dtype: Any, quantized: bool = False):
+def load_gguf(path: str, *, dtype: Any, scan_layers: bool | None = None,
+              remat: str = "none", quantized: bool = False):
   """Reads a GGUF file: `(config, params, fields)`.
 
   Args:
     path: The .gguf file.
     dtype: Parameter and computation dtype.
+    scan_layers: See `LlamaConfig.scan_layers`; stacked params when the
+      resulting config is `scanned`.
+    remat: See `LlamaConfig.remat`.
     quantized: Keep Q4_0/Q4_1/Q8_0 matrices in their blocks, as
       `QuantizedWeight` leaves (see `quantized_blocks`); other tensors are
       dequantized as usual.
@@ -395,6 +401,15 @@ def load_gguf(path: str, *, dtype: Any, quantized: bool = False):
   fields, tensors = read_gguf(os.fspath(path))
   names = {t.name for t in tensors}
   config = read_config(fields, names, path, dtype=dtype)
+  if quantized and scan_layers:
+    raise ValueError(
+        f"{path!r}: `quantized=True` keeps the file's blocks per layer, and"
+        " stacking quantized layers for `scan_layers=True` is not supported"
+        " yet. Pass `scan_layers=False` (or leave it unset) with"
+        " `quantized=True`.")
+  if quantized:
+    scan_layers = False  # Quantized blocks stay per layer (unrolled).
+  config = dataclasses.replace(config, scan_layers=scan_layers, remat=remat)
   permute = fields.get("general.architecture") == "llama"
   params: dict = {}
   unknown = []
@@ -448,6 +463,8 @@ def load_gguf(path: str, *, dtype: Any, quantized: bool = False):
   if config.vocab_size == 0:
     config = _replace_vocab(
         config, params["model"]["embed_tokens"]["embedding"].shape[0])
+  if config.scanned:
+    params = llama_lib.stack_layers(params)
   return config, params, fields
 
 

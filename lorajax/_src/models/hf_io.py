@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 from lorajax._src.core import fileio, safetensors_io
 from lorajax._src.core import paths as paths_lib
 from lorajax._src.core.typing import PyTree
+from lorajax._src.models import llama as llama_lib
 from lorajax._src.models.llama import LlamaConfig
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -113,7 +114,7 @@ def load_params(path: str, config: LlamaConfig, *, dtype: Any) -> PyTree:
         + "\nCheck `num_hidden_layers` and `tie_word_embeddings` in"
         " config.json, or re-save the checkpoint."
     )
-  return params
+  return llama_lib.stack_layers(params) if config.scanned else params
 
 
 def _expected_keys(config: LlamaConfig) -> set[str]:
@@ -128,7 +129,8 @@ def _expected_keys(config: LlamaConfig) -> set[str]:
   return keys
 
 
-def load_config(path: str, *, dtype: Any) -> LlamaConfig:
+def load_config(path: str, *, dtype: Any, scan_layers: bool | None = None,
+                remat: str = "none") -> LlamaConfig:
   cfg_path = os.path.join(path, "config.json")
   if not os.path.exists(cfg_path):
     raise ValueError(
@@ -136,13 +138,22 @@ def load_config(path: str, *, dtype: Any) -> LlamaConfig:
         " style directory (config.json + *.safetensors) or a .gguf file."
     )
   with open(cfg_path) as f:
-    d = json.load(f)
-  return LlamaConfig.from_hf_dict(d, dtype=dtype)
+    try:
+      d = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(
+          f"{cfg_path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); the"
+          " file is damaged or truncated. Restore it from the original"
+          " checkpoint."
+      ) from None
+  return LlamaConfig.from_hf_dict(d, dtype=dtype, scan_layers=scan_layers,
+                                 remat=remat)
 
 
 def to_hf_state(config: LlamaConfig, params: PyTree) -> dict[str, np.ndarray]:
   """The HF `state_dict` (numpy, `(out, in)` weights) of lorajax params."""
   out = {}
+  params = llama_lib.unstack_layers(params)
   m = params["model"]
   emb = m["embed_tokens"]
   out["model.embed_tokens.weight"] = emb.get("embedding", emb.get("weight"))
@@ -178,7 +189,8 @@ def save_pretrained(
     directory: Target directory; must not exist or be empty unless
       `overwrite`.
     config: The model config.
-    params: The params dict (lorajax layout).
+    params: The params dict (lorajax layout, per-layer or scan-stacked:
+      stacked layers are written as Hugging Face's per-layer weights).
     overwrite: Replace an existing non-empty `directory` (the old one is
       removed only once the new one is complete).
 

@@ -11,6 +11,21 @@ string keys `"0"`, `"1"`, ...:
   model/layers/<i>/mlp/{gate,up,down}_proj/kernel
   model/norm/scale
   lm_head/kernel                               (hidden, vocab), absent if tied
+
+With scanned layers (`LlamaConfig.scan_layers`, on by default for models
+deeper than `SCAN_MIN_LAYERS - 1` layers) the per-layer dicts are replaced by
+one dict of the same structure whose leaves are stacked along a new leading
+layer axis, and the layers run under `jax.lax.scan` (compile time does not
+grow with depth):
+
+  model/layers/self_attn/q_proj/kernel         (layers, hidden, heads*hd)
+  model/layers/input_layernorm/scale           (layers, hidden)
+  ...
+
+`forward` and `generate` run either layout; `stack_layers` and
+`unstack_layers` convert between them. LoRA adapters of stacked kernels have
+axes `"sio"` (one adapter per layer along the stack axis), which
+`lorajax.LoraConfig` picks by default for this layout.
 """
 
 import dataclasses
@@ -23,9 +38,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorajax._src.core.adapter import LoraWeight
 from lorajax._src.core.typing import PyTree
 
 _SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+
+SCAN_MIN_LAYERS = 5
+"""`LlamaConfig(scan_layers=None)` scans models with at least this many layers.
+
+Below it the unrolled loop compiles about as fast and keeps the per-layer
+paths (`model/layers/0/...`) that small test models and tools index directly.
+"""
+
+REMAT_POLICIES = ("none", "full", "dots")
+"""The values of `LlamaConfig.remat` (see its docstring)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +84,23 @@ class LlamaConfig:
       projection biases. `apply` uses any `bias` present in the params.
     model_type: `"llama"`, `"qwen2"` or `"mistral"` (Mistral without sliding
       windows).
-    dtype: Computation dtype name (`"float32"` or `"bfloat16"`). Softmax and
-      norms run in float32; logits are returned in float32.
+    dtype: Computation dtype name (`"float32"` or `"bfloat16"`). Softmax,
+      norms and the output head's accumulation run in float32; logits are
+      returned in float32.
+    scan_layers: Store the decoder layers stacked along a leading axis and
+      run them with `jax.lax.scan` (True), or as one dict per layer run by a
+      Python loop (False). None (the default) scans models with at least
+      `SCAN_MIN_LAYERS` (5) layers; read the decision from `scanned`. It
+      decides the layout `init_params` and `from_pretrained` produce;
+      `forward` and `generate` run whichever layout the params have.
+    remat: Rematerialisation of the decoder layer body under `jax.grad`:
+      `"none"` saves every activation the backward pass needs; `"full"`
+      (`jax.checkpoint` with nothing saveable) keeps only each layer's input
+      and recomputes the layer in the backward pass; `"dots"` saves the
+      outputs of the matmuls without batch dimensions (the projections,
+      including LoRA's `x @ a`) and recomputes attention scores, norms and
+      activations (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`).
+      Values and gradients are the same for all three.
   """
 
   vocab_size: int = 32000
@@ -81,9 +122,21 @@ class LlamaConfig:
   attention_bias: bool = False
   model_type: str = "llama"
   dtype: str = "float32"
+  scan_layers: bool | None = None
+  remat: str = "none"
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+    if self.scan_layers is not None and not isinstance(self.scan_layers,
+                                                       bool):
+      raise TypeError(
+          f"`scan_layers` must be True, False or None (auto); got"
+          f" {self.scan_layers!r}."
+      )
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(
+          f"`remat` must be one of {REMAT_POLICIES}; got {self.remat!r}."
+      )
     if self.num_key_value_heads is None:
       set_("num_key_value_heads", self.num_attention_heads)
     if self.head_dim is None:
@@ -126,15 +179,25 @@ class LlamaConfig:
       raise ValueError(f"`dtype` must be floating point; got {dt}.")
     set_("dtype", dt.name)
 
+  @property
+  def scanned(self) -> bool:
+    """Whether `init_params`/`from_pretrained` stack the layers for scan."""
+    if self.scan_layers is None:
+      return self.num_hidden_layers >= SCAN_MIN_LAYERS
+    return self.scan_layers
+
   @classmethod
   def from_hf_dict(
-      cls, d: Mapping[str, Any], *, dtype: Any = "float32"
+      cls, d: Mapping[str, Any], *, dtype: Any = "float32",
+      scan_layers: bool | None = None, remat: str = "none",
   ) -> "LlamaConfig":
     """Builds a config from a Hugging Face `config.json` dict.
 
     Args:
       d: The parsed `config.json`.
       dtype: Computation dtype.
+      scan_layers: See `LlamaConfig.scan_layers`.
+      remat: See `LlamaConfig.remat`.
 
     Returns:
       The config.
@@ -188,6 +251,8 @@ class LlamaConfig:
         attention_bias=attention_bias,
         model_type=model_type,
         dtype=jnp.dtype(dtype).name,
+        scan_layers=scan_layers,
+        remat=remat,
     )
 
   def to_hf_dict(self) -> dict[str, Any]:
@@ -347,18 +412,184 @@ def _embed(params, input_ids, dtype):
 
 def _logits(params, config: LlamaConfig, x):
   x = _rms_norm(x, params["model"]["norm"]["scale"], config.rms_norm_eps)
+  # The head accumulates in float32 (`preferred_element_type`): with a
+  # bfloat16 model the logits, softmax and loss are float32, not rounded
+  # bfloat16 values.
   if "lm_head" in params:
-    return _linear(params["lm_head"], x).astype(jnp.float32)
+    p = params["lm_head"]
+    y = jnp.matmul(x, p["kernel"].astype(x.dtype),
+                   preferred_element_type=jnp.float32)
+    if "bias" in p:
+      y = y + p["bias"].astype(jnp.float32)
+    return y
   table = params["model"]["embed_tokens"]
   table = table["embedding"] if "embedding" in table else table["weight"]
   # Contract over the hidden axis directly: no transposed copy of the table.
-  logits = jnp.einsum("bsh,vh->bsv", x, table.astype(x.dtype))
-  return logits.astype(jnp.float32)
+  return jnp.einsum("bsh,vh->bsv", x, table.astype(x.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def is_stacked(params: PyTree) -> bool:
+  """True when `params` holds scan-stacked layers (see the module doc)."""
+  layers = params["model"]["layers"]
+  return "self_attn" in layers or "mlp" in layers
 
 
 def _layers(params):
   layers = params["model"]["layers"]
+  if is_stacked(params):
+    raise ValueError(
+        "These params hold scan-stacked layers (`model/layers/self_attn/...`"
+        " with a leading layer axis); convert them with `unstack_layers`"
+        " first."
+    )
+  missing = [str(i) for i in range(len(layers)) if str(i) not in layers]
+  if missing:
+    raise ValueError(
+        f"`model/layers` must hold layers '0'..'{len(layers) - 1}'; it has"
+        f" keys {sorted(layers)!r}."
+    )
   return [layers[str(i)] for i in range(len(layers))]
+
+
+def num_layers(params: PyTree) -> int:
+  """The number of decoder layers in `params` (either layout)."""
+  layers = params["model"]["layers"]
+  if is_stacked(params):
+    return int(jax.tree.leaves(layers)[0].shape[0])
+  return len(layers)
+
+
+def _is_adapter_node(x: Any) -> bool:
+  return x is None or isinstance(x, LoraWeight)
+
+
+def _stack_leaves(*xs):
+  x0 = xs[0]
+  if x0 is None:
+    if any(x is not None for x in xs):
+      raise ValueError("some layers have an adapter for a weight, some not")
+    return None
+  if isinstance(x0, LoraWeight):
+    key = lambda x: (x.alpha, x.axes, x.rank, x.rslora)  # noqa: E731
+    if any(not isinstance(x, LoraWeight) or key(x) != key(x0) for x in xs):
+      raise ValueError(
+          "the layers' adapters of one weight differ in rank, alpha, rslora"
+          " or axes")
+    return LoraWeight(a=jnp.stack([x.a for x in xs]),
+                      b=jnp.stack([x.b for x in xs]), alpha=x0.alpha,
+                      axes="s" + x0.axes, rslora=x0.rslora)
+  return jnp.stack(xs)
+
+
+def _slice_leaf(x, i: int):
+  if x is None:
+    return None
+  if isinstance(x, LoraWeight):
+    return LoraWeight(a=x.a[i], b=x.b[i], alpha=x.alpha, axes=x.axes[1:],
+                      rslora=x.rslora)
+  return x[i]
+
+
+def stack_layers(params: PyTree) -> PyTree:
+  """Per-layer params (`model/layers/<i>/...`) to the scan-stacked layout.
+
+  Works on adapter trees too: the per-layer `LoraWeight`s of one weight
+  (same rank and scale) become one with a leading stack axis (`"io"` ->
+  `"sio"`), so an adapter keeps following its params.
+
+  Args:
+    params: A params (or adapter) dict with one entry per layer (returned as
+      is when it is already stacked).
+
+  Returns:
+    A new params dict whose `model/layers` leaves have a leading layer axis.
+
+  Raises:
+    ValueError: If the layers do not all have the same structure and shapes.
+  """
+  if is_stacked(params):
+    return params
+  per = _layers(params)
+  try:
+    stacked = jax.tree.map(_stack_leaves, *per, is_leaf=_is_adapter_node)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "Cannot stack the layers: they differ in structure or shape (every"
+        f" layer needs the same weights, e.g. the same biases). ({e})"
+    ) from None
+  return {**params, "model": {**params["model"], "layers": stacked}}
+
+
+def unstack_layers(params: PyTree) -> PyTree:
+  """Scan-stacked params to one `model/layers/<i>/...` dict per layer.
+
+  Works on adapter trees too (`"sio"` adapters become per-layer `"io"`).
+
+  Args:
+    params: A params (or adapter) dict (returned as is when its layers are
+      not stacked).
+
+  Returns:
+    A new params dict with string keys `"0"`, `"1"`, ... under
+    `model/layers`.
+  """
+  if not is_stacked(params):
+    return params
+  layers = params["model"]["layers"]
+  n = num_layers(params)
+  per = {str(i): jax.tree.map(lambda x, i=i: _slice_leaf(x, i), layers,
+                              is_leaf=_is_adapter_node)
+         for i in range(n)}
+  return {**params, "model": {**params["model"], "layers": per}}
+
+
+def _remat(fn, config: LlamaConfig, *, prevent_cse: bool):
+  if config.remat == "none":
+    return fn
+  policy = None  # "full": nothing saveable.
+  if config.remat == "dots":
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return jax.checkpoint(fn, policy=policy, prevent_cse=prevent_cse)
+
+
+def _run_layers(params, config: LlamaConfig, x, cos, sin, mask):
+  """All decoder layers (scanned or unrolled, as `params` are laid out)."""
+
+  def body(p, x):
+    return _layer(p, config, x, cos, sin, mask)[0]
+
+  if is_stacked(params):
+    # `prevent_cse=False` is safe inside scan and lets XLA share work.
+    body = _remat(body, config, prevent_cse=False)
+    x, _ = jax.lax.scan(lambda x, p: (body(p, x), None), x,
+                        params["model"]["layers"])
+    return x
+  body = _remat(body, config, prevent_cse=True)
+  for p in _layers(params):
+    x = body(p, x)
+  return x
+
+
+def _run_layers_cached(params, config, x, cos, sin, mask, cache, index):
+  """Decoder layers with a KV cache; returns `(x, new_cache)`.
+
+  The cache is a `(k, v)` pair of `(layers, batch, total, kv_heads, d)`
+  arrays for stacked params, a list of per-layer pairs otherwise.
+  """
+  if is_stacked(params):
+    def step(x, pc):
+      p, ck, cv = pc
+      x, c = _layer(p, config, x, cos, sin, mask, cache=(ck, cv),
+                    index=index)
+      return x, c
+    x, (ck, cv) = jax.lax.scan(step, x, (params["model"]["layers"], *cache))
+    return x, (ck, cv)
+  new_cache = []
+  for p, c in zip(_layers(params), cache):
+    x, c_new = _layer(p, config, x, cos, sin, mask, cache=c, index=index)
+    new_cache.append(c_new)
+  return x, new_cache
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -401,8 +632,7 @@ def forward(
   mask = causal[None] & key_valid[:, None, :]
   cos, sin = _rope_tables(config, jnp.asarray(position_ids))
   x = _embed(params, input_ids, dtype)
-  for p in _layers(params):
-    x, _ = _layer(p, config, x, cos, sin, mask)
+  x = _run_layers(params, config, x, cos, sin, mask)
   return _logits(params, config, x)
 
 
@@ -421,9 +651,13 @@ def _generate(params, config, input_ids, attention_mask, key, eos_ids, pad_id,
   total = p_len + max_new_tokens
   dtype = jnp.dtype(config.dtype)
   kv_shape = (b, total, config.num_key_value_heads, config.head_dim)
-  layers = _layers(params)
-  cache = [(jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype))
-           for _ in layers]
+  if is_stacked(params):
+    n = num_layers(params)
+    cache = (jnp.zeros((n, *kv_shape), dtype),
+             jnp.zeros((n, *kv_shape), dtype))
+  else:
+    cache = [(jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype))
+             for _ in _layers(params)]
   key_valid = jnp.concatenate(
       [attention_mask.astype(bool), jnp.ones((b, max_new_tokens), bool)],
       axis=1)
@@ -440,10 +674,8 @@ def _generate(params, config, input_ids, attention_mask, key, eos_ids, pad_id,
   causal = jnp.arange(total)[None, :] <= jnp.arange(p_len)[:, None]
   mask = causal[None] & key_valid[:, None, :]
   x = _embed(params, input_ids, dtype)
-  new_cache = []
-  for p, layer_cache in zip(layers, cache):
-    x, c = _layer(p, config, x, cos, sin, mask, cache=layer_cache, index=0)
-    new_cache.append(c)
+  x, new_cache = _run_layers_cached(params, config, x, cos, sin, mask, cache,
+                                    0)
   logits = _logits(params, config, x[:, -1:])[:, 0]
   key, sub = jax.random.split(key)
   tok = pick(logits, sub)
@@ -462,11 +694,8 @@ def _generate(params, config, input_ids, attention_mask, key, eos_ids, pad_id,
     cos, sin = _rope_tables(config, pos)
     mask = (jnp.arange(total) <= slot)[None, None, :] & key_valid[:, None, :]
     x = _embed(params, tok[:, None], dtype)
-    new_cache = []
-    for p, layer_cache in zip(layers, cache):
-      x, c = _layer(p, config, x, cos, sin, mask, cache=layer_cache,
-                    index=slot)
-      new_cache.append(c)
+    x, new_cache = _run_layers_cached(params, config, x, cos, sin, mask,
+                                      cache, slot)
     logits = _logits(params, config, x)[:, 0]
     key, sub = jax.random.split(key)
     nxt = pick(logits, sub)
@@ -573,6 +802,9 @@ def init_params(
 ) -> PyTree:
   """Random parameters for `config` (normal with `std`, norms around 1).
 
+  The values do not depend on the layout: with `config.scanned` the result
+  is `stack_layers` of the unrolled params for the same key.
+
   Args:
     config: The model config.
     key: PRNG key.
@@ -580,7 +812,8 @@ def init_params(
     std: Standard deviation of the weights.
 
   Returns:
-    The nested params dict (see the module docstring for its paths).
+    The nested params dict (see the module docstring for its paths), with
+    scan-stacked layers when `config.scanned`.
   """
   keys = iter(jax.random.split(key, 16 * config.num_hidden_layers + 8))
 
@@ -627,4 +860,4 @@ def init_params(
   }
   if not config.tie_word_embeddings:
     params["lm_head"] = {"kernel": w(hid, config.vocab_size)}
-  return params
+  return stack_layers(params) if config.scanned else params

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from lorajax._src.core import fileio
 from lorajax._src.core.typing import PyTree
 from lorajax._src.models import gguf_io, hf_io
 from lorajax._src.models import llama as llama_lib
@@ -156,6 +157,7 @@ def default_model_path() -> str:
 
 def from_pretrained(
     path: str | os.PathLike, *, dtype: jax.typing.DTypeLike = jnp.float32,
+    scan_layers: bool | None = None, remat: str = "none",
     quantized: bool = False,
 ) -> tuple[LlamaModel, PyTree]:
   """Loads a Llama-family checkpoint: `(model, params)`.
@@ -168,10 +170,18 @@ def from_pretrained(
       file (F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors are dequantized at load;
       llama.cpp's q/k row permutation is undone).
     dtype: Storage dtype of the params and computation dtype of the model.
+      `jnp.bfloat16` gives the frozen half of the `"bf16"` mixed-precision
+      policy (see `lorajax.precision_policy`).
+    scan_layers: Stack the layers for `jax.lax.scan` (True), keep one dict
+      per layer (False), or decide from the depth (None: scan models with at
+      least 5 layers). See `LlamaConfig.scan_layers`.
+    remat: Rematerialisation policy of the layer body, `"none"`, `"full"`
+      or `"dots"` (see `LlamaConfig.remat`).
     quantized: GGUF only: keep the file's Q4_0/Q4_1/Q8_0 matrices in their
       blocks (`lorajax.QuantizedWeight` leaves, dequantized at each matmul by
       `lorajax.lora`) instead of dequantizing them at load. For a float
       checkpoint use `lorajax.quantize(params, "nf4")` after loading.
+      Quantized GGUF layers stay unrolled (`scan_layers` must not be True).
 
   Returns:
     The `LlamaModel` (with `.tokenizer`, or None if none was found) and the
@@ -182,9 +192,10 @@ def from_pretrained(
   """
   path = os.fspath(path)
   dtype = jnp.dtype(dtype)
-  if not os.path.exists(path):
+  problem = fileio.path_problem(path, kind="any")
+  if problem is not None:
     raise ValueError(
-        f"{path!r} does not exist. Pass a Hugging Face style directory or a"
+        f"{path!r} {problem}. Pass a Hugging Face style directory or a"
         " .gguf file; `default_model_path()` gives the bundled SmolLM2."
     )
   if os.path.isfile(path):
@@ -195,8 +206,9 @@ def from_pretrained(
           f"{path!r} is a file but not a GGUF file (magic {magic!r}). Pass a"
           " .gguf file or the directory that holds config.json."
       )
-    config, params, fields = gguf_io.load_gguf(path, dtype=dtype,
-                                               quantized=bool(quantized))
+    config, params, fields = gguf_io.load_gguf(
+        path, dtype=dtype, scan_layers=scan_layers, remat=remat,
+        quantized=bool(quantized))
     tokenizer = Tokenizer.from_gguf_fields(fields)
     return LlamaModel(config, tokenizer), params
   if quantized:
@@ -204,7 +216,8 @@ def from_pretrained(
         f"`quantized=True` keeps a GGUF file's quantized blocks, but {path!r}"
         " is a float checkpoint directory. Load it with `quantized=False`"
         " and quantize it: `params = lorajax.quantize(params, 'nf4')`.")
-  config = hf_io.load_config(path, dtype=dtype)
+  config = hf_io.load_config(path, dtype=dtype, scan_layers=scan_layers,
+                             remat=remat)
   gen = hf_io.read_json(os.path.join(path, "generation_config.json")) or {}
   gen_eos = gen.get("eos_token_id")
   if isinstance(gen_eos, list) and len(gen_eos) > 1 and not (
