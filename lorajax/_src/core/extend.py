@@ -342,8 +342,14 @@ class _BaseOnly(AdapterKind):
   def dot_general(self, v, use):
     return use.base_output()
 
-  # A gather may index a stacked axis: `None` lets the interpreter try it as
-  # a structural op first (so `LazyBase.structural` can keep it lazy).
+  def gather(self, v, use):
+    # A row lookup (an embedding table) runs on the stored form when the
+    # lazy base offers `gather_rows`; any other gather may index a stacked
+    # axis: `None` lets the interpreter try it as a structural op first (so
+    # `LazyBase.structural` can keep it lazy).
+    rows = getattr(v.base, "gather_rows", None)
+    return None if rows is None else rows(use)
+
   conv = ragged_dot = dot_general
 
 

@@ -173,6 +173,25 @@ class QuantizedWeight(LazyBase):
     # axis is stored as a negative index, so it stays right.
     return self, lambda sl: sl
 
+  def gather_rows(self, use: Any) -> jax.Array | None:
+    """An embedding lookup on the blocks (dense rows), else None.
+
+    A gather that keeps only the block axis of the weight (it collapses or
+    indexes every other axis) is a row lookup: its rows of codes and scales
+    are gathered and dequantized. Gathers that keep more axes (selecting
+    stacked slices) are left to `structural`, which keeps them quantized.
+    """
+    if use.position != 0 or use.primitive.name != "gather":
+      return None
+    dn = use.params["dimension_numbers"]
+    batching = tuple(getattr(dn, "operand_batching_dims", ()))
+    kept = [j for j in range(self.ndim) if j not in dn.collapsed_slice_dims
+            and j not in batching]
+    if kept != [_pos(self.axis, self.ndim)]:
+      return None
+    out = _use(self, use.primitive, use.params, list(use.operands), 0)
+    return None if out is None else out[0]
+
   def use(self, prim, params, operands, position):
     out = _use(self, prim, params, list(operands), position)
     if out is not None:
