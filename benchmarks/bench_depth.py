@@ -5,8 +5,10 @@ layers unrolled (a Python loop: one copy of the layer per layer in the
 program) and scanned (`jax.lax.scan` over stacked weights: one copy), and
 compiles one factored LoRA train step (`lorajax.lora`, value_and_grad, Adam)
 from abstract shapes (`jax.jit(step).lower(ShapeDtypeStructs).compile()`).
-Reports the trace+lower time, the XLA compile time, and, after warm-up, the
-median step time of the compiled step on real arrays. Layouts and depths run
+Reports the trace+lower time, the XLA compile time (wall seconds and CPU
+seconds of this process: the CPU seconds do not count time lost to other jobs
+on a shared machine), and, after warm-up, the median step time of the
+compiled step on real arrays. Layouts and depths run
 round-robin in one process, `--repeats` times each (a fresh function object
 every time, so nothing is reused from JAX's caches).
 
@@ -74,18 +76,21 @@ class _Variant:
                      jax.eval_shape(self.tx.init, adapter),
                      jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32))
     self.lower_s, self.compile_s, self.step_s = [], [], []
+    self.lower_cpu_s, self.compile_cpu_s = [], []
     self.compiled = None
     self.args = None
 
   def compile(self):
     step = _step_fn(self.model, self.tx)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     lowered = jax.jit(step, donate_argnums=(1, 2)).lower(*self.abstract)
-    t1 = time.perf_counter()
+    c1, t1 = time.process_time(), time.perf_counter()
     self.compiled = lowered.compile()
-    t2 = time.perf_counter()
+    c2, t2 = time.process_time(), time.perf_counter()
     self.lower_s.append(t1 - t0)
     self.compile_s.append(t2 - t1)
+    self.lower_cpu_s.append(c1 - c0)
+    self.compile_cpu_s.append(c2 - c1)
 
   def run(self, args):
     if self.args is None:
@@ -133,7 +138,7 @@ def main():
                                                 "results"))
   args = ap.parse_args()
   if args.smoke:
-    args.depths, args.repeats, args.steps, args.seq = [2, 4], 1, 1, 8
+    args.depths, args.repeats, args.steps, args.seq = [1, 2], 1, 1, 8
   env = {"jax": jax.__version__, "backend": jax.default_backend(),
          "device_kind": jax.devices()[0].device_kind,
          "cpu_count": os.cpu_count(), "machine": platform.machine(),
@@ -157,6 +162,8 @@ def main():
         "lower_s": statistics.median(v.lower_s),
         "compile_s": statistics.median(v.compile_s),
         "compile_s_all": v.compile_s,
+        "lower_cpu_s": statistics.median(v.lower_cpu_s),
+        "compile_cpu_s": statistics.median(v.compile_cpu_s),
         "median_step_s": statistics.median(v.step_s),
         **env,
     })
@@ -176,21 +183,26 @@ def main():
       f" strict), Adam, batch {args.batch}x{args.seq}, remat"
       f" {args.remat!r}. One train step compiled from abstract shapes;"
       f" median of {args.repeats} round-robin compilations per variant"
-      f" (trace+lower and XLA compile timed apart), then the median of"
+      f" (trace+lower and XLA compile timed apart, in CPU seconds of the"
+      " process, which other jobs on the machine do not inflate much, and in"
+      " wall seconds), then the median of"
       f" {args.steps} steps after one warm-up. The machine is shared with"
       " other jobs and noisy (1-min load average"
       f" {env['load_avg_1m_start']:.1f} -> {env['load_avg_1m_end']:.1f});"
       " compare ratios in a row, not absolute numbers across runs.")
-  header = ("| layers | unrolled lower (s) | unrolled compile (s) | scan lower"
-            " (s) | scan compile (s) | compile ratio unrolled/scan | unrolled"
-            " step (ms) | scan step (ms) |")
-  lines = [title, "", intro, "", header, "|---|---|---|---|---|---|---|---|"]
+  header = ("| layers | unrolled trace+lower CPU s | unrolled compile CPU s"
+            " | scan trace+lower CPU s | scan compile CPU s | total ratio"
+            " unrolled/scan | unrolled compile wall s | scan compile wall s"
+            " | unrolled step ms | scan step ms |")
+  lines = [title, "", intro, "", header, "|---" * 10 + "|"]
   for d in args.depths:
     u, s = by[(d, "unrolled")], by[(d, "scan")]
+    ratio = ((u["lower_cpu_s"] + u["compile_cpu_s"])
+             / (s["lower_cpu_s"] + s["compile_cpu_s"]))
     lines.append(
-        f"| {d} | {u['lower_s']:.2f} | {u['compile_s']:.2f} |"
-        f" {s['lower_s']:.2f} | {s['compile_s']:.2f} |"
-        f" {u['compile_s'] / s['compile_s']:.1f} |"
+        f"| {d} | {u['lower_cpu_s']:.2f} | {u['compile_cpu_s']:.2f} |"
+        f" {s['lower_cpu_s']:.2f} | {s['compile_cpu_s']:.2f} | {ratio:.1f} |"
+        f" {u['compile_s']:.1f} | {s['compile_s']:.1f} |"
         f" {1e3 * u['median_step_s']:.1f} | {1e3 * s['median_step_s']:.1f} |")
   _write_atomic(os.path.join(args.out, "depth.md"), "\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -1,8 +1,9 @@
 """Train-step time: full fine-tuning vs merged LoRA vs factored LoRA.
 
-One jitted step (value_and_grad + optax Adam update) of a decoder-style
-transformer stack, for full fine-tuning, merged LoRA (`lorajax.merge` inside
-the step) and factored LoRA (`lorajax.lora`), at several ranks and widths.
+One step of `lorajax.make_train_step` (value_and_grad + optax Adam update) of
+a decoder-style transformer stack, for full fine-tuning (the whole params tree
+as the trainable argument), merged LoRA (`lorajax.merge` inside the loss) and
+factored LoRA (`lorajax.lora`), at several ranks and widths.
 Reports the median step time after warm-up, its ratio to full fine-tuning,
 compile time, and XLA's memory estimate of the compiled step. All numbers in a
 table come from one run of this script.
@@ -67,33 +68,24 @@ def forward(params, ids, *, layers, heads):
 
 
 def make_step(mode, fwd, tx):
+  """`lorajax.make_train_step` for one mode: the step of every mode is the
+  library's, `step(params, trainable, opt_state, (ids, labels))`."""
   def xent(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits,
                                                            labels).mean()
 
   if mode == "full":
-    def loss(params, ids, labels):
-      return xent(fwd(params, ids), labels)
+    # Full fine-tuning: the "adapter" argument is the whole params tree.
+    def loss(_, params, batch):
+      return xent(fwd(params, batch[0]), batch[1])
+  else:
+    apply = (lorajax.lora(fwd) if mode == "factored"
+             else lambda p, ad, ids: fwd(lorajax.merge(p, ad), ids))
 
-    def step(params, opt_state, ids, labels):
-      l, g = jax.value_and_grad(loss)(params, ids, labels)
-      u, opt_state = tx.update(g, opt_state, params)
-      return optax.apply_updates(params, u), opt_state, l
+    def loss(params, adapter, batch):
+      return xent(apply(params, adapter, batch[0]), batch[1])
 
-    return step
-
-  apply = (lorajax.lora(fwd) if mode == "factored"
-           else lambda p, ad, ids: fwd(lorajax.merge(p, ad), ids))
-
-  def lora_loss(adapter, params, ids, labels):
-    return xent(apply(params, adapter, ids), labels)
-
-  def lora_step(params, adapter, opt_state, ids, labels):
-    l, g = jax.value_and_grad(lora_loss)(adapter, params, ids, labels)
-    u, opt_state = tx.update(g, opt_state, adapter)
-    return optax.apply_updates(adapter, u), opt_state, l
-
-  return lora_step
+  return lorajax.make_train_step(loss, tx)
 
 
 class _Config:
@@ -102,19 +94,17 @@ class _Config:
   def __init__(self, mode, rank, args, d, params, ids, labels, fwd):
     self.mode, self.rank, self.d = mode, rank, d
     tx = optax.adam(1e-4)
-    step = make_step(mode, fwd, tx)
+    ts = make_step(mode, fwd, tx)
     if mode == "full":
       params = jax.tree.map(jnp.copy, params)  # Donated: a private copy.
-      self.args = (params, tx.init(params), ids, labels)
-      donate = (0, 1)
+      self.args = (None, params, ts.init(params), (ids, labels))
     else:
       config = lorajax.LoraConfig(rank=rank, alpha=32.0,
                                   targets=r".*(attn|mlp)/.*/kernel")
       adapter = lorajax.init(params, config, key=jax.random.key(2))
-      self.args = (params, adapter, tx.init(adapter), ids, labels)
-      donate = (1, 2)
+      self.args = (params, adapter, ts.init(adapter), (ids, labels))
     t0 = time.perf_counter()
-    self.compiled = jax.jit(step, donate_argnums=donate).lower(
+    self.compiled = jax.jit(ts.step, donate_argnums=(1, 2)).lower(
         *self.args).compile()
     self.compile_s = time.perf_counter() - t0
     mem = self.compiled.memory_analysis()
@@ -132,10 +122,7 @@ class _Config:
     out = self.compiled(*self.args)
     jax.block_until_ready(out)
     elapsed = time.perf_counter() - t0
-    if self.mode == "full":
-      self.args = (out[0], out[1], *self.args[2:])
-    else:
-      self.args = (self.args[0], out[0], out[1], *self.args[3:])
+    self.args = (self.args[0], out[0], out[1], self.args[3])
     return elapsed
 
 

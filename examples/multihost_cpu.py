@@ -143,10 +143,11 @@ def run(mesh: jax.sharding.Mesh, steps: int, checkpoint_dir: str | None = None
   losses = []
   for step in range(steps):
     local = jax.tree.map(lambda a: a[rows], global_batch_numpy(step))
-    batch = lorajax.global_batch(local, batch_sharding)
-    adapter, opt_state, loss = train.step(params, adapter, opt_state, batch)
+    batch = lorajax.sharding.global_batch(local, batch_sharding)
+    adapter, opt_state, metrics = train.step(params, adapter, opt_state,
+                                             batch)
     # The loss is replicated: every process reads its local copy.
-    losses.append(float(loss.addressable_data(0)))
+    losses.append(float(metrics["loss"].addressable_data(0)))
   if checkpoint_dir is not None:
     with lorajax.CheckpointManager(checkpoint_dir, CONFIG) as mgr:
       mgr.save(steps, adapter, opt_state)

@@ -22,6 +22,7 @@ Example:
   >>> loaded = lorajax.peft.load(d, params)
 """
 
+from lorajax._src.core.methods import to_lora
 from lorajax._src.core.peft import load, save
 
-__all__ = ("load", "save")
+__all__ = ("load", "save", "to_lora")

@@ -131,7 +131,8 @@ def pretrained() -> tuple[llama.LlamaModel, Any, dict]:
 def flatten(params: Any) -> dict[str, np.ndarray]:
   """{"a/b/c": array} view of a params tree (the safetensors layout)."""
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {lorajax.path_str(k): np.asarray(v) for k, v in leaves}
+  return {jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(v)
+          for k, v in leaves}
 
 
 def token_nll(model: llama.LlamaModel, params: Any,
@@ -203,7 +204,9 @@ def train(base: Any, objective: Callable, data: Any, *, method: str,
     raise ValueError(f"`seeds` ({len(seeds)}) and `lrs` ({n}) differ in length.")
   steps = jax.tree.leaves(data)[0].shape[1]
   if method == "full":
+    # Full fine-tuning: the train step's trainable argument is the params.
     tr = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), base)
+    frozen = None
 
     def effective(t):
       return t
@@ -212,31 +215,38 @@ def train(base: Any, objective: Callable, data: Any, *, method: str,
       raise ValueError("method='lora' needs a `lora_config`.")
     tr = _stack([lorajax.init(base, lora_config, key=jax.random.key(s))
                  for s in seeds])
+    frozen = base
 
     def effective(t):
       return lorajax.merge(base, t)
   else:
     raise ValueError(f"`method` must be 'full' or 'lora'; got {method!r}.")
-  tx = optax.scale_by_adam(b1=b1, b2=b2)
-  state = jax.vmap(tx.init)(tr)
-  lrs_arr = jnp.asarray(lrs, jnp.float32)
+
+  def loss_fn(p, t, batch):
+    data, key = batch
+    return objective(t if p is None else lorajax.merge(p, t), data, key)
+
+  # Adam with the learning rate in the optimizer state, so that every
+  # configuration (vmapped) has its own.
+  tx = optax.inject_hyperparams(optax.adam)(learning_rate=1.0, b1=b1, b2=b2)
+  ts = lorajax.make_train_step(loss_fn, tx, has_aux=True)
+  state = jax.vmap(ts.init)(tr)
+  state = state._replace(hyperparams={
+      **state.hyperparams, "learning_rate": jnp.asarray(lrs, jnp.float32)})
   keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32) + 1000)
 
   def one_step(carry, batch):
-    t, s, lr, key = carry
+    t, s, key = carry
     key, sub = jax.random.split(key)
-    (loss, metrics), g = jax.value_and_grad(
-        lambda t_: objective(effective(t_), batch, sub), has_aux=True)(t)
-    u, s = tx.update(g, s, t)
-    t = jax.tree.map(lambda p, d: p - lr * d, t, u)
-    return (t, s, lr, key), {"loss": loss, **metrics}
+    t, s, m = ts.step(frozen, t, s, (batch, sub))
+    return (t, s, key), {"loss": m["loss"], **m["aux"]}
 
   @jax.jit
-  def chunk(t, s, lr, key, batches):
-    def per_config(t, s, lr, key, batches):
-      (t, s, _, key), logs = jax.lax.scan(one_step, (t, s, lr, key), batches)
+  def chunk(t, s, key, batches):
+    def per_config(t, s, key, batches):
+      (t, s, key), logs = jax.lax.scan(one_step, (t, s, key), batches)
       return t, s, key, logs
-    return jax.vmap(per_config)(t, s, lr, key, batches)
+    return jax.vmap(per_config)(t, s, key, batches)
 
   ev = jax.jit(jax.vmap(lambda t: eval_fn(effective(t)))) if eval_fn else None
   every = eval_every or steps
@@ -249,7 +259,7 @@ def train(base: Any, objective: Callable, data: Any, *, method: str,
   while done < steps:
     k = min(every, steps - done)
     batch = jax.tree.map(lambda x: x[:, done:done + k], data)
-    tr, state, keys, log = chunk(tr, state, lrs_arr, keys, batch)
+    tr, state, keys, log = chunk(tr, state, keys, batch)
     logs.append(jax.device_get(log))
     done += k
     if ev:

@@ -56,7 +56,7 @@ def write_tiny_model(directory: pathlib.Path, *, seed: int = 0,
 
 def write_reverse_data(path: pathlib.Path, n: int, *, seed: int = 0) -> None:
   """Tiny word-reversal data: 2-3 letters, reversed."""
-  import random  # noqa: PLC0415
+  import random
 
   rng = random.Random(seed)
   with path.open("w") as f:

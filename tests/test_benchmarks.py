@@ -18,3 +18,16 @@ def test_bench_step_smoke():
   for r in rows:
     assert r["median_step_s"] > 0 and r["compile_s"] > 0
   assert rows[0]["ratio_to_full"] == 1.0
+
+
+def test_bench_depth_smoke():
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "bench_depth.py"),
+       "--smoke"], capture_output=True, text=True, timeout=300, check=True)
+  rows = [json.loads(line) for line in out.stdout.splitlines()
+          if line.startswith("{")]
+  assert [(r["layers"], r["layout"]) for r in rows] == [
+      (1, "unrolled"), (1, "scan"), (2, "unrolled"), (2, "scan")]
+  for r in rows:
+    assert r["compile_s"] > 0 and r["compile_cpu_s"] > 0
+    assert r["median_step_s"] > 0

@@ -15,7 +15,6 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lorajax
-from lorajax._src.core.checkpoint import CorruptCheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -25,16 +24,16 @@ STEPS = 6
 
 
 def batch_of(step, sharding):
-  return lorajax.global_batch(ex.global_batch_numpy(step), sharding)
+  return lorajax.sharding.global_batch(ex.global_batch_numpy(step), sharding)
 
 
 def run_steps(setup, adapter, opt_state, start, stop):
   params, _, _, train, bsh = setup
   losses = []
   for step in range(start, stop):
-    adapter, opt_state, loss = train.step(params, adapter, opt_state,
-                                          batch_of(step, bsh))
-    losses.append(float(loss))
+    adapter, opt_state, metrics = train.step(params, adapter, opt_state,
+                                             batch_of(step, bsh))
+    losses.append(float(metrics["loss"]))
   return adapter, opt_state, losses
 
 
@@ -103,8 +102,8 @@ KILL_SCRIPT = textwrap.dedent("""
     params, adapter, opt_state, train, bsh = ex.setup(ex.make_mesh())
     mgr = lorajax.CheckpointManager(sys.argv[2], ex.CONFIG, max_to_keep=2)
     for step in range(5):
-      batch = lorajax.global_batch(ex.global_batch_numpy(step), bsh)
-      adapter, opt_state, loss = train.step(params, adapter, opt_state, batch)
+      batch = lorajax.sharding.global_batch(ex.global_batch_numpy(step), bsh)
+      adapter, opt_state, _ = train.step(params, adapter, opt_state, batch)
       mgr.save(step + 1, adapter, opt_state)
       if step + 1 == int(sys.argv[3]):
         os.kill(os.getpid(), signal.SIGKILL)  # mid-save, no clean-up
@@ -115,7 +114,7 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
   setup, ref_adapter, ref_opt, ref_losses = uninterrupted
   proc = subprocess.run(
       [sys.executable, "-c", KILL_SCRIPT, ROOT, str(tmp_path), "4"],
-      capture_output=True, text=True, timeout=120)
+      capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == -9, proc.stderr[-2000:]
   with lorajax.CheckpointManager(tmp_path, ex.CONFIG) as mgr:
     # Step 4's save may or may not have finished before the kill; an
@@ -150,7 +149,7 @@ EXIT_SCRIPT = textwrap.dedent("""
 def test_async_save_finishes_before_exit(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-c", EXIT_SCRIPT, ROOT, str(tmp_path)],
-      capture_output=True, text=True, timeout=120)
+      capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   params = {"big": {"kernel": jax.ShapeDtypeStruct((2048, 2048), np.float32)}}
   config = lorajax.LoraConfig(rank=256)
@@ -216,6 +215,9 @@ def test_keep_last_n_sizes_and_metadata(tmp_path, uninterrupted):
     mgr.wait_until_finished()
     assert mgr.all_steps() == [4, 5]
     assert mgr.latest_step() == 5
+    # Listing needs no config (and no manager).
+    assert lorajax.CheckpointManager.saved_steps(tmp_path / "both") == [4, 5]
+    assert lorajax.CheckpointManager.saved_steps(tmp_path / "none") == []
     assert mgr.saved_config() == config
     meta = mgr.metadata(5)
     assert meta["user"] == {"epoch": 2}
@@ -316,7 +318,8 @@ def test_corrupt_step_falls_back_to_previous(tmp_path, uninterrupted, kind):
                                        opt_state=fresh(setup)[1])
     assert step == 2
     leaves_equal((got, got_opt), (adapter, opt_state))
-    with pytest.raises(CorruptCheckpointError, match=rf"step 3 .*{why}"):
+    with pytest.raises(lorajax.CorruptCheckpointError,
+                       match=rf"step 3 .*{why}"):
       mgr.restore(3, adapter=fresh(setup)[0])
     # Saving step 3 again replaces the corrupt one.
     mgr.save(3, adapter, opt_state)
@@ -342,11 +345,11 @@ def test_all_steps_corrupt_raises(tmp_path, uninterrupted):
   with lorajax.CheckpointManager(tmp_path, ex.CONFIG) as mgr:
     mgr.save(1, adapter)
   _corrupt_missing_meta(os.path.join(tmp_path, "1"))
-  with lorajax.CheckpointManager(tmp_path, ex.CONFIG) as mgr:
-    with pytest.warns(RuntimeWarning, match="step 1"):
-      with pytest.raises(FileNotFoundError,
-                         match=r"No readable checkpoint.*corrupt steps: \[1\]"):
-        mgr.restore(adapter=adapter)
+  with (lorajax.CheckpointManager(tmp_path, ex.CONFIG) as mgr,
+        pytest.warns(RuntimeWarning, match="step 1"),
+        pytest.raises(FileNotFoundError,
+                      match=r"No readable checkpoint.*corrupt steps: \[1\]")):
+    mgr.restore(adapter=adapter)
 
 
 def _template(config):
@@ -388,7 +391,7 @@ def test_mismatched_template_raises_naming_the_path(tmp_path, uninterrupted):
       mgr.restore(1, adapter={"attn": {"o": {"kernel": 1}}})
     with pytest.raises(TypeError, match=r"at 'w': `a` must be an array"):
       mgr.restore(1, adapter={"w": lorajax.LoraWeight(a=1.0, b=2.0,
-                                                      scale=1.0)})
+                                                      alpha=1.0)})
     with pytest.raises(ValueError, match=r"`adapter` holds no LoraWeight"):
       mgr.restore(1, adapter={"w": None})
 

@@ -8,11 +8,9 @@ import sys
 import numpy as np
 import pytest
 import safetensors.numpy
-
-from lorajax._src.app import cli
-from lorajax._src.app import run_dir
-
 from _finetune_testing import write_reverse_data, write_tiny_model
+
+from lorajax._src.app import cli, run_dir
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -32,7 +30,8 @@ def _args(files, out, *extra, steps=8):
   return ["finetune", "--model", str(files["model"]), "--train",
           str(files["train"]), "--eval", str(files["eval"]),
           "--eval-examples", "4", "--max-new-tokens", "4", "--batch-size",
-          "4", "--lr", "2e-2", "--rank", "8", "--alpha", "8", "--steps", str(steps),
+          "4", "--lr", "2e-2", "--rank", "8", "--alpha", "8", "--steps",
+          str(steps),
           "--no-progress", "--output", str(out), *extra]
 
 
@@ -75,9 +74,9 @@ def test_finetune_end_to_end(files, tmp_path, capsys):
   base = safetensors.numpy.load_file(files["model"] / "model.safetensors")
   merged = safetensors.numpy.load_file(out / "merged/model.safetensors")
   key = "model.layers.0.self_attn.q_proj.weight"
-  a = tensors[f"base_model.model.model.layers.0.self_attn.q_proj.lora_A"
+  a = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A"
               ".weight"]
-  b = tensors[f"base_model.model.model.layers.0.self_attn.q_proj.lora_B"
+  b = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B"
               ".weight"]
   scale = cfg["lora_alpha"] / cfg["r"]
   np.testing.assert_allclose(merged[key], base[key] + scale * b @ a,
@@ -91,6 +90,10 @@ def test_resume_continues_from_saved_step(files, tmp_path, capsys):
   assert cli.main(_args(files, part, "--save-every", "2", steps=4)) == 0
   # Simulate a crash after step 4's checkpoint: the run marker is gone.
   (part / "run.json").unlink()
+  # A run started before 0.2 named the storage dtype `dtype`: still resumes.
+  cfg = json.loads((part / "config.json").read_text())
+  cfg["lora"]["dtype"] = cfg["lora"].pop("param_dtype")
+  (part / "config.json").write_text(json.dumps(cfg))
   capsys.readouterr()
   assert cli.main(_args(files, part, "--resume", steps=6)) == 0
   printed = capsys.readouterr().out
@@ -141,7 +144,7 @@ def _bad_jsonl(d, name, lines):
         ("missing-model", r"Model path '.*nope' does not exist"),
         ("model-dir-without-config", r"has no config\.json"),
         ("model-not-gguf", r"is not a \.gguf file"),
-        ("model-broken", r"Could not load the model from '.*broken'"),
+        ("model-broken", r"broken/config\.json:1:2 is not valid JSON"),
         ("bad-eval-line", r"evbad\.jsonl:1: missing field\(s\)"),
         ("missing-train", r"--train file '.*missing\.jsonl' does not exist"),
         ("bad-json-line", r"bad\.jsonl:2: not valid JSON"),
@@ -191,7 +194,7 @@ def test_bad_input(files, tmp_path, capsys, case, match):
     setarg("--train", _bad_jsonl(d, "long.jsonl", [
         '{"prompt": "a", "completion": "b"}\n',
         json.dumps({"prompt": "x" * 40, "completion": "y"}) + "\n"]))
-    args += ["--seq-len", "32"]
+    args += ["--seq-len", "32", "--batch-size", "2"]
   elif case == "seq-len-over-context":
     args += ["--seq-len", "512"]
   elif case == "targets-match-nothing":
@@ -233,15 +236,21 @@ def test_existing_output_is_not_overwritten(files, tmp_path, capsys):
 
 
 def test_failed_run_is_not_marked_complete(files, tmp_path, capsys):
-  # A learning rate so large the loss overflows: the run stops with an error
-  # and the directory has no run.json.
+  # A base model whose weights hold a NaN: the loss is not finite, the run
+  # stops with an error and the directory has no run.json. (A learning rate
+  # large enough to overflow is now refused up front by --lr's range.)
+  model = write_tiny_model(tmp_path / "nan_model")
+  w = safetensors.numpy.load_file(model / "model.safetensors")
+  w["model.layers.0.mlp.down_proj.weight"][0, 0] = np.nan
+  safetensors.numpy.save_file(w, model / "model.safetensors")
   out = tmp_path / "run"
-  args = _args(files, out, steps=4)
-  args[args.index("--lr") + 1] = "1e30"
+  args = _args(files, out, "--eval-examples", "0", steps=4)
+  args[args.index("--model") + 1] = str(model)
   code = cli.main(args)
   err = capsys.readouterr().err
   assert code == 2
-  assert "Lower the learning rate" in err
+  assert "Lower the learning rate (`--lr`)" in err  # the flag, not the
+  assert "TrainConfig" not in err                   # library's argument
   assert (out / "config.json").exists()
   assert not (out / "run.json").exists()
 
@@ -257,3 +266,13 @@ def test_epochs_and_grad_accum(files, tmp_path):
   rows = [r for r in run_dir.read_metrics(out / "metrics.jsonl") if "loss" in r]
   assert len(rows) == 6
   assert all(r["padded"] % 8 == 0 for r in rows)  # 2 x 4 rows per step
+
+
+def test_without_the_finetune_extra_says_how_to_install(monkeypatch, capsys):
+  monkeypatch.setattr(cli, "FINETUNE_EXTRA", ("tqdm", "no_such_module_x"))
+  assert cli.main(["finetune", "--steps", "1"]) == 2
+  err = capsys.readouterr().err
+  assert "needs the `finetune` extra" in err
+  assert "no_such_module_x is not installed" in err
+  assert "pip install 'lorajax[finetune]'" in err
+  assert cli.missing_extras() == ["no_such_module_x"]

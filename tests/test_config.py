@@ -1,5 +1,6 @@
 """LoraConfig: validation, target presets, patterns, and every error."""
 
+import dataclasses
 import re
 
 import jax
@@ -33,7 +34,7 @@ def test_config_is_frozen_and_hashable():
                            rank_pattern={"a": 2}, axes={"c": "sio"})
   assert hash(cfg) == hash(lorajax.LoraConfig(
       rank=4, targets=("a", "b"), rank_pattern={"a": 2}, axes={"c": "sio"}))
-  with pytest.raises(Exception):
+  with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.rank = 3
   assert lorajax.LoraConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -108,8 +109,13 @@ def test_rank_and_alpha_patterns_follow_peft_suffix_semantics():
     (dict(alpha_pattern={"q": -1.0}), ValueError, r"alpha_pattern\['q'\]`"),
     (dict(axes={"w": "ixo"}), ValueError, r"may only contain the letters"),
     (dict(init="kaiming"), ValueError, r"`init` must be 'lora' or"),
-    (dict(dtype="int32"), ValueError, r"`dtype` must be a floating dtype"),
-    (dict(dtype="nonsense"), TypeError, r"`dtype` is not a dtype"),
+    (dict(param_dtype="int32"), ValueError,
+     r"`param_dtype` must be a floating dtype"),
+    (dict(param_dtype="nonsense"), TypeError, r"`param_dtype` is not a"),
+    (dict(alpha=float("inf")), ValueError, r"`alpha` must be > 0 and finite"),
+    (dict(alpha=float("nan")), ValueError, r"`alpha` must be > 0 and finite"),
+    (dict(alpha_pattern={"q": float("inf")}), ValueError,
+     r"alpha_pattern\['q'\]` must be > 0 and finite"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_invalid_config_values(kwargs, error, match):
   with pytest.raises(error, match=match):
@@ -200,11 +206,35 @@ def test_adapter_that_does_not_fit_the_params():
                          key=jax.random.key(0))
   with pytest.raises(ValueError, match=r"structure does not fit.*\n  a/kernel"):
     lorajax.merge({"b": {"kernel": jnp.zeros((8, 8))}}, adapter)
-  with pytest.raises(ValueError, match=r"'a/kernel': weight shape \(8, 4\) "
-                     r"with axes 'io' does not fit adapter a\(8, 2\) b\(2, 8\)"):
+  with pytest.raises(ValueError, match=(
+      r"'a/kernel': weight shape \(8, 4\) "
+      r"with axes 'io' does not fit adapter a\(8, 2\) b\(2, 8\)")):
     lorajax.merge({"a": {"kernel": jnp.zeros((8, 4))}}, adapter)
   with pytest.raises(ValueError, match=r"has 2 letters but the weight has "
                      r"shape \(8, 8, 1\)"):
     lorajax.unmerge({"a": {"kernel": jnp.zeros((8, 8, 1))}}, adapter)
   with pytest.raises(ValueError, match=r"expected a LoraWeight or None"):
     lorajax.merge(params, {"a": {"kernel": jnp.zeros((8, 8))}})
+
+
+def test_config_is_keyword_only():
+  with pytest.raises(TypeError, match=r"positional"):
+    lorajax.LoraConfig(8)  # type: ignore[misc]
+
+
+def test_dtype_is_a_deprecated_alias_of_param_dtype():
+  with pytest.warns(DeprecationWarning, match=r"use `param_dtype`"):
+    config = lorajax.LoraConfig(rank=2, dtype="bfloat16")
+  assert config.param_dtype == "bfloat16"
+  with pytest.warns(DeprecationWarning, match=r"`LoraConfig.dtype` is dep"):
+    assert config.dtype == "bfloat16"
+  # Configs saved before the rename (key "dtype") still load, silently.
+  old = {**lorajax.LoraConfig(rank=2).to_dict()}
+  old["dtype"] = old.pop("param_dtype")
+  old["dtype"] = "bfloat16"
+  assert lorajax.LoraConfig.from_dict(old) == config
+  adapter = lorajax.init({"w": jnp.ones((4, 4))},
+                         lorajax.LoraConfig(rank=2, targets="w",
+                                            param_dtype="bfloat16"),
+                         key=jax.random.key(0))
+  assert adapter["w"].a.dtype == jnp.bfloat16

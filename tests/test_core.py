@@ -2,6 +2,7 @@
 
 import functools
 
+import _testing
 import chex
 import flax.linen as nn
 import jax
@@ -24,15 +25,8 @@ def _perturb(adapter, key, scale=0.5):
   ])
 
 
-def _nodes(adapter):
-  is_node = lambda x: x is None or isinstance(x, lorajax.LoraWeight)
-  flat, _ = jax.tree_util.tree_flatten_with_path(adapter, is_leaf=is_node)
-  return {lorajax.path_str(p): n for p, n in flat if n is not None}
-
-
-def _weights(params):
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  return {lorajax.path_str(p): w for p, w in flat}
+_nodes = _testing.nodes_by_path
+_weights = _testing.leaves_by_path
 
 
 def _dense_reference(w, node):
@@ -216,7 +210,7 @@ def test_merge_gradient_matches_dense_chain_rule():
   adapter = _perturb(lorajax.init(params, cfg, key=jax.random.key(1)),
                      jax.random.key(2))
   x = jax.random.normal(jax.random.key(3), (7, 6))
-  loss = lambda ad: jnp.sum(jnp.tanh(x @ lorajax.merge(params, ad)["w"]))
+  loss = lambda ad: jnp.sum(jnp.tanh(x @ lorajax.merge(params, ad)["w"]))  # noqa: E731
   g = jax.grad(loss)(adapter)["w"]
   node = adapter["w"]
   w_eff = params["w"] + node.scale * node.a @ node.b
@@ -239,7 +233,7 @@ def test_multi_axis_and_stacked_weights(shape, axes):
   adapter = lorajax.init(params, cfg, key=jax.random.key(1))
   node = adapter["blk"]["kernel"]
   dims = dict(zip(range(len(shape)), shape))
-  pick = lambda c: tuple(dims[i] for i, x in enumerate(axes) if x == c)
+  pick = lambda c: tuple(dims[i] for i, x in enumerate(axes) if x == c)  # noqa: E731
   assert node.a.shape == (*pick("s"), *pick("i"), 2)
   assert node.b.shape == (*pick("s"), 2, *pick("o"))
   assert node.weight_shape == shape
@@ -329,12 +323,12 @@ def test_lora_plus_scales_b_updates():
                                                              targets="w"),
                                   key=jax.random.key(0)), jax.random.key(1))
   grads = _perturb(adapter, jax.random.key(2))
-  tx = lorajax.lora_plus(0.1, ratio=8.0, optimizer=optax.sgd)
+  tx = lorajax.optim.lora_plus(0.1, ratio=8.0, optimizer=optax.sgd)
   updates, _ = tx.update(grads, tx.init(adapter), adapter)
   np.testing.assert_allclose(updates["w"].a, -0.1 * grads["w"].a, rtol=1e-6)
   np.testing.assert_allclose(updates["w"].b, -0.8 * grads["w"].b, rtol=1e-6)
   with pytest.raises(ValueError, match="`ratio` must be > 0"):
-    lorajax.lora_plus(0.1, ratio=0.0)
+    lorajax.optim.lora_plus(0.1, ratio=0.0)
 
 
 def test_lora_plus_with_schedule():
@@ -343,7 +337,7 @@ def test_lora_plus_with_schedule():
                          key=jax.random.key(0))
   grads = _perturb(adapter, jax.random.key(2))
   sched = optax.linear_schedule(1.0, 0.0, 10)
-  tx = lorajax.lora_plus(sched, ratio=2.0, optimizer=optax.sgd)
+  tx = lorajax.optim.lora_plus(sched, ratio=2.0, optimizer=optax.sgd)
   updates, _ = tx.update(grads, tx.init(adapter), adapter)
   np.testing.assert_allclose(updates["w"].b, -2.0 * grads["w"].b, rtol=1e-6)
 
@@ -353,10 +347,10 @@ def test_decay_mask_selects_adapter_matrices():
   adapter = lorajax.init(params, lorajax.LoraConfig(rank=2, targets="w"),
                          key=jax.random.key(0))
   trainable = {"lora": adapter, "norm": jnp.ones(4)}
-  mask = lorajax.decay_mask(trainable)
+  mask = lorajax.optim.decay_mask(trainable)
   assert mask["lora"]["w"].a is True and mask["lora"]["w"].b is True
   assert mask["norm"] is False
-  tx = optax.adamw(0.1, weight_decay=0.5, mask=lorajax.decay_mask)
+  tx = optax.adamw(0.1, weight_decay=0.5, mask=lorajax.optim.decay_mask)
   zero = jax.tree.map(jnp.zeros_like, trainable)
   upd, _ = tx.update(zero, tx.init(trainable), trainable)
   np.testing.assert_array_equal(upd["norm"], 0)  # no decay on the norm
@@ -396,7 +390,7 @@ def test_toy_finetune_lowers_loss_and_keeps_params_frozen():
   targets = (ids + 1) % 32
   cfg = lorajax.LoraConfig(rank=8, alpha=16.0)
   adapter = lorajax.init(params, cfg, key=jax.random.key(2))
-  adapted = {p for p in _nodes(adapter)}
+  adapted = set(_nodes(adapter))
   assert "params/lm_head/kernel" not in adapted
   assert "params/embed/embedding" not in adapted
   assert len(adapted) == 12
@@ -430,3 +424,23 @@ def test_summary_rejects_an_adapter_for_other_params():
   other = {"embed": params["embed"], "layers": params["layers"][:1]}
   with pytest.raises(ValueError, match="structure does not fit"):
     lorajax.summary(other, adapter)
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_lora_weight_derives_scale_from_alpha_and_flag(rslora):
+  """`scale` is derived (alpha / r, or alpha / sqrt(r) with rsLoRA, Hu et al.
+  2021 / Kalajdzievski 2023); only `a` and `b` are pytree leaves."""
+  params = {"w": jnp.ones((8, 6))}
+  config = lorajax.LoraConfig(rank=4, alpha=6.0, targets="w",
+                              use_rslora=rslora)
+  node = lorajax.init(params, config, key=jax.random.key(0))["w"]
+  assert node.alpha == 6.0 and node.rslora is rslora
+  assert node.scale == (6.0 / 2.0 if rslora else 6.0 / 4.0)
+  assert len(jax.tree.leaves(node)) == 2
+  moved = jax.tree.map(lambda x: x + 1, node)
+  assert moved.scale == node.scale and moved.rslora is rslora
+  with pytest.raises(TypeError, match=r"needs `alpha`"):
+    lorajax.LoraWeight(a=node.a, b=node.b)
+  with pytest.warns(DeprecationWarning, match=r"LoraWeight\(scale=\.\.\.\)"):
+    old = lorajax.LoraWeight(a=node.a, b=node.b, scale=0.75)
+  assert old.alpha == 3.0 and old.scale == 0.75

@@ -6,12 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _finetune_testing import write_reverse_data, write_tiny_model
 
 from lorajax import finetune
 from lorajax._src.app import data as data_lib
 from lorajax.models import llama
-
-from _finetune_testing import write_reverse_data, write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -229,16 +228,17 @@ def test_grad_accumulation_equals_big_batch(tiny, tmp_path):
   state = state._replace(adapter=jax.tree.map(
       lambda x: x + 0.05 * jnp.ones_like(x), state.adapter))
   batch = data_lib.pad_batch(exs[:4], 64)
-  step = finetune.make_train_step(model, config.optimizer(), mode="merged")
+  step = finetune.make_train_step(model, config.optimizer(),
+                                  mode="merged").step
 
   def arrays(b, shape):
     return tuple(jnp.asarray(x.reshape(shape)) for x in
                  (b.input_ids, b.attention_mask, b.loss_mask))
 
   copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731 (donated)
-  ad1, _, m1 = step(copy(state.adapter), copy(state.opt_state), params,
+  ad1, _, m1 = step(params, copy(state.adapter), copy(state.opt_state),
                     arrays(batch, (1, 4, 64)))
-  ad2, _, m2 = step(copy(state.adapter), copy(state.opt_state), params,
+  ad2, _, m2 = step(params, copy(state.adapter), copy(state.opt_state),
                     arrays(batch, (2, 2, 64)))
   np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
   assert float(m1["tokens"]) == batch.loss_mask[:, 1:].sum()
@@ -247,7 +247,7 @@ def test_grad_accumulation_equals_big_batch(tiny, tmp_path):
                                atol=1e-6)
   # The loss it reports is the mean completion-token loss of the model.
   merged = jax.tree.map(jnp.asarray, params)
-  import lorajax  # noqa: PLC0415
+  import lorajax
 
   logits = model.apply(lorajax.merge(merged, state.adapter),
                        batch.input_ids, batch.attention_mask)

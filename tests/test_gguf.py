@@ -43,9 +43,9 @@ def test_dequantize_matches_gguf_reference(name):
 
 
 def test_dequantize_errors():
-  with pytest.raises(ValueError, match="ggml type 6.*Re-quantize"):
+  with pytest.raises(ValueError, match=r"ggml type 6.*Re-quantize"):
     gguf_io.dequantize(np.zeros(22, np.uint8), 6, (32,), "blk.0.attn_q.weight")
-  with pytest.raises(ValueError, match="'w'.*has 10 bytes; expected 34"):
+  with pytest.raises(ValueError, match=r"'w'.*has 10 bytes; expected 34"):
     gguf_io.dequantize(np.zeros(10, np.uint8), int(QT.Q8_0), (32,), "w")
 
 
@@ -148,6 +148,20 @@ def test_permutation_is_undone(tmp_path):
     want = getattr(tm.model.layers[1].self_attn, mod).weight.detach().numpy()
     got = params["model"]["layers"]["1"]["self_attn"][mod]["kernel"]
     np.testing.assert_array_equal(np.asarray(got).T, want)
+
+
+def test_gguf_loads_into_scanned_layers(tmp_path):
+  tm = tiny_torch_llama(seed=4)
+  _write_gguf(tmp_path / "m.gguf", tm, "F32")
+  model, params = llama.from_pretrained(tmp_path / "m.gguf",
+                                        scan_layers=True)
+  assert model.config.scanned
+  q = params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  want = tm.model.layers[1].self_attn.q_proj.weight.detach().numpy()
+  np.testing.assert_array_equal(np.asarray(q[1]).T, want)
+  ids = random_ids(np.random.default_rng(1), 2, 10)
+  np.testing.assert_allclose(
+      model.apply(params, ids), torch_logits(tm, ids), atol=1e-4, rtol=0)
 
 
 def test_gguf_errors(tmp_path):
@@ -331,7 +345,7 @@ def test_gguf_format_errors(tmp_path):
   fields, tensors = gguf_io.read_gguf(str(tmp_path / "c.gguf"))
   assert fields["general.architecture"] == "llama"
   assert tensors[0].name == "x" and tensors[0].shape == (32,)
-  with pytest.raises(ValueError, match="lacks the GGUF metadata key"
+  with pytest.raises(ValueError, match=r"lacks the GGUF metadata key"
                      " 'llama.embedding_length'"):
     llama.from_pretrained(tmp_path / "c.gguf")
 

@@ -1,4 +1,5 @@
-"""Every notebooks/*.ipynb runs top to bottom in smoke mode (LORAJAX_SMOKE=1)."""
+"""Every notebooks/*.ipynb runs top to bottom in smoke mode (LORAJAX_SMOKE=1).
+"""
 
 import os
 import pathlib

@@ -3,6 +3,7 @@
 import json
 import os
 
+import _testing
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,13 +45,7 @@ def _adapted_logits(model, params, adapter, ids) -> dict[str, np.ndarray]:
   }
 
 
-def _nodes(adapter):
-  flat = lorajax.path_str
-  return {
-      flat(p): n for p, n in jax.tree_util.tree_flatten_with_path(
-          adapter, is_leaf=lambda x: x is None or lorajax.is_lora(x))[0]
-      if n is not None
-  }
+_nodes = _testing.nodes_by_path
 
 
 def _peft_model(rslora: bool, **kw):
@@ -177,7 +172,7 @@ def test_save_overwrite(base, tmp_path):
   adapter = lorajax.init(params, lorajax.LoraConfig(rank=2),
                          key=jax.random.key(0))
   lorajax.peft.save(tmp_path / "ad", adapter)
-  with pytest.raises(ValueError, match="exists and is not empty.*overwrite"):
+  with pytest.raises(ValueError, match=r"exists and is not empty.*overwrite"):
     lorajax.peft.save(tmp_path / "ad", adapter)
   lorajax.peft.save(tmp_path / "ad", adapter, overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ["ad"]
@@ -216,8 +211,7 @@ def test_name_map_for_other_layouts(base, tmp_path):
     np.testing.assert_array_equal(n.a, r.a)
     assert n.scale == r.scale
   # dict form, and save with a name map writes the HF names.
-  paths = [lorajax.path_str(kp) for kp, _ in
-           jax.tree_util.tree_flatten_with_path(custom)[0]]
+  paths = list(_testing.leaves_by_path(custom))
   table = {p: _hf_module(p) for p in paths if _hf_module(p)}
   ad = lorajax.peft.load(tmp_path / "ad", custom, name_map=table)
   lorajax.peft.save(tmp_path / "out", ad, name_map=table)
@@ -251,14 +245,19 @@ def saved(base, tmp_path):
     "change,match",
     [
         (dict(peft_type="LOHA"), "peft_type 'LOHA'"),
-        (dict(use_dora=True), "use_dora=true"),
+        # DoRA loads (tests/test_methods.py); without magnitudes it is
+        # incomplete.
+        (dict(use_dora=True), "lora_magnitude_vector is missing"),
+        (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'.*"
+         "path_initial_model_for_weight_conversion"),
         (dict(fan_in_fan_out=True), "fan_in_fan_out=true"),
         (dict(bias="all"), "bias='all'"),
         (dict(lora_bias=True), "lora_bias=true"),
         (dict(modules_to_save=["lm_head"]), r"modules_to_save=\['lm_head'\]"),
         (dict(r=3), "rank 2 but adapter_config.json says r=3"),
     ],
-    ids=["loha", "dora", "fan_in_fan_out", "bias", "lora_bias",
+    ids=["loha", "dora", "pissa", "fan_in_fan_out",
+         "bias", "lora_bias",
          "modules_to_save", "rank"],
 )
 def test_load_rejects_config(saved, change, match):
@@ -285,7 +284,7 @@ def test_load_rejects_tensors(saved):
   bad = dict(tensors)
   del bad[q + ".lora_B.weight"]
   save_file(bad, wpath)
-  with pytest.raises(ValueError, match="q_proj: lora_B.weight is missing"):
+  with pytest.raises(ValueError, match=r"q_proj: lora_B.weight is missing"):
     lorajax.peft.load(directory, params)
   bad = dict(tensors)
   bad[q + ".lora_A.weight"] = np.zeros((2, 32), np.float32)
@@ -310,10 +309,10 @@ def test_load_rejects_tensors(saved):
     lorajax.peft.load(directory, params)
   os.remove(wpath)
   (open(os.path.join(directory, "adapter_model.bin"), "wb")).close()
-  with pytest.raises(ValueError, match="adapter_model.bin, a pickle"):
+  with pytest.raises(ValueError, match=r"adapter_model.bin, a pickle"):
     lorajax.peft.load(directory, params)
   os.remove(os.path.join(directory, "adapter_config.json"))
-  with pytest.raises(ValueError, match="has no adapter_config.json"):
+  with pytest.raises(ValueError, match=r"has no adapter_config.json"):
     lorajax.peft.load(directory, params)
 
 

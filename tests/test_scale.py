@@ -95,14 +95,11 @@ def test_scan_matches_unrolled_logits_and_gradients():
       "sio")
   mu, ms = llama.LlamaModel(cfg_u), llama.LlamaModel(cfg_s)
   ids = jnp.asarray(random_ids(np.random.default_rng(0), 2, 9, vocab=64))
-  np.testing.assert_allclose(ms.apply(params_s, ids), mu.apply(params_u, ids),
-                             atol=1e-5, rtol=0)
   # The scanned forward really is a scan (one layer body in the program).
-  jaxpr = str(jax.make_jaxpr(ms.apply)(params_s, ids))
-  assert "scan[" in jaxpr
+  assert "scan[" in str(jax.make_jaxpr(ms.apply)(params_s, ids))
   # Factored LoRA through the scan (strict: no fallback) vs the unrolled
   # model on dense merged weights: value and adapter gradients.
-  ref_v, ref_g = jax.value_and_grad(_loss(mu, factored=False))(
+  ref_v, ref_g = jax.jit(jax.value_and_grad(_loss(mu, factored=False)))(
       adapter_u, params_u, ids)
   v, g = jax.jit(jax.value_and_grad(_loss(ms)))(adapter_s, params_s, ids)
   np.testing.assert_allclose(v, ref_v, rtol=1e-5)
@@ -110,18 +107,10 @@ def test_scan_matches_unrolled_logits_and_gradients():
   for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
   assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g)) > 1e-2
-  # The same factored computation unrolled: equal up to rounding.
-  g_u = jax.jit(jax.grad(_loss(mu)))(adapter_u, params_u, ids)
-  for got, want in zip(jax.tree.leaves(g),
-                       jax.tree.leaves(llama.stack_layers(g_u))):
-    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)
-  # Gradients with respect to the base params (full fine-tuning) agree too.
-  full = lambda m: jax.grad(
-      lambda p: jnp.sum(m.apply(p, ids)[:, -1] ** 2))
-  g_s = full(ms)(params_s)
-  g_u = llama.stack_layers(full(mu)(params_u))
-  for got, want in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_u)):
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  # Without adapters: the same logits.
+  np.testing.assert_allclose(jax.jit(ms.apply)(params_s, ids),
+                             jax.jit(mu.apply)(params_u, ids),
+                             atol=1e-5, rtol=0)
 
 
 def test_scanned_checkpoint_matches_transformers(tmp_path):
@@ -149,12 +138,11 @@ def test_generate_with_scanned_layers():
   ms = llama.LlamaModel(cfg_s)
   prompt = jnp.asarray(random_ids(np.random.default_rng(4), 2, 5, vocab=64))
   out = np.asarray(ms.generate(params_s, prompt, 6, eos_id=-1))
-  # Reference: greedy decoding by re-running the full forward each step.
-  seq = np.asarray(prompt)
-  for _ in range(6):
-    nxt = np.argmax(np.asarray(ms.apply(params_s, seq))[:, -1], axis=-1)
-    seq = np.concatenate([seq, nxt[:, None]], axis=1)
-  np.testing.assert_array_equal(out, seq[:, 5:])
+  # Reference, without a cache: greedy decoding means every generated token
+  # is the argmax of the full forward pass over the tokens before it.
+  seq = np.concatenate([np.asarray(prompt), out], axis=1)
+  logits = np.asarray(jax.jit(ms.apply)(params_s, seq))
+  np.testing.assert_array_equal(out, np.argmax(logits[:, 4:-1], axis=-1))
   unrolled = llama.LlamaModel(_config(scan_layers=False))
   np.testing.assert_array_equal(
       unrolled.generate(llama.unstack_layers(params_s), prompt, 6, eos_id=-1),
@@ -233,7 +221,7 @@ def test_stacked_adapter_roundtrips_through_orbax(tmp_path):
                        jax.random.key(2))
   tx = optax.adam(1e-3)
   opt_state = tx.init(adapter)
-  with lorajax.CheckpointManager(tmp_path, config) as mgr:
+  with lorajax.CheckpointManager(tmp_path, config, async_save=False) as mgr:
     mgr.save(7, adapter, opt_state)
   template = lorajax.init(params, config, key=jax.random.key(9))
   with lorajax.CheckpointManager(tmp_path, config) as mgr:
@@ -278,9 +266,9 @@ def test_remat_policies_same_value_and_grad(scan):
   results = {}
   for remat in llama.REMAT_POLICIES:
     m = llama.LlamaModel(_config(scan_layers=scan, remat=remat))
-    vg = jax.value_and_grad(_loss(m))
-    results[remat] = jax.jit(vg)(adapter, params, ids)
-    policies = _remat_policies(jax.make_jaxpr(vg)(adapter, params, ids))
+    traced = jax.jit(jax.value_and_grad(_loss(m))).trace(adapter, params, ids)
+    results[remat] = traced.lower().compile()(adapter, params, ids)
+    policies = _remat_policies(traced.jaxpr)
     want = {"none": [], "full": [None],
             "dots": [jax.checkpoint_policies.dots_with_no_batch_dims_saveable]}
     assert set(policies) == set(want[remat])
@@ -309,8 +297,8 @@ def test_precision_policies():
   assert cast["w"].dtype == jnp.bfloat16 and cast["ids"].dtype == jnp.int32
   sds = bf16.cast_params(jax.ShapeDtypeStruct((4, 4), jnp.float32))
   assert sds.dtype == jnp.bfloat16
-  cfg = bf16.lora_config(lorajax.LoraConfig(rank=2, dtype="bfloat16"))
-  assert cfg.dtype == "float32" and cfg.rank == 2
+  cfg = bf16.lora_config(lorajax.LoraConfig(rank=2, param_dtype="bfloat16"))
+  assert cfg.param_dtype == "float32" and cfg.rank == 2
 
 
 def _task_batches(steps, rng):
@@ -332,8 +320,8 @@ def test_bf16_policy_tracks_f32_finetune():
     model = llama.LlamaModel(_config(scan_layers=True,
                                      dtype=policy.compute_dtype))
     params = policy.cast_params(base)
-    config = policy.lora_config(lorajax.LoraConfig(rank=4,
-                                                   dtype="bfloat16"))
+    config = policy.lora_config(
+        lorajax.LoraConfig(rank=4, param_dtype="bfloat16"))
     adapter = lorajax.init(params, config, key=jax.random.key(1))
     tx = optax.adam(5e-3)
     opt_state = tx.init(adapter)
@@ -342,18 +330,19 @@ def test_bf16_policy_tracks_f32_finetune():
       assert q.dtype == jnp.bfloat16
       # Gradients reach the adapter in float32, and they are the f32 ones
       # up to bfloat16 rounding of the forward pass.
-      loss = _loss(model)
-      g16 = jax.grad(loss)(adapter, params, batches[0][0][0])
-      g32 = jax.grad(_loss(llama.LlamaModel(_config(scan_layers=True))))(
-          adapter, base, batches[0][0][0])
+      f32_model = llama.LlamaModel(_config(scan_layers=True))
+      l16, l32 = _loss(model), _loss(f32_model)
+      g16, g32 = jax.jit(lambda ad, p16, p32, ids, l16=l16, l32=l32: (
+          jax.grad(l16)(ad, p16, ids), jax.grad(l32)(ad, p32, ids)))(
+              adapter, params, base, batches[0][0][0])
       assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g16))
       x = jnp.concatenate([v.ravel() for v in jax.tree.leaves(g16)])
       y = jnp.concatenate([v.ravel() for v in jax.tree.leaves(g32)])
       assert jnp.vdot(x, y) / (jnp.linalg.norm(x) * jnp.linalg.norm(y)) > 0.99
-    step = make_train_step(model, tx, mode="factored")
+    step = make_train_step(model, tx, mode="factored").step
     curve = []
     for batch in batches:
-      adapter, opt_state, m = step(adapter, opt_state, params, batch)
+      adapter, opt_state, m = step(params, adapter, opt_state, batch)
       curve.append(float(m["loss"]))
     losses[name] = np.asarray(curve)
     adapters[name] = adapter

@@ -246,10 +246,10 @@ def test_sharded_train_step_matches_single_device(case, mode, host_setup):
   opt_state = train.init(adapter)
   losses = []
   for step in range(4):
-    batch = lorajax.global_batch(ex.global_batch_numpy(step), bsh)
+    batch = lorajax.sharding.global_batch(ex.global_batch_numpy(step), bsh)
     old = adapter
-    adapter, opt_state, loss = train.step(params, adapter, opt_state, batch)
-    losses.append(float(loss))
+    adapter, opt_state, metrics = train.step(params, adapter, opt_state, batch)
+    losses.append(float(metrics["loss"]))
     assert old["attn"]["q"]["kernel"].a.is_deleted()  # donated
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, atol=1e-6)
   for x, y in zip(jax.tree.leaves(adapter), jax.tree.leaves(ref_final)):
@@ -284,8 +284,9 @@ def test_train_step_has_aux_and_no_donation():
       loss_aux, optax.sgd(0.1), param_shardings=psh, adapter_shardings=ash,
       batch_sharding=bsh, has_aux=True, donate=False)
   opt_state = train.init(adapter)
-  batch = lorajax.global_batch(ex.global_batch_numpy(0), bsh)
-  new, opt_state, loss, aux = train.step(params, adapter, opt_state, batch)
+  batch = lorajax.sharding.global_batch(ex.global_batch_numpy(0), bsh)
+  new, opt_state, metrics = train.step(params, adapter, opt_state, batch)
+  loss, aux = metrics["loss"], metrics["aux"]
   assert not adapter["attn"]["q"]["kernel"].a.is_deleted()
   np.testing.assert_allclose(float(aux["loss_x2"]), 2 * float(loss), rtol=1e-6)
   want = float(ex.loss_fn(params, adapter, batch))
@@ -302,10 +303,10 @@ def test_global_batch_single_process_is_device_put():
   mesh = mesh_of((2, 4), ("data", "model"))
   sh = NamedSharding(mesh, P("data"))
   host = ex.global_batch_numpy(3)
-  out = lorajax.global_batch(host, sh)
+  out = lorajax.sharding.global_batch(host, sh)
   np.testing.assert_array_equal(np.asarray(out["x"]), host["x"])
   assert out["x"].sharding == sh
-  per_leaf = lorajax.global_batch(
+  per_leaf = lorajax.sharding.global_batch(
       host, {"x": sh, "y": NamedSharding(mesh, P())})
   assert per_leaf["y"].sharding.is_fully_replicated
 

@@ -20,7 +20,11 @@ from lorajax._src.models.llama import (
     stack_layers,
     unstack_layers,
 )
-from lorajax._src.models.model import LlamaModel, default_model_path, from_pretrained
+from lorajax._src.models.model import (
+    LlamaModel,
+    default_model_path,
+    from_pretrained,
+)
 from lorajax._src.models.tokenizer import Tokenizer
 
 __all__ = (

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lorajax._src.core import fileio
+
 
 class Tokenizer(Protocol):
   """What the data pipeline needs from a tokenizer."""
@@ -160,10 +162,11 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
       and line number.
   """
   path = pathlib.Path(path)
-  if not path.is_file():
+  problem = fileio.path_problem(path, kind="file")
+  if problem is not None:
     raise DataError(
-        f"Data file {str(path)!r} does not exist or is not a file. Pass the"
-        " path of a JSONL file (one JSON object per line)."
+        f"Data file {str(path)!r} {problem}. Pass the path of a readable"
+        " JSONL file (one JSON object per line)."
     )
   try:
     text = path.read_text(encoding="utf-8")
@@ -184,7 +187,8 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
                   _FORMAT_HELP) from None
     records.append(_parse_record(obj, source))
   if not records:
-    raise DataError(f"Data file {str(path)!r} holds no examples. {_FORMAT_HELP}")
+    raise DataError(
+        f"Data file {str(path)!r} holds no examples. {_FORMAT_HELP}")
   return records
 
 

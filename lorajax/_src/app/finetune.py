@@ -4,8 +4,8 @@ The pieces, each usable on its own from JAX code:
 
 - `TrainConfig`: the hyperparameters (LoRA config, optimizer, batching).
 - `loss_sums(logits, batch)`: summed next-token loss on the completion tokens.
-- `make_train_step(model, optimizer, mode=...)`: one jitted optimizer step
-  over `(accum, batch, length)` micro-batches, gradients only for the adapter.
+- `make_train_step(model, optimizer, mode=...)`: `lorajax.make_train_step`
+  with this loss, over `(accum, batch, length)` microbatches.
 - `train(...)`: the loop (progress, metrics callback, resumable state).
 - `evaluate(...)` / `generate_answers(...)`: exact-match accuracy and loss on
   held-out examples.
@@ -27,11 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lorajax._src.core import adapter as adapter_lib
 from lorajax._src.app import data as data_lib
+from lorajax._src.core import adapter as adapter_lib
+from lorajax._src.core import factored as factored_lib
+from lorajax._src.core import quant as quant_lib
+from lorajax._src.core import train as train_lib
 from lorajax._src.core.config import LoraConfig
-
-PyTree = Any
+from lorajax._src.core.typing import PyTree
 
 MODES = ("factored", "merged")
 
@@ -42,20 +44,16 @@ MODES = ("factored", "merged")
 # runs under 100 steps), with a constant schedule and alpha = 32. On the
 # bundled task 5e-4 also gave steadier held-out accuracy than 1e-3.
 DEFAULT_LEARNING_RATE = 5e-4
+"""The default constant AdamW learning rate of `lorajax finetune` (5e-4).
 
-
-def factored_available() -> bool:
-  """True when `lorajax.lora` (factored execution) is importable."""
-  try:
-    import lorajax  # noqa: PLC0415
-  except ImportError:  # pragma: no cover
-    return False
-  return hasattr(lorajax, "lora")
+Ten times the usual full fine-tuning rate of 5e-5, since the LoRA optimum is
+about 10x full fine-tuning's (Schulman et al. 2025, "LoRA Without Regret").
+"""
 
 
 def default_mode() -> str:
-  """`"factored"` when factored execution is available, else `"merged"`."""
-  return "factored" if factored_available() else "merged"
+  """The default execution mode: `"factored"` (`lorajax.lora`)."""
+  return "factored"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +75,7 @@ class TrainConfig:
       holds the longest example.
     mode: `"factored"` computes `x@W + s*(x@a)@b` without forming dense
       weights or their gradients (`lorajax.lora`); `"merged"` runs the model
-      on `merge(params, adapter)`. `None` picks factored when available.
+      on `merge(params, adapter)`. `None` picks `default_mode()` (factored).
     seed: Seed of the adapter initialisation and the data order.
     max_grad_norm: Clip the global gradient norm to this (0 disables).
   """
@@ -101,12 +99,19 @@ class TrainConfig:
       v = getattr(self, name)
       if not isinstance(v, int) or v < 1:
         raise ValueError(f"`{name}` must be an integer >= 1; got {v!r}.")
-    if self.epochs is not None and not self.epochs > 0:
-      raise ValueError(f"`epochs` must be > 0; got {self.epochs!r}.")
-    if not self.learning_rate > 0:
+    if self.epochs is not None and not 0 < self.epochs < math.inf:
       raise ValueError(
-          f"`learning_rate` must be > 0; got {self.learning_rate!r}."
+          f"`epochs` must be a finite number > 0; got {self.epochs!r}.")
+    if not 0 < self.learning_rate < math.inf:
+      raise ValueError(
+          "`learning_rate` must be a finite number > 0; got"
+          f" {self.learning_rate!r}."
       )
+    for name in ("weight_decay", "max_grad_norm"):
+      v = getattr(self, name, None)
+      if v is not None and not 0 <= v < math.inf:
+        raise ValueError(
+            f"`{name}` must be a finite number >= 0 (or None); got {v!r}.")
     if self.seq_len is not None and self.seq_len < 2:
       raise ValueError(f"`seq_len` must be >= 2; got {self.seq_len!r}.")
     if self.mode is not None and self.mode not in MODES:
@@ -190,14 +195,7 @@ def forward_fn(model: Any, mode: str) -> Callable[..., jax.Array]:
   if mode not in MODES:
     raise ValueError(f"`mode` must be one of {MODES}; got {mode!r}.")
   if mode == "factored":
-    if not factored_available():
-      raise ValueError(
-          "`mode='factored'` needs `lorajax.lora`, which this installation"
-          " does not have. Use `mode='merged'`."
-      )
-    import lorajax  # noqa: PLC0415
-
-    lora_apply = lorajax.lora(model.apply)
+    lora_apply = factored_lib.lora(model.apply)
 
     def factored(params, adapter, input_ids, attention_mask):
       return lora_apply(params, adapter, input_ids, attention_mask)
@@ -240,58 +238,55 @@ def make_train_step(
     model: Any,
     optimizer: optax.GradientTransformation,
     *,
-    mode: str = "merged",
-) -> Callable[..., tuple[PyTree, PyTree, dict[str, jax.Array]]]:
-  """A jitted step `(adapter, opt_state, params, batch) -> (adapter, opt_state,
-  metrics)`.
+    mode: str | None = None,
+    param_shardings: PyTree = None,
+    adapter_shardings: PyTree = None,
+    batch_sharding: PyTree = None,
+    donate: bool = True,
+) -> train_lib.TrainStep:
+  """The fine-tuning step: `lorajax.make_train_step` with the LM loss.
 
-  `batch` holds arrays shaped `(accum, batch, length)` (see
-  `data.Batcher.batch`); the gradients of the summed completion-token loss are
-  accumulated over the `accum` micro-batches with `lax.scan` and divided by
-  the step's number of completion tokens, so accumulation equals one big
-  batch. Only the adapter is differentiated; `params` stays frozen. The
-  adapter and optimizer state buffers are donated.
+  `step(params, adapter, opt_state, batch) -> (adapter, opt_state, metrics)`
+  (the argument order of `lorajax.make_train_step`). `batch` is
+  `(input_ids, attention_mask, loss_mask)`, each shaped `(accum, batch,
+  length)` (see `data.Batcher.batch`); the summed completion-token loss and
+  its gradient are accumulated over the `accum` microbatches (in float32)
+  and divided by the step's number of completion tokens, so accumulation
+  equals one big batch. Only the adapter is differentiated; `params` stays
+  frozen. The adapter and optimizer state buffers are donated.
 
   Args:
     model: Has `apply(params, input_ids, attention_mask) -> logits`.
     optimizer: The optax optimizer for the adapter.
-    mode: `"factored"` or `"merged"` (see `forward_fn`).
+    mode: `"factored"`, `"merged"` (see `forward_fn`), or `None` for
+      `TrainConfig`'s default (`default_mode()`: factored).
+    param_shardings: See `lorajax.make_train_step`.
+    adapter_shardings: See `lorajax.make_train_step`.
+    batch_sharding: See `lorajax.make_train_step`.
+    donate: Donate the adapter and optimizer state buffers.
 
   Returns:
-    The jitted step function. `metrics` has `loss` (mean per completion
-    token), `tokens` (completion tokens) and `grad_norm`.
+    A `lorajax.TrainStep(init, step)`. `metrics` has `loss` (mean per
+    completion token), `tokens` (completion tokens) and `grad_norm`.
   """
-  forward = forward_fn(model, mode)
+  forward = forward_fn(model, mode or default_mode())
 
-  def micro_loss(adapter, params, ids, att, lm):
-    logits = forward(params, adapter, ids, att)
-    return loss_sums(logits, ids, lm)
-
-  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-  def step(adapter, opt_state, params, batch):
+  def loss_fn(params, adapter, batch):
     ids, att, lm = batch
+    return loss_sums(forward(params, adapter, ids, att), ids, lm)
 
-    def body(carry, mb):
-      g_acc, s_acc, n_acc = carry
-      (s, n), g = grad_fn(adapter, params, *mb)
-      g_acc = jax.tree.map(lambda x, y: x + y.astype(jnp.float32), g_acc, g)
-      return (g_acc, s_acc + s, n_acc + n), None
+  ts = train_lib.make_train_step(
+      loss_fn, optimizer, weighted=True, microbatched=True,
+      param_shardings=param_shardings, adapter_shardings=adapter_shardings,
+      batch_sharding=batch_sharding, donate=donate,
+  )
 
-    # Accumulate in float32 whatever the adapter's storage dtype.
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), adapter)
-    (g, s, n), _ = jax.lax.scan(
-        body, (zeros, jnp.float32(0), jnp.float32(0)), (ids, att, lm)
-    )
-    denom = jnp.maximum(n, 1.0)
-    g = jax.tree.map(lambda x, p: (x / denom).astype(p.dtype), g, adapter)
-    updates, opt_state = optimizer.update(g, opt_state, adapter)
-    adapter = optax.apply_updates(adapter, updates)
-    metrics = {"loss": s / denom, "tokens": n,
-               "grad_norm": optax.tree.norm(g)}
-    return adapter, opt_state, metrics
+  def step(params, adapter, opt_state, batch):
+    adapter, opt_state, m = ts.step(params, adapter, opt_state, batch)
+    return adapter, opt_state, {"loss": m["loss"], "tokens": m["weight"],
+                                "grad_norm": m["grad_norm"]}
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  return train_lib.TrainStep(init=ts.init, step=step)
 
 
 def _batch_arrays(batch: data_lib.Batch):
@@ -354,7 +349,7 @@ def train(
   total = num_steps if num_steps is not None else config.num_steps(
       len(examples))
   step_fn = make_train_step(model, config.optimizer(),
-                            mode=config.resolved_mode)
+                            mode=config.resolved_mode).step
   adapter, opt_state, step = state
   bar = None
   if progress and step < total:
@@ -367,7 +362,7 @@ def train(
       batch = batcher.batch(step)
       t0 = time.perf_counter()
       c0 = time.process_time()
-      adapter, opt_state, m = step_fn(adapter, opt_state, params,
+      adapter, opt_state, m = step_fn(params, adapter, opt_state,
                                       _batch_arrays(batch))
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       dt = time.perf_counter() - t0
@@ -376,7 +371,7 @@ def train(
       if not math.isfinite(m["loss"]):
         raise FloatingPointError(
             f"The loss became {m['loss']} at step {step}. Lower the learning"
-            " rate (`--lr`) or check the data."
+            " rate (`TrainConfig.learning_rate`) or check the data."
         )
       m.update(seq_tokens=batch.num_tokens,
                padded=int(batch.input_ids.size), step_time=dt, cpu_time=cpu,
@@ -444,7 +439,12 @@ def generate_answers(
   stops = {*(getattr(cfg, "eos_token_ids", None) or ()),
            getattr(cfg, "eos_token_id", None), tok.eos_id} - {None}
   eos = tuple(sorted(int(s) for s in stops)) or None
-  run_params = params if adapter is None else _merge_jit(params, adapter)
+  quantized = _has_quantized(params)
+  if quantized:  # Decode on the quantized base: never a dense copy.
+    gen = _factored_generate(model, max_new_tokens, eos)
+    adapter = _no_adapter(params) if adapter is None else adapter
+  else:
+    run_params = params if adapter is None else _merge_jit(params, adapter)
   prompts = [prompt_ids(r, tok) for r in records]
   pad = tok.pad_id if tok.pad_id is not None else 0
   answers: list[str] = []
@@ -458,14 +458,17 @@ def generate_answers(
       att[i, width - len(p):] = 1
     for i in range(len(chunk), batch_size):  # Filler rows repeat row 0.
       ids[i], att[i] = ids[0], att[0]
-    out = model.generate(run_params, jnp.asarray(ids), max_new_tokens,
-                         temperature=0.0, attention_mask=jnp.asarray(att),
-                         eos_id=eos)
+    if quantized:
+      out = gen(params, adapter, jnp.asarray(ids), jnp.asarray(att))
+    else:
+      out = model.generate(run_params, jnp.asarray(ids), max_new_tokens,
+                           temperature=0.0, attention_mask=jnp.asarray(att),
+                           eos_id=eos)
     out = np.asarray(out)
     if out.shape[1] == width + max_new_tokens:
       out = out[:, width:]
-    for row in out[:len(chunk)]:
-      row = list(row)
+    for out_row in out[:len(chunk)]:
+      row = list(out_row)
       ends = [i for i, t in enumerate(row) if t in stops]
       if ends:
         row = row[:ends[0]]
@@ -494,6 +497,32 @@ class EvalResult(NamedTuple):
 _merge_jit = jax.jit(adapter_lib.merge)
 
 
+def _has_quantized(params: PyTree) -> bool:
+  return any(quant_lib.is_quantized(x) for x in jax.tree.leaves(
+      params, is_leaf=quant_lib.is_quantized))
+
+
+def _no_adapter(params: PyTree) -> PyTree:
+  return jax.tree.map(lambda _: None, params, is_leaf=quant_lib.is_quantized)
+
+
+@functools.lru_cache(maxsize=16)
+def _factored_generate(model: Any, max_new_tokens: int, eos: Any):
+  """`model.generate` through `lorajax.lora`, jitted (quantized bases)."""
+  def gen(params, input_ids, attention_mask):
+    return model.generate(params, input_ids, max_new_tokens, temperature=0.0,
+                          attention_mask=attention_mask, eos_id=eos)
+  return jax.jit(factored_lib.lora(gen))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_sums_factored(model, params, adapter, input_ids, attention_mask,
+                        loss_mask):
+  logits = factored_lib.lora(model.apply)(params, adapter, input_ids,
+                                          attention_mask)
+  return loss_sums(logits, input_ids, loss_mask)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_sums(model, params, input_ids, attention_mask, loss_mask):
   logits = model.apply(params, input_ids, attention_mask)
@@ -520,7 +549,11 @@ def eval_loss(
   Returns:
     The loss per completion token.
   """
-  run_params = params if adapter is None else _merge_jit(params, adapter)
+  quantized = _has_quantized(params)
+  if quantized:  # Evaluate on the quantized base: never a dense copy.
+    adapter = _no_adapter(params) if adapter is None else adapter
+  else:
+    run_params = params if adapter is None else _merge_jit(params, adapter)
 
   order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
   s = n = 0.0
@@ -528,8 +561,12 @@ def eval_loss(
     exs = [examples[i] for i in order[start:start + batch_size]]
     width = _bucket(max(map(len, exs)))
     b = data_lib.pad_batch(exs, width, batch_size)
-    ds, dn = _eval_sums(model, run_params, b.input_ids, b.attention_mask,
-                        b.loss_mask)
+    if quantized:
+      ds, dn = _eval_sums_factored(model, params, adapter, b.input_ids,
+                                   b.attention_mask, b.loss_mask)
+    else:
+      ds, dn = _eval_sums(model, run_params, b.input_ids, b.attention_mask,
+                          b.loss_mask)
     s += float(ds)
     n += float(dn)
   return s / max(n, 1.0)

@@ -31,6 +31,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from lorajax._src.core import adapter as adapter_lib
 from lorajax._src.core import paths as paths_lib
 from lorajax._src.core import sharding as sharding_lib
+from lorajax._src.core import train as train_lib
 from lorajax._src.core.config import LoraConfig
 from lorajax._src.core.precision import precision_policy
 from lorajax._src.models import llama as llama_lib
@@ -656,11 +657,7 @@ def _llama_config(hf: dict[str, Any], precision: str, remat: str,
 
 
 def _train_core():
-  """The module holding lorajax's train step (core/train.py once unified)."""
-  try:
-    from lorajax._src.core import train as train_lib  # noqa: PLC0415
-  except ImportError:
-    train_lib = sharding_lib
+  """The module holding lorajax's train step (core/train.py)."""
   return train_lib
 
 

@@ -17,12 +17,13 @@ import json
 import os
 import pathlib
 import tempfile
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
-PyTree = Any
+from lorajax._src.core import fileio
 
 DONE_FILE = "run.json"
 
@@ -32,6 +33,8 @@ def _write_atomic(path: pathlib.Path, write: Any) -> None:
   path = pathlib.Path(path)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
   try:
+    # mkstemp makes 0o600 files; give the usual umask-based mode instead.
+    os.fchmod(fd, 0o666 & ~fileio.current_umask())
     with os.fdopen(fd, "w") as f:
       write(f)
       f.flush()
@@ -69,21 +72,72 @@ def checkpoint_manager(directory: pathlib.Path, config: Any):
 
 def latest_step(directory: pathlib.Path) -> int | None:
   """The newest checkpoint step in `directory`, or None."""
-  if not directory.is_dir():
-    return None
-  from lorajax._src.core.config import LoraConfig  # noqa: PLC0415
+  from lorajax._src.core.checkpoint import CheckpointManager  # noqa: PLC0415
 
-  # Listing steps does not depend on the LoRA config.
-  with checkpoint_manager(directory, LoraConfig()) as mngr:
-    return mngr.latest_step()
+  steps = CheckpointManager.saved_steps(directory)
+  return steps[-1] if steps else None
 
 
-def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
-  """The records of a metrics JSONL file (missing file: empty list)."""
+class MetricsError(ValueError):
+  """A metrics.jsonl line that is not a JSON object (not a torn tail)."""
+
+
+def read_metrics(
+    path: pathlib.Path,
+    *,
+    warn: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+  """The records of a metrics JSONL file (missing file: empty list).
+
+  A run killed while writing (or stopped by a full disk) can leave the last
+  line cut short: that torn tail is dropped, with a warning. Any other line
+  that is not a JSON object is corruption and raises.
+
+  Args:
+    path: The metrics.jsonl file.
+    warn: Called with a message when a torn last line is dropped (default:
+      `warnings.warn`).
+
+  Returns:
+    The records, in file order.
+
+  Raises:
+    MetricsError: (a ValueError) naming the file and line of a damaged line
+      that is not the last one.
+  """
+  path = pathlib.Path(path)
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines()
-          if line.strip()]
+  raw = path.read_bytes()
+  # A power loss can also leave NUL bytes where the tail should be.
+  lines = raw.rstrip(b"\0").decode("utf-8", errors="replace").split("\n")
+  numbered = [(n, line) for n, line in enumerate(lines, start=1)
+              if line.strip()]
+  records = []
+  for i, (n, line) in enumerate(numbered):
+    try:
+      rec = json.loads(line)
+      if not isinstance(rec, dict):
+        raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+    except ValueError as e:
+      if i == len(numbered) - 1:
+        msg = (f"{path}:{n}: dropping the torn last line ({len(line)}"
+               " characters, not complete JSON), left by an interrupted"
+               " write.")
+        if warn is None:
+          warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        else:
+          warn(msg)
+        break
+      detail = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+      raise MetricsError(
+          f"{path}:{n}: damaged line in the run's metrics ({detail}:"
+          f" {line[:80]!r}). Only a torn last line is repaired"
+          f" automatically; delete or fix line {n} (and any lines after it"
+          " that are damaged too), then try again."
+      ) from None
+    records.append(rec)
+  return records
 
 
 def write_metrics(path: pathlib.Path, records: Iterable[dict]) -> None:

@@ -12,6 +12,7 @@ restore into.
 """
 
 import atexit
+import dataclasses
 import math
 import os
 import threading
@@ -27,10 +28,11 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight, VeraWeight
+from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
-
-PyTree = Any
+from lorajax._src.core.methods import VeraConfig
+from lorajax._src.core.typing import PyTree
 
 _FORMAT = "lorajax-checkpoint"
 _VERSION = 1
@@ -40,12 +42,13 @@ def _adapter_nodes(adapter: PyTree, what: str) -> list[tuple[str, LoraWeight]]:
   flat, _ = jax.tree_util.tree_flatten_with_path(adapter, is_leaf=_is_node)
   nodes = [(paths_lib.path_str(p), n) for p, n in flat if n is not None]
   for path, n in nodes:
-    if not isinstance(n, LoraWeight):
+    if not isinstance(n, LoraWeight | VeraWeight):
       raise TypeError(
-          f"`{what}` must be an adapter pytree (LoraWeight or None nodes, as"
-          f" `lorajax.init` makes); at {path!r} it holds {type(n).__name__}."
+          f"`{what}` must be an adapter pytree (LoraWeight, VeraWeight or"
+          " None nodes, as `lorajax.init` makes); at"
+          f" {path!r} it holds {type(n).__name__}."
       )
-    for name in ("a", "b"):
+    for name in _node_arrays(n):
       x = getattr(n, name)
       if not (hasattr(x, "shape") and hasattr(x, "dtype")):
         raise TypeError(
@@ -57,12 +60,24 @@ def _adapter_nodes(adapter: PyTree, what: str) -> list[tuple[str, LoraWeight]]:
   return nodes
 
 
+def _node_arrays(n: Any) -> tuple[str, ...]:
+  """Names of a node's array children (DoRA adds `magnitude`)."""
+  if isinstance(n, VeraWeight):
+    return ("lambda_d", "lambda_b", "a", "b")
+  return ("a", "b") if n.magnitude is None else ("a", "b", "magnitude")
+
+
 def _weight_meta(path: str, n: LoraWeight) -> dict[str, Any]:
-  return {
-      "path": path, "axes": n.axes, "scale": n.scale, "alpha": n.alpha,
+  meta = {
+      "path": path, "axes": n.axes, "scale": n.scale,
+      "alpha": getattr(n, "alpha", None),
+      "rslora": getattr(n, "rslora", False),
       "a": list(n.a.shape), "b": list(n.b.shape),
       "dtype": np.dtype(n.a.dtype).name,
   }
+  if n.method != "lora":  # Plain LoRA entries stay as they were.
+    meta["method"] = n.method
+  return meta
 
 
 def _leaf_meta(tree: PyTree) -> list[dict[str, Any]]:
@@ -77,8 +92,8 @@ def _leaf_meta(tree: PyTree) -> list[dict[str, Any]]:
 def _arrays(adapter: PyTree, opt_state: PyTree | None) -> dict[str, Any]:
   nodes = _adapter_nodes(adapter, "adapter")
   state: dict[str, Any] = {
-      "adapter": {str(i): {"a": n.a, "b": n.b} for i, (_, n) in
-                  enumerate(nodes)},
+      "adapter": {str(i): {k: getattr(n, k) for k in _node_arrays(n)}
+                  for i, (_, n) in enumerate(nodes)},
   }
   if opt_state is not None:
     leaves = jax.tree.leaves(opt_state)
@@ -107,7 +122,7 @@ def _checksums(leaves: list[jax.Array]) -> list[int]:
   """One checksum per array, computed where the arrays live."""
   if not leaves:
     return []
-  kw = {}
+  kw: dict[str, Any] = {}
   mesh = next((getattr(x.sharding, "mesh", None) for x in leaves
                if isinstance(getattr(x, "sharding", None), NamedSharding)),
               None)
@@ -161,15 +176,16 @@ class CheckpointManager:
   Example:
     >>> with lorajax.CheckpointManager(path, config, max_to_keep=3) as mgr:
     ...   for step in range(n):
-    ...     adapter, opt_state, loss = train.step(params, adapter, opt_state,
-    ...                                           batch)
+    ...     adapter, opt_state, metrics = train.step(params, adapter,
+    ...                                              opt_state, batch)
     ...     mgr.save(step + 1, adapter, opt_state)
     >>> # later, on any mesh: templates give shapes and target shardings
     >>> adapter, opt_state, step = mgr.restore(adapter=adapter0,
     ...                                        opt_state=opt_state0)
 
   Args:
-    directory: Where the step directories go (created if missing).
+    directory: Where the step directories go (created by the first `save`;
+      queries and restores never create it).
     config: The `LoraConfig` stored with every save (as JSON).
     max_to_keep: How many of the newest steps to keep (`None`: all).
     save_interval_steps: Save only steps divisible by this (others are
@@ -186,8 +202,9 @@ class CheckpointManager:
       save_interval_steps: int = 1,
       async_save: bool = True,
   ):
-    if not isinstance(config, LoraConfig):
-      raise TypeError(f"`config` must be a LoraConfig; got {type(config)}.")
+    if not isinstance(config, LoraConfig | VeraConfig):
+      raise TypeError(
+          f"`config` must be a LoraConfig or VeraConfig; got {type(config)}.")
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(
           f"`max_to_keep` must be >= 1 or None; got {max_to_keep}."
@@ -201,11 +218,19 @@ class CheckpointManager:
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
             enable_async_checkpointing=async_save,
+            # Created by the first `save`: a restore or query on a mistyped
+            # directory must not leave an empty directory behind.
+            create=False,
         ),
         item_names=("state", "meta"),
     )
     ref = weakref.ref(self)
-    self._atexit = lambda: (m := ref()) is not None and m.close()
+
+    def finish_at_exit() -> None:
+      if (m := ref()) is not None:
+        m.close()
+
+    self._atexit = finish_at_exit
     # Finish pending saves at exit. This must run before Python's thread
     # pools refuse new work (they stop at the threading-shutdown hooks, which
     # run before `atexit`), so it is registered as such a hook where the
@@ -240,6 +265,30 @@ class CheckpointManager:
     return self._mgr
 
   # Queries.
+  @staticmethod
+  def saved_steps(directory: str | os.PathLike) -> list[int]:
+    """The finished saves in `directory`, oldest first, without a manager.
+
+    Reads the directory only (no `LoraConfig` needed, nothing written), e.g.
+    to decide whether a run can resume.
+
+    Args:
+      directory: A checkpoint directory (missing: no steps).
+
+    Returns:
+      The saved steps, oldest first.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+      return []
+    mgr = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=("state", "meta"))
+    try:
+      return sorted(mgr.all_steps())
+    finally:
+      mgr.close()
+
   def all_steps(self) -> list[int]:
     """The saved steps (finished saves only), oldest first."""
     return sorted(self._live().all_steps())
@@ -282,9 +331,13 @@ class CheckpointManager:
       )
     return dict(meta)
 
-  def saved_config(self, step: int | None = None) -> LoraConfig:
+  def saved_config(self, step: int | None = None
+                   ) -> LoraConfig | VeraConfig:
     """The `LoraConfig` saved with a step (default: the newest)."""
-    return LoraConfig.from_dict(self.metadata(step)["config"])
+    d = self.metadata(step)["config"]
+    if d.get("method") == "vera":
+      return VeraConfig.from_dict(d)
+    return LoraConfig.from_dict(d)
 
   def _step_or_latest(self, step: int | None) -> int:
     if step is None:
@@ -338,6 +391,7 @@ class CheckpointManager:
       )
     nodes = _adapter_nodes(adapter, "adapter")
     arrays = _arrays(adapter, opt_state)
+    os.makedirs(self.directory, exist_ok=True)
     meta = {
         "format": _FORMAT,
         "version": _VERSION,
@@ -346,9 +400,9 @@ class CheckpointManager:
         "weights": [_weight_meta(p, n) for p, n in nodes],
         "opt_state": None if opt_state is None else _leaf_meta(opt_state),
         "adapter_bytes": int(sum(
-            math.prod(n.a.shape) * np.dtype(n.a.dtype).itemsize
-            + math.prod(n.b.shape) * np.dtype(n.b.dtype).itemsize
-            for _, n in nodes)),
+            math.prod(getattr(n, k).shape)
+            * np.dtype(getattr(n, k).dtype).itemsize
+            for _, n in nodes for k in _node_arrays(n))),
         "user": dict(metadata or {}),
         "checksums": dict(zip(
             _flat_names(arrays),
@@ -384,6 +438,12 @@ class CheckpointManager:
             f" (rank {w['a'][-1]}), the template a{tuple(n.a.shape)}"
             f" b{tuple(n.b.shape)} (rank {n.rank})."
         )
+      elif w.get("method", "lora") != n.method:
+        errors.append(
+            f"{p!r}: the checkpoint holds a {w.get('method', 'lora')!r}"
+            f" adapter, the template a {n.method!r} one; build the template"
+            " with the config the checkpoint records"
+            " (`CheckpointManager.saved_config`).")
       elif w["axes"] != n.axes:
         errors.append(
             f"{p!r}: the checkpoint has axes {w['axes']!r}, the template"
@@ -392,7 +452,8 @@ class CheckpointManager:
       elif not math.isclose(w["scale"], n.scale, rel_tol=1e-12):
         errors.append(
             f"{p!r}: the checkpoint has scale {w['scale']} (alpha"
-            f" {w['alpha']}), the template {n.scale} (alpha {n.alpha})."
+            f" {w['alpha']}), the template {n.scale} (alpha"
+            f" {getattr(n, 'alpha', None)})."
         )
     if opt_state is not None:
       if meta["opt_state"] is None:
@@ -446,15 +507,14 @@ class CheckpointManager:
     self._check_fit(meta, step, adapter, opt_state)
     nodes = _adapter_nodes(adapter, "adapter")
     target: dict[str, Any] = {"adapter": {
-        str(i): {"a": _abstract_leaf(n.a, f"{p!r}.a"),
-                 "b": _abstract_leaf(n.b, f"{p!r}.b")}
+        str(i): {k: _abstract_leaf(getattr(n, k), f"{p!r}.{k}")
+                 for k in _node_arrays(n)}
         for i, (p, n) in enumerate(nodes)}}
-    if meta["opt_state"]:
-      if opt_state is not None:
-        flat, _ = jax.tree_util.tree_flatten_with_path(opt_state)
-        target["opt_state"] = {
-            str(i): _abstract_leaf(x, jax.tree_util.keystr(p))
-            for i, (p, x) in enumerate(flat)}
+    if meta["opt_state"] and opt_state is not None:
+      flat, _ = jax.tree_util.tree_flatten_with_path(opt_state)
+      target["opt_state"] = {
+          str(i): _abstract_leaf(x, jax.tree_util.keystr(p))
+          for i, (p, x) in enumerate(flat)}
     try:
       state = self._live().restore(
           step,
@@ -481,8 +541,8 @@ class CheckpointManager:
         out.append(None)
         continue
       arrs = state["adapter"][str(next(it))]
-      out.append(LoraWeight(a=arrs["a"], b=arrs["b"], scale=n.scale,
-                            axes=n.axes, alpha=n.alpha))
+      out.append(dataclasses.replace(n, **{k: arrs[k]
+                                           for k in _node_arrays(n)}))
     new_adapter = jax.tree_util.tree_unflatten(a_def, out)
     new_opt = None
     if opt_state is not None:
@@ -536,6 +596,11 @@ class CheckpointManager:
       return (*self._restore_step(step, adapter, opt_state), step)
     steps = self.all_steps()
     if not steps:
+      if not os.path.isdir(self.directory):
+        raise FileNotFoundError(
+            f"No checkpoint directory {self.directory!r} (it does not exist;"
+            " check the path)."
+        )
       raise FileNotFoundError(f"No checkpoint in {self.directory!r}.")
     bad = []
     for s in reversed(steps):

@@ -1,8 +1,10 @@
 """`LoraConfig`: which weights get adapters, with what rank, scale and axes."""
 
 import dataclasses
+import inspect
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorajax._src.core import paths as paths_lib
+from lorajax._src.core import quant as quant_lib
 
 # Names of a linear layer's weight leaf in Flax linen/NNX (`kernel`) and in
 # Hugging Face style or plain-dict params (`weight`, `w`).
@@ -31,6 +34,7 @@ _MLP_NAMES = (
 )
 
 PRESETS = ("all-linear", "attention", "mlp")
+INITS = ("lora", "gaussian", "pissa", "olora", "eva")
 
 
 def _is_scan_stacked(path: str, ndim: int) -> bool:
@@ -49,6 +53,10 @@ def _is_scan_stacked(path: str, ndim: int) -> bool:
     if part == "layers":
       return not any(q.isdigit() for q in parts[j + 1:])
   return False
+
+
+def _is_weight_node(x: Any) -> bool:
+  return quant_lib.is_quantized(x) or quant_lib.is_merged(x)
 
 
 def _names_regex(names: Sequence[str]) -> str:
@@ -195,7 +203,7 @@ def check_axes(axes: str, shape: tuple[int, ...], path: str) -> None:
     )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraConfig:
   """Which weights get LoRA adapters, and how.
 
@@ -240,8 +248,22 @@ class LoraConfig:
       than two axes needs an entry.
     init: `"lora"` (`a` uniform in +-1/sqrt(d_in), `b` zero; Hu et al. 2021),
       or `"gaussian"` (`a` normal with std 1/rank, `b` zero, as PEFT's
-      `init_lora_weights="gaussian"`).
-    dtype: Storage dtype of `a` and `b`.
+      `init_lora_weights="gaussian"`); both are made by `lorajax.init`.
+      `"pissa"` (top-`rank` SVD of each weight; Meng et al. 2024),
+      `"pissa_niter_K"` (the same by randomized SVD with K power
+      iterations) and `"olora"` (QR of each weight; Büyükakyüz 2024) move
+      the top part of the weight into the adapter and need
+      `lorajax.decompose`, which also returns the residual base; `"eva"`
+      (from calibration activations; Paischer et al. 2024) needs
+      `lorajax.eva_init`.
+    use_dora: DoRA (Liu et al. 2024): each adapter also trains a per-output
+      magnitude, `W' = m * (W + delta) / ||W + delta||` (PEFT's `use_dora`).
+    param_dtype: Storage dtype of `a` and `b` (Flax's naming: `dtype` is a
+      computation dtype, `param_dtype` a storage dtype; the factored
+      transform computes in the base weight's dtype). `dtype=` is a
+      deprecated alias of `param_dtype` (removed in lorajax 0.2.0).
+
+  All fields are keyword-only: `LoraConfig(rank=16, alpha=32.0)`.
   """
 
   rank: int = 8
@@ -253,7 +275,8 @@ class LoraConfig:
   use_rslora: bool = False
   axes: Any = None
   init: str = "lora"
-  dtype: Any = "float32"
+  param_dtype: Any = "float32"
+  use_dora: bool = False
 
   def __post_init__(self):
     set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
@@ -263,8 +286,9 @@ class LoraConfig:
       raise ValueError(f"`rank` must be >= 1; got rank={self.rank}.")
     if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
       raise TypeError(f"`alpha` must be a number; got {self.alpha!r}.")
-    if not self.alpha > 0:
-      raise ValueError(f"`alpha` must be > 0; got alpha={self.alpha}.")
+    if not (math.isfinite(self.alpha) and self.alpha > 0):
+      raise ValueError(
+          f"`alpha` must be > 0 and finite; got alpha={self.alpha}.")
     set_("alpha", float(self.alpha))
     targets = _as_tuple(self.targets, "targets")
     if not targets:
@@ -281,8 +305,9 @@ class LoraConfig:
       if r < 1:
         raise ValueError(f"`rank_pattern[{k!r}]` must be >= 1; got {r}.")
     for k, a in self.alpha_pattern:
-      if not a > 0:
-        raise ValueError(f"`alpha_pattern[{k!r}]` must be > 0; got {a}.")
+      if not (math.isfinite(a) and a > 0):
+        raise ValueError(
+            f"`alpha_pattern[{k!r}]` must be > 0 and finite; got {a}.")
     for k, ax in self.axes:
       if not ax or set(ax) - set("sio"):
         raise ValueError(
@@ -296,17 +321,26 @@ class LoraConfig:
     for name in ("rank_pattern", "alpha_pattern", "axes"):
       for k, _ in getattr(self, name):
         _compile(k, name)
-    if self.init not in ("lora", "gaussian"):
+    if not isinstance(self.init, str) or not (
+        self.init in INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*",
+                                           self.init)):
       raise ValueError(
-          f"`init` must be 'lora' or 'gaussian'; got {self.init!r}."
+          "`init` must be 'lora' or 'gaussian' (made by `lorajax.init`),"
+          " 'pissa', 'pissa_niter_K' (K >= 1 power iterations) or 'olora'"
+          " (made by `lorajax.decompose`), or 'eva' (`lorajax.eva_init`);"
+          f" got {self.init!r}."
       )
+    if not isinstance(self.use_dora, bool):
+      raise TypeError(f"`use_dora` must be a bool; got {self.use_dora!r}.")
     try:
-      dtype = jnp.dtype(self.dtype)
+      dtype = jnp.dtype(self.param_dtype)
     except TypeError:
-      raise TypeError(f"`dtype` is not a dtype: {self.dtype!r}.") from None
+      raise TypeError(
+          f"`param_dtype` is not a dtype: {self.param_dtype!r}.") from None
     if not jnp.issubdtype(dtype, jnp.floating):
-      raise ValueError(f"`dtype` must be a floating dtype; got {dtype}.")
-    set_("dtype", dtype.name)
+      raise ValueError(
+          f"`param_dtype` must be a floating dtype; got {dtype}.")
+    set_("param_dtype", dtype.name)
 
   def _tuple(self, name: str) -> tuple[str, ...]:
     v = getattr(self, name)
@@ -326,13 +360,32 @@ class LoraConfig:
         "use_rslora": self.use_rslora,
         "axes": dict(self.axes),
         "init": self.init,
-        "dtype": self.dtype,
+        "param_dtype": self.param_dtype,
+        "use_dora": self.use_dora,
     }
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "LoraConfig":
-    """Inverse of `to_dict`."""
-    return cls(**dict(d))
+    """Inverse of `to_dict` (also reads dicts written before 0.2, whose
+    storage dtype key is `dtype`)."""
+    d = dict(d)
+    if "dtype" in d and "param_dtype" not in d:
+      d["param_dtype"] = d.pop("dtype")
+    return cls(**d)
+
+  @property
+  def dtype(self) -> str:
+    """Deprecated alias of `param_dtype` (removed in lorajax 0.2.0)."""
+    warnings.warn(_DTYPE_DEPRECATION, DeprecationWarning, stacklevel=2)
+    return self.param_dtype
+
+  @property
+  def method(self) -> str:
+    """`"dora"`, `"pissa"`, `"olora"`, `"eva"` or `"lora"`."""
+    if self.use_dora:
+      return "dora"
+    return self.init.split("_niter_")[0] if self.init not in (
+        "lora", "gaussian") else "lora"
 
   def scale_for(self, rank: int, alpha: float) -> float:
     """The LoRA scale for a weight with this rank and alpha."""
@@ -387,7 +440,8 @@ class LoraConfig:
         and no `axes` entry, an axes string does not fit, or a rank exceeds
         `min(d_in, d_out)`.
     """
-    leaves = paths_lib.leaves_with_paths(params)
+    # A quantized weight (`lorajax.quantize`) is one leaf of its dense shape.
+    leaves = paths_lib.leaves_with_paths(params, is_leaf=_is_weight_node)
     plans: dict[str, WeightPlan] = {}
     candidates = []
     errors = []
@@ -429,8 +483,9 @@ class LoraConfig:
               f"{re.escape(path)!r}: {'s' * (len(shape) - 2) + 'io'!r}}}`"
               " for a stack of (d_in, d_out) kernels, or"
               f" {'i' + 'o' * (len(shape) - 1)!r} for a (d_in, heads,"
-              " head_dim) kernel. `lorajax.infer_axes(fn, params, *args,"
-              " config=config)` can work it out from your model's matmuls."
+              " head_dim) kernel. `lorajax.sharding.infer_axes(fn, params,"
+              " *args, config=config)` can work it out from your model's"
+              " matmuls."
           )
           continue
         axes = "io"
@@ -484,3 +539,24 @@ class LoraConfig:
             " with >= 2 axes:\n" + paths_lib.format_paths(candidates)
         )
     return plans
+
+
+_DTYPE_DEPRECATION = (
+    "`LoraConfig.dtype` is deprecated and will be removed in lorajax 0.2.0;"
+    " use `param_dtype` (the storage dtype of `a` and `b`, Flax's naming)."
+)
+_dataclass_init = LoraConfig.__init__
+
+
+def _init_with_dtype_alias(self, *, dtype: Any = None, **kwargs: Any):
+  if dtype is not None:
+    warnings.warn(_DTYPE_DEPRECATION.replace(".dtype`", "(dtype=...)`"),
+                  DeprecationWarning, stacklevel=2)
+    kwargs["param_dtype"] = dtype
+  _dataclass_init(self, **kwargs)
+
+
+setattr(_init_with_dtype_alias, "__signature__",  # noqa: B010
+        inspect.signature(_dataclass_init))
+_init_with_dtype_alias.__doc__ = _dataclass_init.__doc__
+LoraConfig.__init__ = _init_with_dtype_alias  # type: ignore[method-assign]

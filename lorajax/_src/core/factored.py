@@ -1,35 +1,71 @@
 """Factored execution: `lorajax.lora(fn)` rewrites uses of adapted weights.
 
 `fn(params, *args)` is traced to a jaxpr and evaluated by a small interpreter.
-Each adapted weight enters as a `_Tagged` value: the base weight plus the
-low-rank factors `A'` and `B'`, kept in the weight's current axis layout while
-structural ops (casts, transposes, reshapes, broadcasts, slices) act on it.
-Where a tagged value meets a matmul (`dot_general`), an embedding lookup
-(`gather`) or a convolution, the interpreter emits `op(x, W) + scale *
-op(op(x, A'), B')`, so neither the dense `W + scale * A @ B` nor its dense
-gradient is ever formed. Every other use falls back to the merged weight for
-that use alone, and says so.
+Each adapted weight enters as a `Factored` value: the base weight plus the
+adapter's arrays (for LoRA the factors `a` and `b`), kept in the weight's
+current axis layout while structural ops (casts, transposes, reshapes,
+broadcasts, slices, stacked-axis gathers) act on it. Where such a value meets
+a matmul (`dot_general`), a grouped matmul (`ragged_dot`), an embedding lookup
+(`gather`) or a convolution, its adapter kind emits e.g. `op(x, W) + scale *
+op(op(x, a), b)`, so neither the dense `W + scale * a @ b` nor its dense
+gradient is ever formed. Concatenated adapted weights (fused QKV) stay
+factored. Every other use falls back to the merged weight for that use alone,
+and says so (`LoraFallbackWarning`; `LoraFallbackError` under `strict=True`).
+A `custom_jvp`/`custom_vjp` function applied to an adapted weight is always
+run on the merged weight, so its custom derivative rule is honoured.
+
+Structure (see docs/factored_internals.md):
+
+* `_rules()`: the one rule table, keyed on primitive objects (resolved in
+  `jax_compat`), each `Rule` naming a category the interpreter and
+  `infer_axes` both dispatch on. `rules_markdown()` renders it for the docs.
+* `layouts`: one layout-transfer function per structural op and one role
+  function per use, shared by the interpreter and `infer_axes`.
+* `jax_compat`: every read of `eqn.params`, and the primitive objects.
+* `extend`: the extension points. An adapter kind (`AdapterKind`,
+  `register_adapter_kind`) decides how a node type becomes a `Factored`
+  value and what it contributes at each use; `LoraWeight` is one
+  (`lora_kind`). A lazy base (`LazyBase`, a params leaf that is not an
+  array, e.g. quantized codes) is traced by its dense shape, carried through
+  structural ops by `LazyBase.structural`, and made dense only at a use by
+  `LazyBase.use`.
+
+References:
+  Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models".
 """
 
 import dataclasses
 import functools
-import math
-import string
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jex
 
-from lorajax._src.core import explicit
+from lorajax._src.core import jax_compat as jc
+from lorajax._src.core import (
+  layouts,
+  lora_kind,  # noqa: F401  (registers LoraWeight)
+  method_kinds,  # noqa: F401  (registers VeraWeight; DoRA)
+)
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, check_fit
-from lorajax._src.core.adapter import is_node as _is_node
+from lorajax._src.core.adapter import check_fit
 from lorajax._src.core.config import LoraConfig
+from lorajax._src.core.extend import (
+  BASE_ONLY,
+  Factored,
+  LazyBase,
+  Use,
+  adapter_kind,
+  aval_of,
+  dense,
+  held_axes,
+  is_adapter_node,
+)
 
 PyTree = Any
 
@@ -45,137 +81,158 @@ class LoraFallbackError(ValueError):
   """Raised by `lorajax.lora(fn, strict=True)` instead of a fallback."""
 
 
-@jax.tree_util.register_dataclass
+# -- the rule table ------------------------------------------------------------
+
+
 @dataclasses.dataclass(frozen=True)
-class _Tagged:
-  """A value derived from an adapted weight by structural ops.
+class Rule:
+  """How `lorajax.lora` and `infer_axes` treat one primitive.
 
-  `base` is the transformed base weight. `roles` has one letter per axis of
-  `base`: `s` (in both factors), `i` (in `a` only), `o` (in `b` only). `a`
-  holds the `s`/`i` axes of `base` in order plus a trailing rank axis, `b` the
-  `s`/`o` axes plus a trailing rank axis, and the value's merged form is
-  `base + scale * sum_r a[..., r] * b[..., r]`.
+  Attributes:
+    name: The logical primitive name (a key of `jax_compat.primitives()`).
+    category: What the interpreter does with a factored operand:
+      `structural` (a layout transfer from `layouts.STRUCTURAL`: the op is
+      applied to the base and to every adapter array), `passthrough` (the
+      op acts on the base; the adapter arrays are unchanged), `use` (the
+      adapter kind's hook `hook` computes the factored result), `fused`
+      (the kind's `concatenate` builds a factored value), `call` (the body
+      is interpreted inline), `remat` (interpreted inside `jax.checkpoint`),
+      `custom` (run on the merged weight: the custom rule is honoured),
+      `scan`, `cond`, `while` (bodies interpreted; carries fall back).
+    doc: One line for the generated table in docs/factored_rules.md.
+    hook: For `use`: the `AdapterKind` method name.
   """
 
-  base: jax.Array
-  a: jax.Array
-  b: jax.Array
-  roles: str = dataclasses.field(metadata=dict(static=True))
-  scale: float = dataclasses.field(metadata=dict(static=True))
-  path: str = dataclasses.field(metadata=dict(static=True))
-
-  @property
-  def a_axes(self) -> list[int]:
-    return [j for j, c in enumerate(self.roles) if c in "si"]
-
-  @property
-  def b_axes(self) -> list[int]:
-    return [j for j, c in enumerate(self.roles) if c in "so"]
-
-  def replace(self, **kw) -> "_Tagged":
-    return dataclasses.replace(self, **kw)
+  name: str
+  category: str
+  doc: str
+  hook: str | None = None
 
 
-def _from_node(w: jax.Array, node: LoraWeight, path: str) -> _Tagged:
-  axes = node.axes
-  s_ax = [j for j, c in enumerate(axes) if c == "s"]
-  i_ax = [j for j, c in enumerate(axes) if c == "i"]
-  o_ax = [j for j, c in enumerate(axes) if c == "o"]
-  # node.a is (*stack, *in, r) and node.b (*stack, r, *out); reorder both to
-  # the weight's axis order with the rank axis last.
-  a_src = s_ax + i_ax
-  a = jnp.transpose(node.a, [a_src.index(j) for j in sorted(a_src)]
-                    + [len(a_src)])
-  b = jnp.moveaxis(node.b, len(s_ax), -1)
-  b_src = s_ax + o_ax
-  b = jnp.transpose(b, [b_src.index(j) for j in sorted(b_src)]
-                    + [len(b_src)])
-  return _refit(_Tagged(w, a, b, axes, float(node.scale), path))
+_RULES = (
+    Rule("convert_element_type", "structural",
+         "casts the base; the factors keep their dtype"),
+    Rule("transpose", "structural", "permutes the factors' axes with the"
+         " weight's"),
+    Rule("broadcast_in_dim", "structural", "broadcasts the factors; new axes"
+         " join `a`"),
+    Rule("reshape", "structural", "reshapes the factors when no new axis"
+         " mixes input and output axes"),
+    Rule("squeeze", "structural", "squeezes the factors"),
+    Rule("slice", "structural", "slices the factors (any axis)"),
+    Rule("dynamic_slice", "structural", "dynamic-slices the factors (e.g."
+         " one layer of a stack)"),
+    Rule("rev", "structural", "reverses the factors"),
+    Rule("gather", "use", "embedding lookup: rows of `a`, then `@ b`;"
+         " indexing stacked axes (`w[expert_ids]`): gathers the factors",
+         "gather"),
+    Rule("dot_general", "use", "`x @ W + scale * (x @ a) @ b`, any dimension"
+         " numbers; both operands adapted: fallback", "dot_general"),
+    Rule("ragged_dot_general", "use", "MoE grouped matmul: `ragged_dot(x, a)`"
+         " then `ragged_dot(., b)` with the same group sizes (B per expert)",
+         "ragged_dot"),
+    Rule("conv_general_dilated", "use", "conv with `a` to `rank` channels,"
+         " then `b` as a 1x1 conv", "conv"),
+    Rule("concatenate", "fused", "fused weights (QKV, gate/up): `a` and `b`"
+         " concatenated / block-diagonal in rank"),
+    Rule("copy", "passthrough", "acts on the base"),
+    Rule("device_put", "passthrough", "acts on the base"),
+    Rule("sharding_constraint", "passthrough", "constrains the base; the"
+         " factors are left to the compiler"),
+    Rule("reduce_precision", "passthrough", "acts on the base"),
+    Rule("optimization_barrier", "passthrough", "acts on the base"),
+    Rule("reshard", "passthrough", "reshards the base; the factors are left"
+         " to the compiler"),
+    Rule("jit", "call", "body interpreted inline"),
+    Rule("closed_call", "call", "body interpreted inline"),
+    Rule("remat", "remat", "body interpreted inside `jax.checkpoint` with the"
+         " same policy"),
+    Rule("custom_jvp_call", "custom", "run on the merged weight (reported"
+         " fallback naming the function): the custom rule is honoured"),
+    Rule("custom_vjp_call", "custom", "run on the merged weight (reported"
+         " fallback naming the function): the custom rule is honoured"),
+    Rule("scan", "scan", "scanned weights are sliced with their factors;"
+         " weights in the carry fall back"),
+    Rule("cond", "cond", "branches interpreted; weights returned from a"
+         " branch fall back"),
+    Rule("while", "while", "bodies interpreted; weights in the carry fall"
+         " back"),
+)
 
 
-def _refit(t: _Tagged) -> _Tagged:
-  """On an Explicit mesh, lays `a` and `b` out like `t.base`.
+@functools.cache
+def _rules() -> dict[Any, Rule]:
+  """Primitive object -> Rule, for every rule whose primitive resolves."""
+  prims = jc.primitives()
+  return {prims[r.name]: r for r in _RULES if r.name in prims}
 
-  `a` takes the base's spec entries on its `s`/`i` axes, `b` on its `s`/`o`
-  axes; the rank axis is replicated. A no-op unless the base or a factor is
-  on a mesh with Explicit axes.
+
+def rules_markdown() -> str:
+  """The supported-primitive table of docs/factored_rules.md.
+
+  Returns:
+    Markdown text generated from the rule table.
   """
-  sh = explicit.mesh_sharding_of(t.base)
-  if sh is None or not any(
-      explicit.sharding_of(x) is not None for x in (t.base, t.a, t.b)):
-    return t
-  entries = explicit.padded_spec(sh, t.base.ndim)
-  a_e = tuple(entries[j] for j in t.a_axes) + (None,)
-  b_e = tuple(entries[j] for j in t.b_axes) + (None,)
-  return t.replace(a=explicit.reshard(t.a, sh.mesh, a_e),
-                   b=explicit.reshard(t.b, sh.mesh, b_e))
+  lines = [
+      "# Primitives `lorajax.lora` factors",
+      "",
+      "Generated from the rule table in `lorajax/_src/core/factored.py` by"
+      " `rules_markdown()`; `tests/test_factored_rules.py` checks that this"
+      " file"
+      " matches. An adapted weight reaching any primitive not listed here"
+      " gets the merged weight `W + scale * a @ b` for that use"
+      " (`LoraFallbackWarning`, or `LoraFallbackError` under"
+      " `strict=True`).",
+      "",
+      "| primitive | category | what happens to an adapted weight |",
+      "|---|---|---|",
+  ]
+  for r in _RULES:
+    lines.append(f"| `{r.name}` | {r.category} | {r.doc} |")
+  return "\n".join(lines) + "\n"
 
 
-def _letters():
-  return iter(string.ascii_letters)
-
-
-def _delta(t: _Tagged, dtype: Any = jnp.float32) -> jax.Array:
-  """The dense `scale * a @ b` in `t`'s current layout (fallbacks only)."""
-  names = _letters()
-  v = [next(names) for _ in t.roles]
-  r = next(names)
-  a_spec = "".join(v[j] for j in t.a_axes) + r
-  b_spec = "".join(v[j] for j in t.b_axes) + r
-  d = jnp.einsum(f"{a_spec},{b_spec}->{''.join(v)}", t.a.astype(jnp.float32),
-                 t.b.astype(jnp.float32), precision=lax.Precision.HIGHEST)
-  return (t.scale * d).astype(dtype)
-
-
-def _materialize(t: _Tagged) -> jax.Array:
-  d = _delta(_refit(t))
-  sh = explicit.sharding_of(t.base)
-  if sh is not None:
-    d = explicit.reshard(d, sh.mesh, explicit.padded_spec(sh, t.base.ndim))
-  return (t.base.astype(jnp.float32) + d).astype(t.base.dtype)
-
-
-def _reshape_groups(old: Sequence[int], new: Sequence[int]):
-  """Pairs runs of old and new axes whose sizes have equal products."""
-  groups = []
-  i = j = 0
-  while i < len(old) or j < len(new):
-    og, ng, po, pn = [], [], 1, 1
-    if i < len(old):
-      og.append(i)
-      po *= old[i]
-      i += 1
-    if j < len(new):
-      ng.append(j)
-      pn *= new[j]
-      j += 1
-    while po != pn:
-      if po < pn and i < len(old):
-        og.append(i)
-        po *= old[i]
-        i += 1
-      elif pn < po and j < len(new):
-        ng.append(j)
-        pn *= new[j]
-        j += 1
-      else:
-        return None
-    groups.append((og, ng))
-  return groups
+# -- the interpreter -----------------------------------------------------------
 
 
 class _Interpreter:
-  """Evaluates a jaxpr with `_Tagged` values for the adapted weights."""
+  """Evaluates a jaxpr with `Factored` values for the adapted weights."""
 
   def __init__(self, strict: bool):
     self.strict = strict
     self.reported: set[tuple[str, str]] = set()
+    self.rules = _rules()
+    self.by_category: dict[str, Callable[..., list[Any] | None]] = {
+        "structural": self._structural, "passthrough": self._passthrough,
+        "use": self._use, "fused": self._fused, "call": self._call,
+        "remat": self._remat, "custom": self._custom, "scan": self._scan,
+        "cond": self._cond, "while": self._while,
+    }
 
-  # -- fallbacks -------------------------------------------------------------
+  # -- fallbacks --
 
-  def fallback(self, t: _Tagged, op: str, why: str = "") -> jax.Array:
+  def lazy_fallback(self, v: Factored, op: str) -> jax.Array:
+    """A lazy base (e.g. quantized) made dense for one use, reported."""
     msg = (
-        f"lorajax.lora: the adapted weight {t.path!r} is used by `{op}`"
+        f"lorajax.lora: the frozen weight {v.path!r} ({v.base!r}) is used by"
+        f" `{op}`, which cannot run on its stored form; for this use the"
+        " dense weight is materialised (dequantized), costing a dense copy"
+        " of it."
+    )
+    if self.strict:
+      raise LoraFallbackError(
+          msg + " `strict=True` forbids this: keep the weight dense (leave"
+          " it out of `lorajax.quantize`) or drop `strict=True`.")
+    if (v.path, op) not in self.reported:
+      self.reported.add((v.path, op))
+      warnings.warn(msg, LoraFallbackWarning, stacklevel=3)
+    return dense(v.base)
+
+  def fallback(self, v: Factored, op: str, why: str = "") -> jax.Array:
+    if v.kind is BASE_ONLY:
+      return self.lazy_fallback(v, op)
+    msg = (
+        f"lorajax.lora: the adapted weight {v.path!r} is used by `{op}`"
         f"{' (' + why + ')' if why else ''}, which the factored path does not"
         " factor; for this use the merged weight W + scale * a @ b is"
         " materialised, costing what merging costs."
@@ -188,22 +245,22 @@ class _Interpreter:
           " weight from `targets`, or drop `strict=True` to allow the"
           " fallback."
       )
-    if (t.path, op) not in self.reported:
-      self.reported.add((t.path, op))
+    if (v.path, op) not in self.reported:
+      self.reported.add((v.path, op))
       warnings.warn(msg, LoraFallbackWarning, stacklevel=2)
-    return _materialize(t)
+    return v.kind.materialize(v)
 
-  def plain(self, x: Any, op: str) -> Any:
-    return self.fallback(x, op) if isinstance(x, _Tagged) else x
+  def plain(self, x: Any, op: str, why: str = "") -> Any:
+    return self.fallback(x, op, why) if isinstance(x, Factored) else x
 
-  # -- the evaluation loop -----------------------------------------------------
+  # -- the evaluation loop --
 
   def eval(self, jaxpr: jex.Jaxpr, consts: Sequence[Any],
            args: Sequence[Any]) -> list[Any]:
     env: dict[Any, Any] = {}
 
     def read(v):
-      return v.val if isinstance(v, jex.Literal) else env[v]
+      return v.val if jc.is_literal(v) else env[v]
 
     for v, x in zip(jaxpr.constvars, consts):
       env[v] = x
@@ -211,480 +268,188 @@ class _Interpreter:
       env[v] = x
     for eqn in jaxpr.eqns:
       invals = [read(v) for v in eqn.invars]
-      if any(isinstance(x, _Tagged) for x in invals):
-        outs = self.eval_tagged(eqn, invals)
+      if any(isinstance(x, Factored) for x in invals):
+        outs = self.eval_factored(eqn, invals)
       else:
-        outs = _bind(eqn, invals)
+        outs = jc.bind_eqn(eqn, invals)
       for v, x in zip(eqn.outvars, outs):
-        if not isinstance(v, jex.DropVar):
+        if not jc.is_dropvar(v):
           env[v] = x
     return [read(v) for v in jaxpr.outvars]
 
   def eval_closed(self, closed: jex.ClosedJaxpr, args: Sequence[Any]):
     return self.eval(closed.jaxpr, closed.consts, args)
 
-  def eval_tagged(self, eqn, invals: list[Any]) -> list[Any]:
-    name = eqn.primitive.name
-    handler = getattr(self, "_" + name, None)
-    if handler is not None:
-      out = handler(eqn, invals)
+  def eval_factored(self, eqn, invals: list[Any]) -> list[Any]:
+    rule = self.rules.get(eqn.primitive)
+    if rule is not None:
+      out = self.by_category[rule.category](rule, eqn, invals)
       if out is not None:
         return out
-    elif name in _PASSTHROUGH and isinstance(invals[0], _Tagged) and not any(
-        isinstance(x, _Tagged) for x in invals[1:]):
-      t = invals[0]
-      base = _bind(eqn, [t.base, *invals[1:]])[0]
-      # A reshard / mesh_cast of the weight moves its factors with it.
-      return [_refit(t.replace(base=base))]
-    invals = [self.plain(x, name) for x in invals]
-    return _bind(eqn, invals)
+    name = eqn.primitive.name
+    return jc.bind_eqn(eqn, [self.plain(x, name) for x in invals])
 
-  # -- structural ops: the factors follow the weight -----------------------
+  # -- categories --
 
-  def _convert_element_type(self, eqn, invals):
-    (t,) = invals
-    return [t.replace(base=_bind(eqn, [t.base])[0])]
-
-  def _transpose(self, eqn, invals):
-    (t,) = invals
-    perm = list(eqn.params["permutation"])
-    roles = "".join(t.roles[p] for p in perm)
-    old_a, old_b = t.a_axes, t.b_axes
-    new = t.replace(roles=roles)
-    a_perm = [old_a.index(perm[j]) for j in new.a_axes] + [len(old_a)]
-    b_perm = [old_b.index(perm[j]) for j in new.b_axes] + [len(old_b)]
-    return [new.replace(base=_bind(eqn, [t.base])[0],
-                        a=jnp.transpose(t.a, a_perm),
-                        b=jnp.transpose(t.b, b_perm))]
-
-  def _broadcast_in_dim(self, eqn, invals):
-    t, *dyn = invals
-    if dyn:
+  def _structural(self, rule, eqn, invals, make=None):
+    v, *rest = invals
+    if not isinstance(v, Factored) or any(isinstance(x, Factored)
+                                          for x in rest):
       return None
-    shape = tuple(eqn.params["shape"])
-    bdims = list(eqn.params["broadcast_dimensions"])
-    roles = ["i"] * len(shape)  # New axes are constant: put them in `a`.
-    for k, d in enumerate(bdims):
-      roles[d] = t.roles[k]
-    new = t.replace(roles="".join(roles))
-
-    def grow(x, old_axes, new_axes):
-      target = [shape[j] for j in new_axes] + [x.shape[-1]]
-      dims = [new_axes.index(bdims[k]) for k in old_axes] + [len(new_axes)]
-      return lax.broadcast_in_dim(x, target, dims)
-
-    return [new.replace(base=_bind(eqn, [t.base])[0],
-                        a=grow(t.a, t.a_axes, new.a_axes),
-                        b=grow(t.b, t.b_axes, new.b_axes))]
-
-  def _reshape(self, eqn, invals):
-    t, *dyn = invals
-    if dyn or eqn.params.get("dimensions") is not None:
+    op = (make or layouts.STRUCTURAL[rule.name])(eqn, rest)
+    roles = None if op is None else op.out_roles(v.roles)
+    if roles is None:
       return None
-    old, new_shape = t.base.shape, tuple(eqn.params["new_sizes"])
-    groups = _reshape_groups(old, new_shape)
-    if groups is None:
+    base = v.base
+    if isinstance(base, LazyBase):
+      new_base = base.structural(op)
+      base = (op.bind_dense(self.lazy_fallback(v, rule.name))
+              if new_base is None else new_base)
+    else:
+      base = op.bind_dense(base)
+    if v.kind is BASE_ONLY and not isinstance(base, LazyBase):
+      return [base]
+    parts = tuple(
+        op.apply_to(p, held_axes(v.roles, m), held_axes(roles, m))
+        for p, m in zip(v.parts, v.masks))
+    return [v.replace(base=base, parts=parts, roles=roles)]
+
+  def _passthrough(self, rule, eqn, invals):
+    del rule
+    outs = jc.bind_eqn(eqn, [dense(x.base) if isinstance(x, Factored) else x
+                             for x in invals])
+    if len(outs) != len(invals):
       return None
-    roles = [""] * len(new_shape)
-    for og, ng in groups:
-      kinds = {t.roles[j] for j in og if old[j] != 1}
-      if len(kinds) > 1:
-        return None  # Merges axes of different roles: not low-rank.
-      kind = kinds.pop() if kinds else "i"
-      for j in ng:
-        roles[j] = kind
-    new = t.replace(roles="".join(roles))
-    a_shape = [new_shape[j] for j in new.a_axes] + [t.a.shape[-1]]
-    b_shape = [new_shape[j] for j in new.b_axes] + [t.b.shape[-1]]
-    return [new.replace(base=_bind(eqn, [t.base])[0],
-                        a=jnp.reshape(t.a, a_shape),
-                        b=jnp.reshape(t.b, b_shape))]
+    return [x.replace(base=o) if isinstance(x, Factored) and x.kind is not
+            BASE_ONLY else o for x, o in zip(invals, outs)]
 
-  def _squeeze(self, eqn, invals):
-    (t,) = invals
-    dims = {d % t.base.ndim for d in eqn.params["dimensions"]}
-    roles = "".join(c for j, c in enumerate(t.roles) if j not in dims)
-    a_dims = tuple(k for k, j in enumerate(t.a_axes) if j in dims)
-    b_dims = tuple(k for k, j in enumerate(t.b_axes) if j in dims)
-    return [t.replace(base=_bind(eqn, [t.base])[0], roles=roles,
-                      a=lax.squeeze(t.a, a_dims), b=lax.squeeze(t.b, b_dims))]
+  def _use(self, rule, eqn, invals):
+    pos = [k for k, x in enumerate(invals) if isinstance(x, Factored)]
+    if len(pos) != 1:
+      return None  # Both operands adapted: not low-rank; fall back.
+    v = invals[pos[0]]
+    use = Use(eqn.primitive, eqn.params, tuple(invals), pos[0],
+              jc.out_aval(eqn))
+    out = getattr(v.kind, rule.hook)(v, use)
+    if out is not None:
+      return [out]
+    if rule.name in layouts.STRUCTURAL and pos[0] == 0:
+      return self._structural(rule, eqn, invals)
+    return None
 
-  def _expand_dims(self, eqn, invals):
-    return None  # Appears as reshape/broadcast_in_dim in jaxprs.
-
-  def _slice(self, eqn, invals):
-    (t,) = invals
-    start = eqn.params["start_indices"]
-    limit = eqn.params["limit_indices"]
-    strides = eqn.params["strides"] or (1,) * len(start)
-
-    def cut(x, axes):
-      return lax.slice(x, [start[j] for j in axes] + [0],
-                       [limit[j] for j in axes] + [x.shape[-1]],
-                       [strides[j] for j in axes] + [1])
-
-    return [t.replace(base=_bind(eqn, [t.base])[0], a=cut(t.a, t.a_axes),
-                      b=cut(t.b, t.b_axes))]
-
-  def _dynamic_slice(self, eqn, invals):
-    t, *idx = invals
-    if any(isinstance(i, _Tagged) for i in idx):
+  def _fused(self, rule, eqn, invals):
+    del rule
+    kinds = {x.kind for x in invals if isinstance(x, Factored)}
+    if len(kinds) != 1 or BASE_ONLY in kinds:
       return None
-    sizes = eqn.params["slice_sizes"]
-    n = t.base.ndim
-    if len(idx) != n:  # Dynamic shapes: not supported here.
-      return None
-    zero = jnp.zeros((), jnp.asarray(idx[0]).dtype) if idx else 0
+    pos = next(k for k, x in enumerate(invals) if isinstance(x, Factored))
+    use = Use(eqn.primitive, eqn.params, tuple(invals), pos,
+              jc.out_aval(eqn))
+    out = kinds.pop().concatenate(use)
+    return None if out is None else [out]
 
-    def cut(x, axes):
-      return lax.dynamic_slice(x, [idx[j] for j in axes] + [zero],
-                               [sizes[j] for j in axes] + [x.shape[-1]])
+  def _call(self, rule, eqn, invals):
+    del rule
+    return self.eval_closed(jc.call_body(eqn.params), invals)
 
-    return [t.replace(base=_bind(eqn, [t.base, *idx])[0],
-                      a=cut(t.a, t.a_axes), b=cut(t.b, t.b_axes))]
-
-  # -- the uses that are factored --------------------------------------------
-
-  def _dot_general(self, eqn, invals):
-    lhs, rhs = invals
-    if isinstance(lhs, _Tagged) and isinstance(rhs, _Tagged):
-      return None
-    tagged_lhs = isinstance(lhs, _Tagged)
-    t, x = (lhs, rhs) if tagged_lhs else (rhs, lhs)
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    t_con, x_con = (lc, rc) if tagged_lhs else (rc, lc)
-    t_bat, x_bat = (lb, rb) if tagged_lhs else (rb, lb)
-    out_aval = eqn.outvars[0].aval
-    base_out = _bind(eqn, [t.base, x] if tagged_lhs else [x, t.base])[0]
-
-    names = _letters()
-    v = [next(names) for _ in t.roles]
-    xs = [None] * x.ndim
-    for xi, ti in zip(x_con, t_con):
-      xs[xi] = v[ti]
-    for xi, ti in zip(x_bat, t_bat):
-      xs[xi] = v[ti]
-    for k in range(x.ndim):
-      if xs[k] is None:
-        xs[k] = next(names)
-    r = next(names)
-    batch = "".join(v[j] for j in t_bat)
-    t_free = "".join(v[j] for j in range(len(v))
-                     if j not in t_con and j not in t_bat)
-    x_free = "".join(xs[k] for k in range(x.ndim)
-                     if k not in x_con and k not in x_bat)
-    out = batch + (t_free + x_free if tagged_lhs else x_free + t_free)
-    a_spec = "".join(v[j] for j in t.a_axes) + r
-    b_spec = "".join(v[j] for j in t.b_axes) + r
-    dtype = jnp.result_type(x.dtype, t.base.dtype)
-    out_sharding = explicit.sharding_of(base_out)
-    try:
-      delta = _low_rank_contract(
-          "".join(xs), x.astype(dtype), a_spec, t.a.astype(dtype), b_spec,
-          t.b.astype(dtype), out, scale=t.scale,
-          precision=eqn.params.get("precision"),
-          preferred_element_type=eqn.params.get("preferred_element_type"),
-          out_sharding=out_sharding)
-    except Exception as e:
-      if out_sharding is None or type(e).__name__ not in (
-          "ShardingTypeError", "DuplicateSpecError"):
-        raise
-      raise type(e)(
-          f"lorajax.lora: on a mesh with Explicit axes, the low-rank term"
-          f" of {t.path!r} (x @ a @ b, with a {jax.typeof(t.a)} and b"
-          f" {jax.typeof(t.b)} laid out like the weight"
-          f" {jax.typeof(t.base)}) cannot produce this matmul's result"
-          f" sharding {out_sharding.spec} from activations"
-          f" {jax.typeof(x)}: {e} Annotate the matmul in your model: pass"
-          " `out_sharding=` to it, or `jax.sharding.reshard` the weight or"
-          " the activations first so that their contracted axes are"
-          " sharded alike."
-      ) from e
-    return [(base_out + delta.astype(out_aval.dtype)).astype(out_aval.dtype)]
-
-  def _gather(self, eqn, invals):
-    t, idx = invals
-    if isinstance(idx, _Tagged):
-      return None
-    stacked = self._gather_stacked(eqn, t, idx)
-    if stacked is not None:
-      return stacked
-    if t.base.ndim != 2 or t.roles != "io":
-      return None
-    dn = eqn.params["dimension_numbers"]
-    sizes = tuple(eqn.params["slice_sizes"])
-    if (tuple(dn.collapsed_slice_dims) != (0,)
-        or tuple(dn.start_index_map) != (0,)
-        or tuple(dn.operand_batching_dims) or sizes[1] != t.base.shape[1]
-        or len(dn.offset_dims) != 1):
-      return None
-    # Embedding lookup: rows of W + scale * (rows of a) @ b.
-    base_out = _bind(eqn, [t.base, idx])[0]
-    params = dict(eqn.params, slice_sizes=(1, t.a.shape[-1]))
-    rows_a = _bind_params(eqn.primitive, [t.a, idx], params)[0]
-    pos = dn.offset_dims[0]
-    rows = jnp.moveaxis(rows_a, pos, -1).astype(base_out.dtype)
-    d_sharding = explicit.sharding_of(base_out)
-    if d_sharding is not None:
-      entries = list(explicit.padded_spec(d_sharding, base_out.ndim))
-      entries.append(entries.pop(pos))
-      d_sharding = explicit.out_sharding(d_sharding, tuple(entries))
-    d = jnp.einsum("...r,or->...o", rows, t.b.astype(base_out.dtype),
-                   out_sharding=d_sharding)
-    return [base_out + jnp.moveaxis(t.scale * d, -1, pos).astype(
-        base_out.dtype)]
-
-  def _gather_stacked(self, eqn, t, idx):
-    """Indexing into stacked axes only (`w[expert_ids]`): a structural op."""
-    dn = eqn.params["dimension_numbers"]
-    sizes = tuple(eqn.params["slice_sizes"])
-    shape = t.base.shape
-    keys = tuple(dn.start_index_map)
-    if (tuple(dn.operand_batching_dims) or not keys
-        or set(dn.collapsed_slice_dims) != set(keys)
-        or any(t.roles[k] != "s" for k in keys)
-        or any(sizes[j] != shape[j] for j in range(len(shape))
-               if j not in keys)):
-      return None
-    base_out = _bind(eqn, [t.base, idx])[0]
-    kept = [j for j in range(len(shape)) if j not in keys]
-    offset = list(dn.offset_dims)
-    n_out = base_out.ndim
-    batch_pos = [p for p in range(n_out) if p not in offset]
-    out_pos = dict(zip(kept, offset))  # Operand axis -> output position.
-    roles = ["s"] * n_out
-    for j in kept:
-      roles[out_pos[j]] = t.roles[j]
-    new = t.replace(base=base_out, roles="".join(roles))
-
-    def pick(f, axes, new_axes):
-      nb = len(batch_pos)
-      kept_f = [j for j in axes if j not in keys]
-      f_dn = dn._replace(
-          offset_dims=tuple(range(nb, nb + len(kept_f) + 1)),
-          collapsed_slice_dims=tuple(
-              axes.index(k) for k in dn.collapsed_slice_dims),
-          start_index_map=tuple(axes.index(k) for k in keys))
-      params = dict(eqn.params, dimension_numbers=f_dn,
-                    slice_sizes=tuple(sizes[j] for j in axes) + (
-                        f.shape[-1],))
-      g = _bind_params(eqn.primitive, [f, idx], params)[0]
-      pos = batch_pos + [out_pos[j] for j in kept_f]
-      perm = [pos.index(p) for p in new_axes] + [len(pos)]
-      return jnp.transpose(g, perm)
-
-    return [new.replace(a=pick(t.a, t.a_axes, new.a_axes),
-                        b=pick(t.b, t.b_axes, new.b_axes))]
-
-  def _conv_general_dilated(self, eqn, invals):
-    x, t = invals
-    if isinstance(x, _Tagged) or not isinstance(t, _Tagged):
-      return None
-    p = eqn.params
-    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-      return None
-    dn = p["dimension_numbers"]
-    rhs_out = dn.rhs_spec[0]
-    if t.roles[rhs_out] != "o" or t.roles.count("o") != 1 or "s" in t.roles:
-      return None
-    base_out = _bind(eqn, [x, t.base])[0]
-    dtype = base_out.dtype
-    # `a` as a conv kernel to `rank` output channels, then `b` as a 1x1 conv.
-    kernel_a = jnp.moveaxis(t.a, -1, rhs_out).astype(x.dtype)
-    h = _bind_params(eqn.primitive, [x, kernel_a], p)[0]
-    feat = dn.out_spec[1]
-    d = jnp.einsum("...r,or->...o", jnp.moveaxis(h, feat, -1),
-                   t.b.astype(h.dtype))
-    return [base_out + jnp.moveaxis(t.scale * d, -1, feat).astype(dtype)]
-
-  # -- higher-order primitives ------------------------------------------------
-
-  def _inline(self, eqn, invals, key):
-    return self.eval_closed(_closed(eqn.params[key]), invals)
-
-  def _jit(self, eqn, invals):
-    return self._inline(eqn, invals, "jaxpr")
-
-  _pjit = _jit
-
-  def _closed_call(self, eqn, invals):
-    return self._inline(eqn, invals, "call_jaxpr")
-
-  _core_call = _closed_call
-
-  def _custom_jvp_call(self, eqn, invals):
-    # Differentiating through the primal implementation is exact; the custom
-    # rule is a numerical nicety for activations, not weights.
-    return self._inline(eqn, invals, "call_jaxpr")
-
-  def _custom_vjp_call(self, eqn, invals):
-    key = "call_jaxpr" if "call_jaxpr" in eqn.params else "fun_jaxpr"
-    return self._inline(eqn, invals, key)
-
-  _custom_vjp_call_jaxpr = _custom_vjp_call
-
-  def _remat2(self, eqn, invals):
-    jaxpr = eqn.params["jaxpr"]
-    closed = _closed(jaxpr)
-    fn = jax.checkpoint(lambda *a: self.eval_closed(closed, a),
-                        policy=eqn.params.get("policy"),
-                        prevent_cse=eqn.params.get("prevent_cse", True))
+  def _remat(self, rule, eqn, invals):
+    del rule
+    body = jc.call_body(eqn.params)
+    fn = jax.checkpoint(lambda *a: self.eval_closed(body, a),
+                        **jc.remat_options(eqn.params))
     return list(fn(*invals))
 
-  _checkpoint = _remat2
+  def _custom(self, rule, eqn, invals):
+    # The user's derivative rule must win over differentiating the primal:
+    # run the custom call itself, on merged weights.
+    op = f"{rule.name} of {jc.custom_name(eqn.params)}"
+    why = "a custom derivative rule is honoured by running it on the merged"
+    why += " weight"
+    return jc.bind_eqn(eqn, [self.plain(x, op, why) for x in invals])
 
-  def _scan(self, eqn, invals):
-    p = eqn.params
-    n_c, n_carry = p["num_consts"], p["num_carry"]
-    consts = invals[:n_c]
-    carry = [self.plain(x, "scan carry") for x in invals[n_c:n_c + n_carry]]
-    xs = invals[n_c + n_carry:]
-    closed = _closed(p["jaxpr"])
+  def _scan(self, rule, eqn, invals):
+    del rule
+    p = jc.scan_params(eqn.params)
+    consts = invals[:p.num_consts]
+    carry = [self.plain(x, "scan carry")
+             for x in invals[p.num_consts:p.num_consts + p.num_carry]]
+    xs = invals[p.num_consts + p.num_carry:]
 
-    # A tagged xs is scanned along axis 0: its factors travel with it when
-    # they hold that axis, and are loop constants otherwise.
-    packed = []
+    # A factored xs is scanned along axis 0: its adapter arrays travel with
+    # it when they hold that axis, and are loop constants otherwise.
+    packed, rebuilds = [], []
     for x in xs:
-      if isinstance(x, _Tagged):
-        packed.append((x.base, x.a if x.roles[0] in "si" else None,
-                       x.b if x.roles[0] in "so" else None))
+      rebuild = None
+      if isinstance(x, Factored):
+        base = x.base
+        if isinstance(base, LazyBase):
+          split = base.scan_split()
+          base, rebuild = ((base.dequantize(), None) if split is None
+                           else split)
+        parts = tuple(a if x.roles[0] in m else None
+                      for a, m in zip(x.parts, x.masks))
+        packed.append((base, parts))
       else:
         packed.append(x)
+      rebuilds.append(rebuild)
 
     def body(c, sl):
-      xs_vals = []
-      for x, s in zip(xs, sl):
-        if isinstance(x, _Tagged):
-          base, a, b = s
-          xs_vals.append(x.replace(base=base, roles=x.roles[1:],
-                                   a=x.a if a is None else a,
-                                   b=x.b if b is None else b))
+      vals = []
+      for x, s, rebuild in zip(xs, sl, rebuilds):
+        if isinstance(x, Factored):
+          base, parts = s
+          base = base if rebuild is None else rebuild(base)
+          parts = tuple(a if s_a is None else s_a
+                        for a, s_a in zip(x.parts, parts))
+          val = x.replace(base=base, parts=parts, roles=x.roles[1:])
+          if x.kind is BASE_ONLY and not isinstance(base, LazyBase):
+            val = base
+          vals.append(val)
         else:
-          xs_vals.append(s)
-      outs = self.eval_closed(closed, [*consts, *c, *xs_vals])
+          vals.append(s)
+      outs = self.eval_closed(p.body, [*consts, *c, *vals])
       outs = [self.plain(o, "scan output") for o in outs]
-      return outs[:n_carry], outs[n_carry:]
+      return outs[:p.num_carry], outs[p.num_carry:]
 
-    carry_out, ys = lax.scan(body, carry, packed, length=p["length"],
-                             reverse=p["reverse"], unroll=p["unroll"])
+    carry_out, ys = lax.scan(body, carry, packed, length=p.length,
+                             reverse=p.reverse, unroll=p.unroll)
     return [*carry_out, *ys]
 
-  def _cond(self, eqn, invals):
+  def _cond(self, rule, eqn, invals):
+    del rule
     index, *ops = invals
     index = self.plain(index, "cond index")
-    branches = [
-        (lambda br: lambda *o: [self.plain(x, "cond output")
-                                for x in self.eval_closed(br, o)])(
-                                    _closed(br))
-        for br in eqn.params["branches"]
-    ]
-    return list(lax.switch(index, branches, *ops))
 
-  def _while(self, eqn, invals):
-    p = eqn.params
-    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    def branch(br):
+      return lambda *o: [self.plain(x, "cond output")
+                         for x in self.eval_closed(br, o)]
+
+    return list(lax.switch(index, [branch(b) for b in
+                                   jc.cond_branches(eqn.params)], *ops))
+
+  def _while(self, rule, eqn, invals):
+    del rule
+    p = jc.while_params(eqn.params)
+    nc, nb = p.cond_nconsts, p.body_nconsts
     c_consts, b_consts = invals[:nc], invals[nc:nc + nb]
     init = [self.plain(x, "while carry") for x in invals[nc + nb:]]
-    cj, bj = _closed(p["cond_jaxpr"]), _closed(p["body_jaxpr"])
 
     def cond_fn(c):
-      return self.plain(self.eval_closed(cj, [*c_consts, *c])[0], "while")
+      return self.plain(self.eval_closed(p.cond, [*c_consts, *c])[0],
+                        "while")
 
     def body_fn(c):
       return [self.plain(x, "while carry")
-              for x in self.eval_closed(bj, [*b_consts, *c])]
+              for x in self.eval_closed(p.body, [*b_consts, *c])]
 
     return list(lax.while_loop(cond_fn, body_fn, init))
 
 
-# Ops that act on the value but leave its low-rank structure as is.
-_PASSTHROUGH = frozenset({
-    "sharding_constraint", "copy", "copy_p", "optimization_barrier",
-    "device_put", "reduce_precision", "mesh_cast", "reshard",
-})
+# -- tracing -------------------------------------------------------------------
 
 
-def _low_rank_contract(x_spec: str, x: jax.Array, a_spec: str, a: jax.Array,
-                       b_spec: str, b: jax.Array, out: str, *, scale: float,
-                       precision: Any, preferred_element_type: Any,
-                       out_sharding: Any = None) -> jax.Array:
-  """`scale * einsum(x, a, b -> out)` as two explicit contractions, x first.
-
-  `x` is contracted with one factor first, then the result with the other:
-  `a @ b` (the dense delta) is never formed. Of the two orders, the one with
-  the smaller intermediate is used: `(x @ a) @ b` for an ordinary matmul,
-  `(x @ b^T) @ a^T` when the weight's output axes are the contracted ones (a
-  tied output head `x @ E.T`). `scale` multiplies the small intermediate.
-  `out_sharding` (on Explicit meshes: the sharding of the base weight's
-  result) fixes the result's sharding and, on the axes it shares with the
-  intermediate, the intermediate's; its rank axis is replicated.
-  """
-  # XLA:CPU runs the backward of a rank-sized contraction over several token
-  # axes (`btd,btr->dr`) several times slower than over one, so runs of
-  # `x`'s free axes (its token axes) are merged into one axis first.
-  free = [c for c in x_spec if c not in a_spec and c not in b_spec]
-  run = "".join(free)
-  # (Not on Explicit meshes, where the reshape would need annotations.)
-  if (len(free) > 1 and run in x_spec and run in out
-      and out_sharding is None):
-    z = next(c for c in string.ascii_letters
-             if c not in x_spec + a_spec + b_spec + out)
-    i = x_spec.index(run)
-    merged_shape = (x.shape[:i] + (math.prod(x.shape[i:i + len(run)]),)
-                    + x.shape[i + len(run):])
-    y = _low_rank_contract(
-        x_spec.replace(run, z), jnp.reshape(x, merged_shape), a_spec, a,
-        b_spec, b, out.replace(run, z), scale=scale, precision=precision,
-        preferred_element_type=preferred_element_type)
-    j = out.index(run)
-    return jnp.reshape(
-        y, y.shape[:j] + x.shape[i:i + len(run)] + y.shape[j + 1:])
-  sizes = {}
-  for spec, arr in ((x_spec, x), (a_spec, a), (b_spec, b)):
-    sizes.update(zip(spec, arr.shape))
-
-  def plan(first, second):
-    keep = set(second) | set(out)
-    h = "".join(dict.fromkeys(c for c in x_spec + first if c in keep))
-    return h, math.prod(sizes[c] for c in h)
-
-  (h_a, n_a), (h_b, n_b) = plan(a_spec, b_spec), plan(b_spec, a_spec)
-  if n_a <= n_b:
-    (f_spec, f), (s_spec, s), h_spec = (a_spec, a), (b_spec, b), h_a
-  else:
-    (f_spec, f), (s_spec, s), h_spec = (b_spec, b), (a_spec, a), h_b
-  h_sharding = None
-  if out_sharding is not None:
-    o_entries = explicit.padded_spec(out_sharding, len(out))
-    h_sharding = explicit.out_sharding(out_sharding, tuple(
-        o_entries[out.index(c)] if c in out else None for c in h_spec))
-  h = jnp.einsum(f"{x_spec},{f_spec}->{h_spec}", x, f, precision=precision,
-                 preferred_element_type=preferred_element_type,
-                 out_sharding=h_sharding)
-  h = (scale * h).astype(s.dtype)
-  return jnp.einsum(f"{h_spec},{s_spec}->{out}", h, s,
-                    precision=precision,
-                    preferred_element_type=preferred_element_type,
-                    out_sharding=out_sharding)
-
-
-def _closed(j) -> jex.ClosedJaxpr:
-  return j if isinstance(j, jex.ClosedJaxpr) else jex.ClosedJaxpr(j, ())
-
-
-def _bind_params(prim, invals, params):
-  bound = prim.get_bind_params(params)
-  # JAX < 0.7 returns `(subfuns, params)`; newer versions just the params.
-  if isinstance(bound, tuple):
-    subfuns, bound = bound
-  else:
-    subfuns = ()
-  out = prim.bind(*subfuns, *invals, **bound)
-  return list(out) if prim.multiple_results else [out]
-
-
-def _bind(eqn, invals):
-  return _bind_params(eqn.primitive, invals, eqn.params)
+def _is_lazy(x: Any) -> bool:
+  return isinstance(x, LazyBase)
 
 
 def _is_dynamic(x: Any) -> bool:
@@ -692,13 +457,12 @@ def _is_dynamic(x: Any) -> bool:
                         jax.ShapeDtypeStruct))
 
 
-def _name(fn: Any) -> str:
-  return getattr(fn, "__qualname__", None) or repr(fn)
-
-
 def _trace(fn, params, args, kwargs):
-  """Traces `fn(params, *args, **kwargs)`; array leaves become inputs."""
-  p_leaves, p_def = jax.tree.flatten(params)
+  """Traces `fn(params, *args, **kwargs)`; array leaves become inputs.
+
+  Lazy-base leaves of `params` are traced as their dense shape and dtype.
+  """
+  p_leaves, p_def = jax.tree.flatten(params, is_leaf=_is_lazy)
   ak_leaves, ak_def = jax.tree.flatten((args, kwargs))
   dyn_idx = [i for i, x in enumerate(ak_leaves) if _is_dynamic(x)]
 
@@ -710,9 +474,64 @@ def _trace(fn, params, args, kwargs):
     return fn(jax.tree.unflatten(p_def, p_leaves), *a, **kw)
 
   dyn = [ak_leaves[i] for i in dyn_idx]
-  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(p_leaves,
-                                                                  dyn)
+  traced = [aval_of(x) if _is_lazy(x) else x for x in p_leaves]
+  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(traced, dyn)
   return closed, out_shape, p_leaves, dyn
+
+
+def _check_fit(params: PyTree, adapter: PyTree) -> None:
+  """Raises a ValueError naming every weight the adapter does not fit."""
+  a_flat, a_def = jax.tree_util.tree_flatten_with_path(
+      adapter, is_leaf=is_adapter_node)
+  try:
+    subs = a_def.flatten_up_to(params)
+  except (ValueError, TypeError):
+    check_fit(params, adapter)  # Raises the structural error message.
+    raise
+  errors = []
+  for (kp, node), w in zip(a_flat, subs):
+    if node is None:
+      continue
+    path = paths_lib.path_str(kp)
+    kind = adapter_kind(node)
+    if kind is None:
+      errors.append(f"{path!r}: expected an adapter node (a LoraWeight or a"
+                    f" registered adapter kind) or None; got {type(node)}.")
+      continue
+    errors += kind.check(node, tuple(getattr(w, "shape", ())), path)
+  if errors:
+    raise ValueError("The adapter does not fit the params:\n- "
+                     + "\n- ".join(errors))
+
+
+def _inputs(params: PyTree, adapter: PyTree) -> list[Any]:
+  """The interpreter's inputs for the params leaves, in flattening order."""
+  nodes = {}
+  for kp, node in jax.tree_util.tree_flatten_with_path(
+      adapter, is_leaf=is_adapter_node)[0]:
+    if node is not None:
+      nodes[tuple(kp)] = node
+  out = []
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=_is_lazy)[0]:
+    node = nodes.get(tuple(kp))
+    path = paths_lib.path_str(kp)
+    if node is not None:
+      kind = adapter_kind(node)
+      assert kind is not None  # `nodes` holds registered kinds only
+      train = jax.tree.leaves(kind.trainable(node))
+      if not all(train):
+        leaves, treedef = jax.tree.flatten(node)
+        node = treedef.unflatten([x if t else lax.stop_gradient(x)
+                                  for x, t in zip(leaves, train)])
+      out.append(kind.factored(node, leaf, path))
+    elif _is_lazy(leaf):
+      # No adapter: roles only have to be uniform for layouts to move it.
+      out.append(Factored(leaf, (), "s" * len(leaf.shape), (), BASE_ONLY,
+                          None, path))
+    else:
+      out.append(leaf)
+  return out
 
 
 def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
@@ -723,15 +542,20 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
   adapter, but every matmul with an adapted weight `W` is computed as `x @ W +
   scale * (x @ a) @ b` (with the contraction taken from the matmul's own
   dimension numbers), so the dense `W + scale * a @ b` and the dense weight
-  gradient `x^T @ dy` are never formed. Embedding lookups (gather rows of `a`,
-  then `@ b`) and convolutions (a conv to `rank` channels, then a 1x1 conv)
-  are factored too. The weight is followed through casts, reshapes,
-  transposes, broadcasts, squeezes, slices of stacked axes, nested `jit`,
-  `scan` (the factors are sliced with the stacked weight), `remat`,
-  `custom_jvp`/`custom_vjp`, `cond` and `while`.
+  gradient `x^T @ dy` are never formed. Grouped MoE matmuls
+  (`jax.lax.ragged_dot`, per-expert `a` and `b`), embedding lookups (gather
+  rows of `a`, then `@ b`), convolutions (a conv to `rank` channels, then a
+  1x1 conv) and concatenations of adapted weights (fused QKV) are factored
+  too. The weight is followed through casts, reshapes, transposes,
+  broadcasts, squeezes, slices, stacked-axis indexing, nested `jit`, `scan`
+  (the factors are sliced with the stacked weight), `remat`, `cond` and
+  `while`. docs/factored_rules.md lists every rule.
 
   Any other use of an adapted weight gets the merged value for that use only,
   with a `LoraFallbackWarning` naming the weight and the op (once per trace).
+  A `jax.custom_jvp`/`jax.custom_vjp` function applied to an adapted weight is
+  one such use: it runs on the merged weight, so its custom derivative rule
+  is honoured.
 
   Args:
     fn: Any JAX-traceable function `fn(params, *args, **kwargs)`: a linen
@@ -755,24 +579,9 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
 
   @functools.wraps(fn)
   def wrapped(params: PyTree, adapter: PyTree, *args: Any, **kwargs: Any):
-    check_fit(params, adapter)
-    nodes, a_def = jax.tree_util.tree_flatten_with_path(adapter,
-                                                        is_leaf=_is_node)
-    subtrees = a_def.flatten_up_to(params)
-    tags = []
-    for (kp, node), sub in zip(nodes, subtrees):
-      if isinstance(node, LoraWeight):
-        tags.append(_from_node(sub, node, paths_lib.path_str(kp)))
-      else:
-        tags.extend([None] * len(jax.tree.leaves(sub)))
-    try:
-      closed, out_shape, p_leaves, dyn = _trace(fn, params, args, kwargs)
-    except Exception as e:
-      if not explicit.is_sharding_type_error(e):
-        raise
-      raise explicit.with_user_hint(
-          e, f"the function passed to lorajax.lora ({_name(fn)})") from e
-    inputs = [t if t is not None else w for t, w in zip(tags, p_leaves)]
+    _check_fit(params, adapter)
+    inputs = _inputs(params, adapter)
+    closed, out_shape, _, dyn = _trace(fn, params, args, kwargs)
     interp = _Interpreter(strict)
     outs = interp.eval_closed(closed, [*inputs, *dyn])
     outs = [interp.plain(o, "output") for o in outs]
@@ -782,33 +591,35 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
 
 
 # -- axes inference ------------------------------------------------------------
-
-_STRUCTURAL = frozenset({"convert_element_type", *_PASSTHROUGH})
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
-          "core_call": "call_jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr",
-          "custom_jvp_call": "call_jaxpr"}
+# A tracked value is a tuple of `(path, origins)` pairs (several after a
+# concatenation of weights): for each axis of the value, the set of original
+# weight axes it came from.
 
 
 class _AxesWalker:
   """Follows weights through a jaxpr and records each axis's role at its uses.
 
-  A tracked value is `(path, axes)`: for each of its axes, the set of original
-  weight axes it came from.
+  Dispatches on the same rule table as the interpreter and moves layouts
+  with the same `layouts` functions.
   """
 
   def __init__(self):
     self.roles: dict[str, dict[int, set[str]]] = {}
+    self.rules = _rules()
 
   def record(self, tracked, axis_roles: dict[int, str]):
-    path, axes = tracked
-    book = self.roles.setdefault(path, {})
-    for j, role in axis_roles.items():
-      for orig in axes[j]:
-        book.setdefault(orig, set()).add(role)
+    for path, origins in tracked:
+      book = self.roles.setdefault(path, {})
+      for j, role in axis_roles.items():
+        for orig in origins[j]:
+          book.setdefault(orig, set()).add(role)
 
   def walk(self, jaxpr, ins):
     env = {}
-    read = lambda v: None if isinstance(v, jex.Literal) else env.get(v)
+
+    def read(v):
+      return None if jc.is_literal(v) else env.get(v)
+
     for v, x in zip(jaxpr.invars, ins):
       env[v] = x
     for eqn in jaxpr.eqns:
@@ -816,96 +627,63 @@ class _AxesWalker:
       if any(x is not None for x in invals):
         outs = self.eqn(eqn, invals)
         for v, x in zip(eqn.outvars, outs):
-          if not isinstance(v, jex.DropVar):
+          if not jc.is_dropvar(v):
             env[v] = x
     return [read(v) for v in jaxpr.outvars]
 
+  def structural(self, name, eqn, t):
+    if name in layouts.HINTS:
+      self.record(t, layouts.HINTS[name](eqn))
+    op = layouts.STRUCTURAL[name](eqn, None)
+    if op is None:
+      return None
+    return tuple((path, op.out_origins(origins)) for path, origins in t)
+
   def eqn(self, eqn, invals):
-    name, p = eqn.primitive.name, eqn.params
     none = [None] * len(eqn.outvars)
-    t = invals[0]
-    if name in _STRUCTURAL or name == "slice":
-      return [t] if t is not None else none
-    if name == "transpose":
-      return [(t[0], [t[1][q] for q in p["permutation"]])]
-    if name == "broadcast_in_dim":
-      axes = [frozenset()] * len(p["shape"])
-      for k, d in enumerate(p["broadcast_dimensions"]):
-        axes[d] = t[1][k]
-      return [(t[0], axes)]
-    if name == "squeeze":
-      dims = {d % len(t[1]) for d in p["dimensions"]}
-      return [(t[0], [a for j, a in enumerate(t[1]) if j not in dims])]
-    if name == "reshape":
-      old = eqn.invars[0].aval.shape
-      groups = _reshape_groups(old, p["new_sizes"])
-      if groups is None:
-        return none
-      axes = [frozenset()] * len(p["new_sizes"])
-      for og, ng in groups:
-        merged = frozenset().union(*(t[1][j] for j in og if old[j] != 1))
-        for j in ng:
-          axes[j] = merged
-      return [(t[0], axes)]
-    if name == "dynamic_slice" and t is not None:
-      shape = eqn.invars[0].aval.shape
-      self.record(t, {j: "s" for j, s in enumerate(p["slice_sizes"])
-                      if s == 1 and shape[j] > 1})
-      return [t]
-    if name == "gather" and t is not None:
-      dn = p["dimension_numbers"]
-      collapsed = set(dn.collapsed_slice_dims)
-      if len(t[1]) == 2 and collapsed == {0}:  # An embedding lookup.
-        self.record(t, {0: "i", 1: "o"})
-        return none
-      self.record(t, {j: "s" for j in collapsed})
-      if (set(dn.start_index_map) == collapsed and eqn.outvars
-          and not tuple(dn.operand_batching_dims)):
-        # Indexing stacked axes (`w[expert_ids]`): follow the selected slices.
-        kept = [j for j in range(len(t[1])) if j not in collapsed]
-        axes = [frozenset()] * len(eqn.outvars[0].aval.shape)
-        for j, pos in zip(kept, dn.offset_dims):
-          axes[pos] = t[1][j]
-        return [(t[0], axes)]
+    rule = self.rules.get(eqn.primitive)
+    if rule is None:
       return none
-    if name == "dot_general":
-      (lc, rc), (lb, rb) = p["dimension_numbers"]
-      for x, con, bat in ((invals[0], lc, lb), (invals[1], rc, rb)):
-        if x is not None:
-          roles = {j: "o" for j in range(len(x[1]))}
-          roles.update({j: "i" for j in con})
-          roles.update({j: "s" for j in bat})
+    cat, name = rule.category, rule.name
+    if cat == "structural":
+      return [self.structural(name, eqn, invals[0])] if invals[0] else none
+    if cat == "passthrough":
+      return invals[:len(none)] if len(invals) >= len(none) else none
+    if cat == "use":
+      used = False
+      for pos, x in enumerate(invals):
+        roles = None if x is None else layouts.USE_ROLES[name](eqn, pos)
+        if roles is not None:
           self.record(x, roles)
+          used = True
+      if not used and name in layouts.STRUCTURAL and invals[0]:
+        return [self.structural(name, eqn, invals[0])]
       return none
-    if name == "conv_general_dilated" and invals[1] is not None:
-      rhs = invals[1]
-      out = p["dimension_numbers"].rhs_spec[0]
-      self.record(rhs, {j: ("o" if j == out else "i")
-                        for j in range(len(rhs[1]))})
-      return none
-    if name in _CALLS or name in ("custom_vjp_call", "custom_vjp_call_jaxpr"):
-      key = _CALLS.get(name) or ("call_jaxpr" if "call_jaxpr" in p
-                                 else "fun_jaxpr")
-      return self.walk(_closed(p[key]).jaxpr, invals)
-    if name == "scan":
-      n_c, n_carry = p["num_consts"], p["num_carry"]
+    if cat == "fused":
+      pairs = tuple(pair for x in invals if x for pair in x)
+      return [pairs]
+    if cat in ("call", "remat", "custom"):
+      return self.walk(jc.call_body(eqn.params).jaxpr, invals)
+    if cat == "scan":
+      p = jc.scan_params(eqn.params)
       ins = list(invals)
-      for k in range(n_c + n_carry, len(ins)):
+      for k in range(p.num_consts + p.num_carry, len(ins)):
         if ins[k] is not None:
           self.record(ins[k], {0: "s"})
-          ins[k] = (ins[k][0], ins[k][1][1:])
-      for k in range(n_c, n_c + n_carry):
+          ins[k] = tuple((path, o[1:]) for path, o in ins[k])
+      for k in range(p.num_consts, p.num_consts + p.num_carry):
         ins[k] = None
-      self.walk(_closed(p["jaxpr"]).jaxpr, ins)
+      self.walk(p.body.jaxpr, ins)
       return none
-    if name == "cond":
-      for br in p["branches"]:
-        self.walk(_closed(br).jaxpr, invals[1:])
+    if cat == "cond":
+      for br in jc.cond_branches(eqn.params):
+        self.walk(br.jaxpr, invals[1:])
       return none
-    if name == "while":
-      nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    if cat == "while":
+      p = jc.while_params(eqn.params)
+      nc, nb = p.cond_nconsts, p.body_nconsts
       body_in = invals[nc:nc + nb] + [None] * (len(invals) - nc - nb)
-      self.walk(_closed(p["body_jaxpr"]).jaxpr, body_in)
+      self.walk(p.body.jaxpr, body_in)
       return none
     return none
 
@@ -917,11 +695,12 @@ def infer_axes(fn: Callable[..., Any], params: PyTree, *args: Any,
   Traces `fn(params, *args, **kwargs)` once (abstractly: arrays or
   `jax.ShapeDtypeStruct` leaves both work) and follows every targeted weight
   with more than two axes to its matmuls: contracted axes are inputs (`i`),
-  batch axes and axes that are scanned or indexed into are stacked (`s`), and
-  the remaining axes are outputs (`o`). An expert axis must therefore be a
-  batch axis of the matmul (`"etd,edf->etf"`) to be inferred as stacked; used
-  as a free axis (`"td,edf->tef"`, every token through every expert) it is an
-  output axis, and one adapter then spans all experts.
+  batch axes, `ragged_dot` group axes and axes that are scanned or indexed
+  into are stacked (`s`), and the remaining axes are outputs (`o`). An expert
+  axis must therefore be a batch or group axis of the matmul
+  (`"etd,edf->etf"`, `ragged_dot`) to be inferred as stacked; used as a free
+  axis (`"td,edf->tef"`, every token through every expert) it is an output
+  axis, and one adapter then spans all experts.
 
   Example:
     >>> axes = lorajax.infer_axes(model.apply, params, x, config=config)
@@ -944,21 +723,19 @@ def infer_axes(fn: Callable[..., Any], params: PyTree, *args: Any,
     ValueError: If an axis of a targeted weight is never used by a matmul, or
       its uses disagree.
   """
-  import re  # pylint: disable=g-import-not-at-top
-
   if not isinstance(config, LoraConfig):
     raise TypeError(
         "`config` must be a lorajax.LoraConfig (pass it by keyword:"
         f" `infer_axes(fn, params, *args, config=...)`); got {config!r}.")
-  flat = paths_lib.leaves_with_paths(params)
+  flat = paths_lib.leaves_with_paths(params, is_leaf=_is_lazy)
   wanted = {}
   for path, leaf in flat:
     shape, dtype = tuple(leaf.shape), leaf.dtype
-    if len(shape) > 2 and config._is_target(path, len(shape), dtype):  # pylint: disable=protected-access
+    if len(shape) > 2 and config._is_target(  # noqa: SLF001
+        path, len(shape), dtype):
       wanted[path] = shape
-  closed, _, p_leaves, dyn = _trace(fn, params, args, kwargs)
-  del p_leaves
-  ins = [(path, [frozenset({j}) for j in range(len(leaf.shape))])
+  closed, _, _, dyn = _trace(fn, params, args, kwargs)
+  ins = [((path, [frozenset({j}) for j in range(len(leaf.shape))]),)
          if path in wanted else None for path, leaf in flat]
   walker = _AxesWalker()
   walker.walk(closed.jaxpr, [*ins, *[None] * len(dyn)])

@@ -5,7 +5,8 @@ from typing import Any
 
 import jax
 
-PyTree = Any
+from lorajax._src.core.typing import PyTree
+
 KeyPath = tuple[Any, ...]
 
 
@@ -54,8 +55,7 @@ def leaves_with_paths(
 
 def iter_examples(paths: Sequence[str], limit: int = 12) -> Iterator[str]:
   """Yields up to `limit` paths, then a line saying how many were left out."""
-  for p in paths[:limit]:
-    yield p
+  yield from paths[:limit]
   if len(paths) > limit:
     yield f"... and {len(paths) - limit} more"
 

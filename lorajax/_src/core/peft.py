@@ -11,14 +11,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lorajax._src.core import fileio
+from lorajax._src.core import fileio, safetensors_io
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight, VeraWeight
+from lorajax._src.core.adapter import is_node as _is_node
+from lorajax._src.core.methods import to_lora
+from lorajax._src.core.typing import PyTree
 
-PyTree = Any
 NameMap = Mapping[str, str] | Callable[[str], str | None] | None
 
 CONFIG_NAME = "adapter_config.json"
@@ -28,7 +29,9 @@ _WEIGHT_LEAVES = ("kernel", "weight", "w")
 # Keys of adapter_config.json that `save` accepts as keyword arguments.
 _CONFIG_KEYS = ("base_model_name_or_path", "task_type", "revision",
                 "lora_dropout", "inference_mode")
-_KEY_RE = re.compile(r"(.+)\.lora_([AB])(?:\.([^.]+))?\.weight")
+_KEY_RE = re.compile(
+    r"(.+)\.(?:lora_([AB])(?:\.([^.]+))?\.weight|lora_(magnitude)_vector"
+    r"(?:\.weight)?)")
 
 
 def _default_module(path: str) -> str | None:
@@ -127,19 +130,33 @@ def save(
     *,
     name_map: NameMap = None,
     overwrite: bool = False,
+    initial_adapter: PyTree | None = None,
     **metadata: Any,
 ) -> None:
   """Writes `adapter` as a PEFT LoRA directory that `PeftModel` loads.
+
+  DoRA adapters are written with `use_dora: true` and each module's
+  `lora_magnitude_vector`; a tree of `VeraWeight`s is written as PEFT's
+  `VERA` format (`vera_lambda_b`/`vera_lambda_d` per module, the shared
+  `vera_A`/`vera_B` saved as with `save_projection=True`). With
+  `initial_adapter` (the adapter `lorajax.decompose` returned for PiSSA or
+  OLoRA), the trained adapter is first converted to a plain LoRA of twice
+  the rank relative to the ORIGINAL base (`lorajax.peft.to_lora`, PEFT's
+  `path_initial_model_for_weight_conversion`), so
+  `PeftModel.from_pretrained(original_base, directory)` reproduces the
+  fine-tuned model. Without it, a PiSSA/OLoRA adapter is saved as is, to be
+  loaded on the residual base.
 
   Writes `adapter_config.json` and `adapter_model.safetensors` with keys
   `base_model.model.<module>.lora_A.weight` (`a.T`, shape (r, in)) and
   `...lora_B.weight` (`b.T`, shape (out, r)). The most common rank and alpha
   become `r` and `lora_alpha`; other modules get full-name entries in
-  `rank_pattern` / `alpha_pattern`. Alphas are chosen so that PEFT's scale
-  equals each adapter's `scale`; `use_rslora` is set when the adapters use
-  `alpha / sqrt(rank)`. `target_modules` lists the short module names (e.g.
-  `q_proj`) when that selects exactly the adapted modules, otherwise their
-  full names. Files go to a temporary directory that is renamed into place.
+  `rank_pattern` / `alpha_pattern`. `use_rslora` is the adapters' `rslora`
+  flag (the most common one if they differ, and the others get the alpha
+  that keeps their scale), so PEFT's scale equals each adapter's `scale`.
+  `target_modules` lists the short module names (e.g. `q_proj`) when that
+  selects exactly the adapted modules, otherwise their full names. Files go
+  to a temporary directory that is renamed into place.
 
   Args:
     directory: The output directory. It must not exist or be empty unless
@@ -156,6 +173,8 @@ def save(
       self_attn.q_proj`); a `name_map` entry for it gives a name with `{}`
       where the index goes.
     overwrite: Replace an existing non-empty `directory`.
+    initial_adapter: For PiSSA/OLoRA: the adapter before training; the
+      export becomes a plain LoRA relative to the original base.
     **metadata: `base_model_name_or_path`, `task_type` (default
       `"CAUSAL_LM"`), `revision`, `lora_dropout` and `inference_mode` go into
       adapter_config.json; any other keyword is stored as a JSON string in the
@@ -167,8 +186,18 @@ def save(
       a stack axis other than one leading one, or `directory` is not empty.
   """
   directory = os.fspath(directory)
+  if initial_adapter is not None:
+    adapter = to_lora(adapter, initial_adapter)
   flat = paths_lib.leaves_with_paths(adapter, is_leaf=_is_node)
+  if any(isinstance(n, VeraWeight) for _, n in flat):
+    return _save_vera(directory, flat, name_map=name_map,
+                      overwrite=overwrite, metadata=metadata)
   nodes = [(p, n) for p, n in flat if isinstance(n, LoraWeight)]
+  dora = {n.magnitude is not None for _, n in nodes}
+  if len(dora) > 1:
+    raise ValueError(
+        "The adapter mixes DoRA and plain LoRA nodes; a PEFT directory has"
+        " one `use_dora` for all modules. Save them as two adapters.")
   if not nodes:
     raise ValueError(
         "The adapter has no LoraWeight nodes; nothing to save. Build it with"
@@ -181,6 +210,7 @@ def save(
     )
   entries = []
   seen: dict[str, str] = {}
+  module: str | None
   for path, node in nodes:
     if "s" in node.axes:
       pairs = _flatten_pairs(path, node)
@@ -225,24 +255,19 @@ def save(
     (a, b), = _flatten_pairs(path, node)
     entries.append((module, node, a, b))
 
-  # rsLoRA if any adapter's scale is alpha/sqrt(r) and not alpha/r.
-  def is_rs(node):
-    if node.alpha is None or node.rank == 1:
-      return False
-    return (math.isclose(node.scale, node.alpha / math.sqrt(node.rank),
-                         rel_tol=1e-6)
-            and not math.isclose(node.scale, node.alpha / node.rank,
-                                 rel_tol=1e-6))
-
-  use_rslora = any(is_rs(n) for _, n, _, _ in entries)
-  denom = (lambda r: math.sqrt(r)) if use_rslora else (lambda r: r)
+  # PEFT has one `use_rslora` for all modules: the adapters' flag (the most
+  # common one if they differ; the others get the alpha that gives their
+  # scale under it).
+  use_rslora = collections.Counter(
+      n.rslora for _, n, _, _ in entries).most_common(1)[0][0]
   ranks, alphas = {}, {}
   for module, node, _, _ in entries:
     ranks[module] = node.rank
-    alpha = node.scale * denom(node.rank)
-    if node.alpha is not None and math.isclose(alpha, node.alpha,
-                                               rel_tol=1e-6):
+    if node.rslora == use_rslora:
       alpha = node.alpha
+    else:
+      alpha = node.scale * (math.sqrt(node.rank) if use_rslora
+                            else node.rank)
     alphas[module] = _clean(alpha)
   r = collections.Counter(ranks.values()).most_common(1)[0][0]
   lora_alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
@@ -277,7 +302,7 @@ def save(
       "lora_dropout": 0.0,
       "bias": "none",
       "fan_in_fan_out": False,
-      "use_dora": False,
+      "use_dora": dora == {True},
       "modules_to_save": None,
       "init_lora_weights": True,
       "inference_mode": True,
@@ -291,9 +316,12 @@ def save(
     else:
       header[k] = v if isinstance(v, str) else json.dumps(v)
   tensors = {}
-  for module, _, a, b in entries:
+  for module, node, a, b in entries:
     tensors[f"{_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
     tensors[f"{_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b.T)
+    if node.magnitude is not None:
+      tensors[f"{_PREFIX}{module}.lora_magnitude_vector"] = np.asarray(
+          jax.device_get(node.magnitude)).reshape(-1)
 
   def write(tmp: str) -> None:
     with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
@@ -303,19 +331,44 @@ def save(
   fileio.write_dir_atomic(directory, write)
 
 
+# PEFT LoraConfig options with no lorajax counterpart: (key, fix).
+# (`layers_to_transform` needs no counterpart: only the listed layers have
+# tensors in the file, and lorajax adapts exactly the modules it finds.)
+_UNSUPPORTED = (
+    ("layer_replication", "expand the base model first"),
+    ("trainable_token_indices", "re-train without trainable tokens"),
+    ("target_parameters", "adapt nn.Linear modules via target_modules"),
+    ("alora_invocation_tokens", "aLoRA is not supported"),
+    ("use_qalora", "QA-LoRA is not supported"),
+    ("use_bdlora", "BD-LoRA is not supported"),
+    ("megatron_config", "Megatron-parallel layers are not supported"),
+)
+# init_lora_weights values whose saved weights pair with a changed base.
+_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
 def _check_config(cfg: Mapping[str, Any], where: str) -> None:
   peft_type = cfg.get("peft_type")
-  if peft_type != "LORA":
+  if peft_type not in ("LORA", "VERA"):
     raise ValueError(
-        f"{where} has peft_type {peft_type!r}; lorajax.peft reads only LORA"
+        f"{where} has peft_type {peft_type!r}; lorajax.peft reads LORA"
+        " (including DoRA, rsLoRA, EVA and converted PiSSA/OLoRA) and VERA"
         " adapters. Convert the adapter to plain LoRA in PEFT first."
     )
   problems = []
-  if cfg.get("use_dora"):
+  for key, fix in _UNSUPPORTED:
+    if cfg.get(key):
+      problems.append(f"{key}={cfg.get(key)!r}: {fix}")
+  init = str(cfg.get("init_lora_weights", True)).lower()
+  if init.startswith(_MUTATING_INITS):
     problems.append(
-        "use_dora=true (DoRA): lorajax adapters are plain LoRA; merge the"
-        " DoRA adapter into the base weights in PEFT (`merge_and_unload`)"
-        " instead")
+        f"init_lora_weights={cfg.get('init_lora_weights')!r}: these weights"
+        " pair with a base that PEFT changes on load (the residual of the"
+        " decomposition). Re-save the adapter in PEFT with"
+        " `save_pretrained(..., path_initial_model_for_weight_conversion=...)`"
+        " (a plain LoRA on the original base), or set init_lora_weights to"
+        " true in adapter_config.json and load it onto the residual params"
+        " `lorajax.decompose` returns")
   if cfg.get("fan_in_fan_out"):
     problems.append(
         "fan_in_fan_out=true (GPT-2 Conv1D layout) is not supported; export"
@@ -339,13 +392,14 @@ def _check_config(cfg: Mapping[str, Any], where: str) -> None:
 
 
 def _stack_layers(path: str, shape: tuple[int, ...],
-                  per_layer: Mapping[int, tuple], errors: list[str]
-                  ) -> LoraWeight | None:
+                  per_layer: Mapping[int, tuple], rslora: bool,
+                  errors: list[str]) -> LoraWeight | None:
   """One `"sio"` adapter from the per-layer PEFT pairs of a stacked weight.
 
   Layers the file has no adapter for get zero `a` and `b` (no update), as
   they have none in PEFT. Layers whose alpha differs from the most common one
-  get their `b` rescaled, so every layer's update is exactly PEFT's.
+  get their `b` rescaled by the alpha ratio (their rank is the same), so
+  every layer's update is exactly PEFT's.
   """
   ranks = {v[2] for v in per_layer.values()}
   if len(ranks) != 1:
@@ -356,17 +410,41 @@ def _stack_layers(path: str, shape: tuple[int, ...],
         " `lorajax.models.llama.unstack_layers(params)`).")
     return None
   rank = ranks.pop()
-  scales = collections.Counter(v[4] for v in per_layer.values())
-  scale = scales.most_common(1)[0][0]
-  alpha = next(v[3] for v in per_layer.values() if v[4] == scale)
+  alphas = collections.Counter(v[3] for v in per_layer.values())
+  alpha = alphas.most_common(1)[0][0]
   n, d_in, d_out = shape
   a = np.zeros((n, d_in, rank), np.float32)
   b = np.zeros((n, rank, d_out), np.float32)
-  for i, (la, lb, _, _, s) in per_layer.items():
+  for i, (la, lb, _, layer_alpha) in per_layer.items():
     a[i] = np.asarray(la, np.float32).T
-    b[i] = np.asarray(lb, np.float32).T * np.float32(s / scale)
-  return LoraWeight(a=jnp.asarray(a), b=jnp.asarray(b), scale=scale,
-                    axes="sio", alpha=alpha)
+    b[i] = np.asarray(lb, np.float32).T * np.float32(layer_alpha / alpha)
+  return LoraWeight(a=jnp.asarray(a), b=jnp.asarray(b), alpha=alpha,
+                    axes="sio", rslora=rslora)
+
+
+def _read_config(path: str | os.PathLike) -> dict[str, Any]:
+  """Reads an adapter_config.json: a JSON object, or a ValueError naming the
+  file (and line and column for invalid JSON)."""
+  path = os.fspath(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path!r} cannot be read: {e}.") from None
+  try:
+    cfg = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(
+        f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); the file is"
+        " damaged or truncated. Restore it from the original adapter or"
+        " re-save the adapter."
+    ) from None
+  if not isinstance(cfg, dict):
+    raise ValueError(
+        f"{path}: expected a JSON object (PEFT adapter config); got"
+        f" {type(cfg).__name__}."
+    )
+  return cfg
 
 
 def load(
@@ -401,7 +479,9 @@ def load(
     directory holds no adapter.
 
   Raises:
-    ValueError: If a file is missing, the config uses an unsupported option
+    ValueError: If a file is missing or unreadable, adapter_config.json is
+      not JSON (naming its line), the weights file is truncated or not
+      safetensors (naming the file), the config uses an unsupported option
       (DoRA, fan_in_fan_out, bias, modules_to_save, non-LoRA peft_type), a
       module is unknown or half present, a shape or rank does not fit, or
       the layers of a stacked weight have different ranks.
@@ -409,41 +489,70 @@ def load(
   directory = os.fspath(directory)
   cfg_path = os.path.join(directory, CONFIG_NAME)
   w_path = os.path.join(directory, WEIGHTS_NAME)
-  if not os.path.exists(cfg_path):
+  problem = fileio.path_problem(directory, kind="dir")
+  if problem is not None:
+    raise ValueError(
+        f"PEFT adapter directory {directory!r} {problem}. Pass a directory"
+        " holding adapter_config.json and adapter_model.safetensors."
+    )
+  if not os.path.lexists(cfg_path):
     raise ValueError(
         f"{directory!r} has no {CONFIG_NAME}; expected a PEFT adapter"
         " directory (adapter_config.json + adapter_model.safetensors)."
     )
-  if not os.path.exists(w_path):
+  if not os.path.lexists(w_path):
     other = os.path.join(directory, "adapter_model.bin")
     hint = (" It has adapter_model.bin, a pickle, which lorajax does not"
             " read: re-save it in PEFT with safe_serialization=True."
             if os.path.exists(other) else "")
     raise ValueError(f"{directory!r} has no {WEIGHTS_NAME}.{hint}")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
+  for p in (cfg_path, w_path):
+    problem = fileio.path_problem(p, kind="file")
+    if problem is not None:
+      raise ValueError(f"{p!r} {problem}.")
+  cfg = _read_config(cfg_path)
   _check_config(cfg, cfg_path)
-  r_default = int(cfg.get("r", 8))
-  alpha_default = float(cfg.get("lora_alpha", 8))
-  rank_pattern = dict(cfg.get("rank_pattern") or {})
-  alpha_pattern = dict(cfg.get("alpha_pattern") or {})
+  if cfg.get("peft_type") == "VERA":
+    return _load_vera(directory, cfg, w_path, params, name_map=name_map)
+  use_dora = bool(cfg.get("use_dora", False))
+  try:
+    r_default = int(cfg.get("r", 8))
+    alpha_default = float(cfg.get("lora_alpha", 8))
+    rank_pattern = dict(cfg.get("rank_pattern") or {})
+    alpha_pattern = dict(cfg.get("alpha_pattern") or {})
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+        f"{cfg_path}: `r`, `lora_alpha`, `rank_pattern` or `alpha_pattern`"
+        f" has the wrong type ({e}); expected numbers and objects mapping"
+        " module regexes to numbers. Fix the file or re-save the adapter."
+    ) from None
   use_rslora = bool(cfg.get("use_rslora", False))
 
   pairs: dict[str, dict[str, np.ndarray]] = {}
   bad = []
-  with safe_open(w_path, framework="flax") as f:  # numpy lacks bfloat16
-    for key in f.keys():  # noqa: SIM118
-      m = _KEY_RE.fullmatch(key)
-      if not key.startswith(_PREFIX) or m is None:
-        bad.append(key)
-        continue
-      module = m.group(1)[len(_PREFIX):]
-      pairs.setdefault(module, {})[m.group(2)] = f.get_tensor(key)
+  try:
+    with safetensors_io.SafetensorsFile(w_path) as f:  # reads bfloat16
+      for key in f.keys():  # noqa: SIM118
+        m = _KEY_RE.fullmatch(key)
+        if not key.startswith(_PREFIX) or m is None:
+          bad.append(key)
+          continue
+        module = m.group(1)[len(_PREFIX):]
+        pairs.setdefault(module, {})[m.group(2) or "m"] = f.get_tensor(key)
+  except Exception as e:  # noqa: BLE001 (SafetensorError, OSError)
+    size = os.path.getsize(w_path)
+    raise ValueError(
+        f"{w_path!r} is not a readable safetensors file ({size} bytes;"
+        f" {type(e).__name__}: {e}). It is truncated (an interrupted copy or"
+        " download) or in another format. Copy or re-save the adapter"
+        " (`lorajax.peft.save`, or PEFT's `save_pretrained` with"
+        " safe_serialization=True)."
+    ) from None
   if bad:
     raise ValueError(
         f"{w_path} holds tensors that are not LoRA A/B matrices of linear"
-        f" layers: {bad[:6]}. Embedding LoRA (lora_embedding_A/B), DoRA"
-        " magnitudes and saved full modules are not supported."
+        f" layers: {bad[:6]}. Embedding LoRA (lora_embedding_A/B) and saved"
+        " full modules are not supported."
     )
   if not pairs:
     raise ValueError(f"{w_path} holds no LoRA tensors.")
@@ -460,17 +569,25 @@ def load(
       for i in range(w.shape[0]):
         by_layer[template.format(i)] = (idx, i)
       continue
-    m = _module_name(path, name_map)
-    if m is not None:
-      by_module[m] = idx
+    name = _module_name(path, name_map)
+    if name is not None:
+      by_module[name] = idx
   errors = []
   nodes: list[Any] = [None] * len(flat)
   stacked: dict[int, dict[int, tuple]] = {}
   for module, ab in pairs.items():
-    if set(ab) != {"A", "B"}:
-      missing = "lora_B" if "A" in ab else "lora_A"
+    want = {"A", "B", "m"} if use_dora else {"A", "B"}
+    if "m" in ab and not use_dora:
       errors.append(
-          f"{module}: {missing}.weight is missing from {WEIGHTS_NAME}; the"
+          f"{module}: {WEIGHTS_NAME} holds lora_magnitude_vector but"
+          " adapter_config.json has use_dora=false; fix the config.")
+      continue
+    if set(ab) != want:
+      missing = ", ".join(sorted(
+          {"A": "lora_A.weight", "B": "lora_B.weight",
+           "m": "lora_magnitude_vector"}[k] for k in want - set(ab)))
+      errors.append(
+          f"{module}: {missing} is missing from {WEIGHTS_NAME}; the"
           " file is incomplete, re-save the adapter.")
       continue
     if module in by_module:
@@ -520,21 +637,181 @@ def load(
       continue
     key = peft_pattern_key(alpha_pattern, module)
     alpha = float(alpha_pattern[key]) if key is not None else alpha_default
-    scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+    mag = None
+    if use_dora:
+      if tuple(ab["m"].shape) not in ((shape[1],), (1, shape[1])):
+        errors.append(
+            f"{module}: lora_magnitude_vector has shape {ab['m'].shape};"
+            f" expected ({shape[1]},), one entry per output unit.")
+        continue
+      mag = jnp.asarray(ab["m"], jnp.float32).reshape(shape[1])
     if layer is not None:
-      stacked.setdefault(idx, {})[layer] = (a, b, rank, alpha, scale)
+      if mag is not None:
+        errors.append(
+            f"{module}: a DoRA adapter (use_dora) onto stacked (scanned)"
+            " layers is not supported yet; load the base model with"
+            " scan_layers=False for DoRA adapters.")
+        continue
+      stacked.setdefault(idx, {})[layer] = (a, b, rank, alpha)
       continue
     nodes[idx] = LoraWeight(
         a=jnp.asarray(a.T, jnp.float32), b=jnp.asarray(b.T, jnp.float32),
-        scale=scale, axes="io", alpha=alpha,
+        alpha=alpha, axes="io", rslora=use_rslora, magnitude=mag,
     )
   for idx, per_layer in stacked.items():
     node = _stack_layers(paths_lib.path_str(flat[idx][0]),
-                         tuple(flat[idx][1].shape), per_layer, errors)
+                         tuple(flat[idx][1].shape), per_layer, use_rslora,
+                         errors)
     nodes[idx] = node
   if errors:
     raise ValueError(
         f"The PEFT adapter in {directory!r} does not fit these params:\n- "
         + "\n- ".join(errors)
     )
+  return jax.tree_util.tree_unflatten(treedef, nodes)
+
+
+# -- VeRA ----------------------------------------------------------------------
+
+_VERA_KEY_RE = re.compile(r"(.+)\.vera_lambda_([bd])(?:\.([^.]+))?")
+
+
+def _save_vera(directory: str, flat, *, name_map: NameMap, overwrite: bool,
+               metadata: Mapping[str, Any]) -> None:
+  """Writes a tree of `VeraWeight`s in PEFT's VERA format."""
+  nodes = [(p, n) for p, n in flat if n is not None]
+  other = [p for p, n in nodes if not isinstance(n, VeraWeight)]
+  if other:
+    raise ValueError(
+        "The adapter mixes VeraWeight and other nodes; a PEFT directory has"
+        f" one peft_type. Non-VeRA nodes: {other[:4]}.")
+  if os.path.exists(directory) and os.listdir(directory) and not overwrite:
+    raise ValueError(
+        f"{directory!r} exists and is not empty; pass `overwrite=True` to"
+        " replace it, or choose a new directory.")
+  ranks = {n.rank for _, n in nodes}
+  if len(ranks) != 1:
+    raise ValueError(f"VeRA nodes have different ranks {sorted(ranks)}; PEFT"
+                     " shares one pair of projections of one rank.")
+  # The shared projections: the largest slices, checked against the others.
+  big_a = max((n for _, n in nodes), key=lambda n: n.a.shape[0]).a
+  big_b = max((n for _, n in nodes), key=lambda n: n.b.shape[1]).b
+  big_a, big_b = np.asarray(big_a), np.asarray(big_b)
+  tensors, modules, errors = {}, [], []
+  for path, n in nodes:
+    module = _module_name(path, name_map)
+    if module is None:
+      errors.append(f"{path!r} has no PEFT module name; pass `name_map`")
+      continue
+    a, b = np.asarray(n.a), np.asarray(n.b)
+    if not (np.array_equal(a, big_a[:a.shape[0]])
+            and np.array_equal(b, big_b[:, :b.shape[1]])):
+      errors.append(
+          f"{path!r}: its projections are not slices of one shared pair,"
+          " which PEFT's VERA format requires (make the adapter with"
+          " `lorajax.init(params, lorajax.VeraConfig(...), key=...)`)")
+      continue
+    modules.append(module)
+    tensors[f"{_PREFIX}{module}.vera_lambda_b"] = np.asarray(n.lambda_b)
+    tensors[f"{_PREFIX}{module}.vera_lambda_d"] = np.asarray(n.lambda_d)
+  if errors:
+    raise ValueError("Cannot save the VeRA adapter:\n- "
+                     + "\n- ".join(errors))
+  tensors["base_model.vera_A"] = np.ascontiguousarray(big_a.T)
+  tensors["base_model.vera_B"] = np.ascontiguousarray(big_b.T)
+  short = sorted({m.rsplit(".", 1)[-1] for m in modules})
+  config = {
+      "peft_type": "VERA", "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": None, "revision": None,
+      "r": ranks.pop(), "target_modules": short,
+      "projection_prng_key": int(nodes[0][1].seed), "save_projection": True,
+      "vera_dropout": 0.0, "d_initial": 0.1, "fan_in_fan_out": False,
+      "bias": "none", "modules_to_save": None, "init_weights": True,
+      "layers_to_transform": None, "layers_pattern": None,
+      "inference_mode": True,
+  }
+  header = {"format": "pt"}
+  for k, v in metadata.items():
+    if k in _CONFIG_KEYS:
+      config[k] = v
+    else:
+      header[k] = v if isinstance(v, str) else json.dumps(v)
+  # Modules whose short name also names unadapted modules: list in full.
+  all_modules = {_module_name(p, name_map) for p, n in flat if n is None}
+  if any(m and m.rsplit(".", 1)[-1] in short for m in all_modules):
+    config["target_modules"] = sorted(modules)
+
+  def write(tmp: str) -> None:
+    with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+      json.dump(config, f, indent=2)
+    save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata=header)
+
+  fileio.write_dir_atomic(directory, write)
+
+
+def _load_vera(directory: str, cfg: Mapping[str, Any], w_path: str,
+               params: PyTree, *, name_map: NameMap) -> PyTree:
+  """Reads PEFT's VERA format into a tree of `VeraWeight`s."""
+  if not cfg.get("save_projection", True):
+    raise ValueError(
+        f"{directory!r}: save_projection=false, so the shared vera_A/vera_B"
+        " are not in the file and PEFT regenerates them with torch's RNG from"
+        " projection_prng_key, which JAX cannot reproduce. Re-save in PEFT"
+        " with save_projection=True.")
+  lambdas: dict[str, dict[str, np.ndarray]] = {}
+  shared, bad = {}, []
+  with safetensors_io.SafetensorsFile(w_path) as f:  # reads bfloat16
+    for key in f.keys():  # noqa: SIM118
+      if key in ("base_model.vera_A", "base_model.vera_B") or re.fullmatch(
+          r"base_model\.vera_[AB]\.[^.]+", key):
+        shared[key.split(".")[1]] = np.asarray(f.get_tensor(key))
+        continue
+      m = _VERA_KEY_RE.fullmatch(key)
+      if not key.startswith(_PREFIX) or m is None:
+        bad.append(key)
+        continue
+      lambdas.setdefault(m.group(1)[len(_PREFIX):], {})[m.group(2)] = (
+          f.get_tensor(key))
+  if bad:
+    raise ValueError(f"{w_path} holds tensors that are not VeRA vectors or"
+                     f" projections: {bad[:6]}.")
+  if set(shared) != {"vera_A", "vera_B"}:
+    raise ValueError(f"{w_path} lacks base_model.vera_A / vera_B.")
+  pa = jnp.asarray(shared["vera_A"].T, jnp.float32)   # (max_in, r)
+  pb = jnp.asarray(shared["vera_B"].T, jnp.float32)   # (r, max_out)
+  r = int(cfg.get("r", pa.shape[1]))
+  if pa.shape[1] != r or pb.shape[0] != r:
+    raise ValueError(f"{w_path}: vera_A {shared['vera_A'].shape} / vera_B"
+                     f" {shared['vera_B'].shape} do not have rank r={r}.")
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  by_module = {}
+  for idx, (kp, _) in enumerate(flat):
+    mname = _module_name(paths_lib.path_str(kp), name_map)
+    if mname is not None:
+      by_module[mname] = idx
+  nodes: list[Any] = [None] * len(flat)
+  errors = []
+  for module, lam in lambdas.items():
+    if set(lam) != {"b", "d"} or module not in by_module:
+      errors.append(f"{module}: needs vera_lambda_b and vera_lambda_d and a"
+                    " weight in `params` with this module name")
+      continue
+    idx = by_module[module]
+    shape = tuple(flat[idx][1].shape)
+    if (len(shape) != 2 or shape[0] > pa.shape[0] or shape[1] > pb.shape[1]
+        or lam["b"].shape != (shape[1],) or lam["d"].shape != (r,)):
+      errors.append(f"{module}: weight {shape} does not fit lambda_b"
+                    f" {lam['b'].shape}, lambda_d {lam['d'].shape}, vera_A"
+                    f" {shared['vera_A'].shape}, vera_B"
+                    f" {shared['vera_B'].shape}")
+      continue
+    nodes[idx] = VeraWeight(
+        lambda_d=jnp.asarray(lam["d"], jnp.float32),
+        lambda_b=jnp.asarray(lam["b"], jnp.float32),
+        a=pa[:shape[0]], b=pb[:, :shape[1]],
+        seed=int(cfg.get("projection_prng_key", 0)))
+  if errors:
+    raise ValueError(
+        f"The PEFT VeRA adapter in {directory!r} does not fit these"
+        " params:\n- " + "\n- ".join(errors))
   return jax.tree_util.tree_unflatten(treedef, nodes)

@@ -69,11 +69,11 @@ class PrecisionPolicy:
       config: A `LoraConfig`.
 
     Returns:
-      A copy of `config` whose `dtype` is this policy's `adapter_dtype`.
+      A copy of `config` whose `param_dtype` is this policy's `adapter_dtype`.
     """
     if not isinstance(config, LoraConfig):
       raise TypeError(f"`config` must be a LoraConfig; got {config!r}.")
-    return dataclasses.replace(config, dtype=self.adapter_dtype)
+    return dataclasses.replace(config, param_dtype=self.adapter_dtype)
 
 
 _POLICIES = {

@@ -1,30 +1,28 @@
-"""Sharded LoRA: adapter shardings, sharded init, train step, global batches.
+"""Sharded LoRA: adapter shardings, sharded init, global batches.
 
-The adapter's shardings derive from the base weights'; the init and the train
-step are jitted with explicit shardings; global batches are assembled from
-each process's slice in multi-process runs.
+The adapter's shardings derive from the base weights'; the init is jitted
+with explicit shardings (so is the train step, `train.py`); global batches
+are assembled from each process's slice in multi-process runs.
 
 Everything here is plain public JAX: `jax.sharding.Mesh`, `NamedSharding`,
-`PartitionSpec`, `jax.jit(in_shardings=..., out_shardings=...,
-donate_argnums=...)` and `jax.make_array_from_process_local_data`. The same
-code runs on one CPU, on simulated CPU devices, on a GPU node and on every
-host of a TPU pod (after `jax.distributed.initialize()`).
+`PartitionSpec`, `jax.jit(in_shardings=..., out_shardings=...)` and
+`jax.make_array_from_process_local_data`. The same code runs on one CPU, on
+simulated CPU devices, on a GPU node and on every host of a TPU pod (after
+`jax.distributed.initialize()`).
 """
 
 import re
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
 import jax
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
-from lorajax._src.core import explicit
 from lorajax._src.core import paths as paths_lib
-from lorajax._src.core.adapter import LoraWeight, init, is_node as _is_node
+from lorajax._src.core.adapter import LoraWeight, VeraWeight, init
+from lorajax._src.core.adapter import is_node as _is_node
 from lorajax._src.core.config import LoraConfig
-
-PyTree = Any
+from lorajax._src.core.typing import PyTree
 
 
 def _is_spec_leaf(x: Any) -> bool:
@@ -133,7 +131,8 @@ def adapter_shardings(
     try:
       rx = re.compile(k)
     except re.error as e:
-      raise ValueError(f"`overrides` key {k!r} is not a valid regex: {e}.")
+      raise ValueError(
+          f"`overrides` key {k!r} is not a valid regex: {e}.") from e
     if not (isinstance(v, tuple | list) and len(v) == 2 and all(
         isinstance(s, PartitionSpec) for s in v)):
       raise TypeError(
@@ -155,7 +154,7 @@ def adapter_shardings(
         + f"\n({e})"
     ) from None
   used = set()
-  out = []
+  out: list[Any] = []
   for (keypath, node), sh in zip(a_flat, s_sub):
     if node is None:
       out.append(None)
@@ -180,10 +179,29 @@ def adapter_shardings(
           )
     else:
       a_spec, b_spec = lora_specs(named.spec, node.axes, path)
+    if isinstance(node, VeraWeight):
+      # VeRA's vectors are tiny; the shared projections follow the weight.
+      rep = NamedSharding(named.mesh, PartitionSpec())
+      lam_b = NamedSharding(named.mesh, PartitionSpec(*tuple(b_spec)[1:]))
+      out.append(VeraWeight(
+          lambda_d=rep, lambda_b=lam_b,  # type: ignore[arg-type]
+          a=NamedSharding(named.mesh, a_spec),  # type: ignore[arg-type]
+          b=NamedSharding(named.mesh, b_spec),  # type: ignore[arg-type]
+          seed=node.seed, axes=node.axes))
+      continue
+    mag = None
+    if node.magnitude is not None:  # DoRA: b's spec without the rank axis.
+      n_s = node.axes.count("s")
+      entries = tuple(b_spec) + (None,) * (node.b.ndim - len(tuple(b_spec)))
+      mag = NamedSharding(named.mesh,
+                          PartitionSpec(*entries[:n_s], *entries[n_s + 1:]))
+    # A pytree of shardings mirroring the adapter: LoraWeight nodes whose
+    # children are NamedShardings instead of arrays.
     out.append(LoraWeight(
         a=NamedSharding(named.mesh, a_spec),
         b=NamedSharding(named.mesh, b_spec),
-        scale=node.scale, axes=node.axes, alpha=node.alpha,
+        alpha=node.alpha, axes=node.axes, rslora=node.rslora,
+        magnitude=mag,
     ))
   unused = [k for k, _, _ in compiled if k not in used]
   if unused:
@@ -244,147 +262,6 @@ def init_sharded(
       lambda k: init(abstract_params, config, key=k), out_shardings=shardings
   )
   return fn(key)
-
-
-def _mesh_of(shardings: PyTree) -> Mesh:
-  for s in jax.tree.leaves(shardings, is_leaf=_is_spec_leaf):
-    if isinstance(s, NamedSharding):
-      return s.mesh
-  raise ValueError(
-      "`adapter_shardings` holds no NamedSharding; build it with"
-      " `lorajax.adapter_shardings`."
-  )
-
-
-def _opt_shardings(optimizer, abstract_adapter, shardings, replicated):
-  abstract_state = jax.eval_shape(optimizer.init, abstract_adapter)
-  return optax.tree_map_params(
-      optimizer,
-      lambda _, s: s,
-      abstract_state,
-      shardings,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, NamedSharding) or x is None,
-  )
-
-
-class TrainStep(NamedTuple):
-  """A pair of jitted functions (see `make_train_step`).
-
-  Attributes:
-    init: `init(adapter) -> opt_state`, the optimizer state created on the
-      devices with the adapter's shardings.
-    step: `step(params, adapter, opt_state, batch) -> (adapter, opt_state,
-      loss)` (plus `aux` last with `has_aux=True`). `step.lower(...)` with
-      the same arguments as arrays or `jax.ShapeDtypeStruct`s lowers it
-      ahead of time (`.compile()`, `.memory_analysis()`...).
-  """
-
-  init: Callable[[PyTree], PyTree]
-  step: Callable[..., tuple[Any, ...]]
-
-
-def make_train_step(
-    loss_fn: Callable[..., Any],
-    optimizer: optax.GradientTransformation,
-    *,
-    param_shardings: PyTree,
-    adapter_shardings: PyTree,
-    batch_sharding: PyTree,
-    has_aux: bool = False,
-    donate: bool = True,
-) -> TrainStep:
-  """Builds a jitted, sharded LoRA train step and optimizer-state init.
-
-  The step computes `jax.value_and_grad(loss_fn, argnums=1)` (the adapter
-  only; the params are frozen constants) and applies the optax update, under
-  `jax.jit` with explicit `in_shardings` and `out_shardings`: the params stay
-  sharded as given and are never copied or returned, the adapter and its
-  optimizer state keep the adapter's shardings from step to step, and their
-  buffers are donated (updated in place) when `donate` is True, so do not
-  reuse the adapter and state you passed in (nor arrays that share their
-  buffers: `jax.device_put` of an array may alias it).
-
-  Args:
-    loss_fn: `loss_fn(params, adapter, batch) -> loss` (a scalar), or
-      `(loss, aux)` with `has_aux=True`. Use `lorajax.merge(params, adapter)`
-      inside, or any factored forward.
-    optimizer: The optax optimizer for the adapter.
-    param_shardings: The params' `NamedSharding`s (a pytree prefix of the
-      params, as `jax.jit` takes it).
-    adapter_shardings: From `lorajax.adapter_shardings`.
-    batch_sharding: The batch's sharding (a pytree prefix of the batch),
-      typically `NamedSharding(mesh, P("data"))`.
-    has_aux: Whether `loss_fn` returns `(loss, aux)`; `aux` comes back
-      replicated.
-    donate: Donate the adapter and optimizer state buffers.
-
-  Returns:
-    A `TrainStep(init, step)` pair of functions.
-  """
-  mesh = _mesh_of(adapter_shardings)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  cache: dict[Any, Any] = {}
-
-  def opt_shardings(adapter):
-    abstract = _abstract(adapter)
-    k = ("opt", jax.tree.structure(abstract), tuple(
-        (x.shape, x.dtype) for x in jax.tree.leaves(abstract)))
-    if k not in cache:
-      cache[k] = _opt_shardings(optimizer, abstract, adapter_shardings,
-                                replicated)
-    return cache[k]
-
-  def init_fn(adapter: PyTree) -> PyTree:
-    fn = jax.jit(optimizer.init, in_shardings=(adapter_shardings,),
-                 out_shardings=opt_shardings(adapter))
-    return fn(adapter)
-
-  def train(params, adapter, opt_state, batch):
-    grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=has_aux)
-    try:
-      out, grads = grad_fn(params, adapter, batch)
-    except Exception as e:
-      if not explicit.is_sharding_type_error(e) or "[lorajax:" in str(e):
-        raise
-      raise explicit.with_user_hint(e, "`loss_fn`") from e
-    updates, opt_state = optimizer.update(grads, opt_state, adapter)
-    adapter = optax.apply_updates(adapter, updates)
-    if has_aux:
-      return adapter, opt_state, out[0], out[1]
-    return adapter, opt_state, out
-
-  jitted = []  # Built on the first call; jax.jit handles later retracing.
-
-  def build(params, adapter, opt_state, batch):
-    if not jitted:
-      o_sh = opt_shardings(adapter)
-      out_sh = (adapter_shardings, o_sh, replicated)
-      if has_aux:
-        abstract = _abstract((params, adapter, opt_state, batch))
-        aux_shape = jax.eval_shape(train, *abstract)[3]
-        out_sh += (jax.tree.map(lambda _: replicated, aux_shape),)
-      jitted.append(jax.jit(
-          train,
-          in_shardings=(param_shardings, adapter_shardings, o_sh,
-                        batch_sharding),
-          out_shardings=out_sh,
-          donate_argnums=(1, 2) if donate else (),
-      ))
-    return jitted[0]
-
-  def step_fn(params, adapter, opt_state, batch):
-    return build(params, adapter, opt_state, batch)(
-        params, adapter, opt_state, batch)
-
-  def lower(params, adapter, opt_state, batch):
-    return build(params, adapter, opt_state, batch).lower(
-        params, adapter, opt_state, batch)
-
-  # Ahead-of-time: `step.lower(...)` on `jax.ShapeDtypeStruct`s (for
-  # `.compile()` on devices that need not be attached, as `lorajax plan`).
-  step_fn.lower = lower
-  return TrainStep(init=init_fn, step=step_fn)
 
 
 def global_batch(local_batch: PyTree, sharding: PyTree) -> PyTree:

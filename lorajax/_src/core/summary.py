@@ -7,10 +7,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorajax._src.core import paths as paths_lib
 from lorajax._src.core import adapter as adapter_lib
-
-PyTree = Any
+from lorajax._src.core import paths as paths_lib
+from lorajax._src.core import quant as quant_lib
+from lorajax._src.core.typing import PyTree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,7 @@ class Summary:
     return "\n".join(lines)
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
   for unit in ("B", "KiB", "MiB", "GiB"):
     if n < 1024 or unit == "GiB":
       return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
@@ -110,17 +110,27 @@ def summary(params: PyTree, adapter: PyTree) -> Summary:
   for (kp, node), w in zip(nodes, weights):
     if node is None:
       continue
-    na, ba = _size(node.a)
-    nb, bb = _size(node.b)
-    t_n += na + nb
-    t_b += ba + bb
+    # Trained arrays: a, b (+ DoRA's magnitude); VeRA trains only its
+    # vectors (its shared projections are frozen and not counted).
+    if isinstance(node, adapter_lib.VeraWeight):
+      trained = (node.lambda_d, node.lambda_b)
+    else:
+      trained = (node.a, node.b) + (
+          () if node.magnitude is None else (node.magnitude,))
+    sizes = [_size(x) for x in trained]
+    n_w, b_w = sum(n for n, _ in sizes), sum(b for _, b in sizes)
+    t_n += n_w
+    t_b += b_w
     rows.append(WeightSummary(
         path=paths_lib.path_str(kp), shape=tuple(w.shape), axes=node.axes,
-        rank=node.rank, scale=node.scale, trainable=na + nb,
+        rank=node.rank, scale=node.scale, trainable=n_w,
         frozen=math.prod(w.shape)))
   f_n = f_b = 0
-  for leaf in jax.tree.leaves(params):
-    n, b = _size(leaf)
+  for leaf in jax.tree.leaves(params, is_leaf=quant_lib.is_quantized):
+    if quant_lib.is_quantized(leaf):  # Its weights, at their stored bytes.
+      n, b = math.prod(leaf.shape), leaf.nbytes
+    else:
+      n, b = _size(leaf)
     f_n += n
     f_b += b
   return Summary(tuple(rows), t_n, t_b, f_n, f_b)

@@ -9,10 +9,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from lorajax._src.core import quant as quant_lib
 from lorajax._src.models import llama as llama_lib
 from lorajax._src.models.llama import LlamaConfig
-
-PyTree = Any
 
 # ggml type ids (ggml.h): stable across gguf versions.
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
@@ -95,6 +94,72 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
   return out.reshape(shape)
 
 
+def quantized_blocks(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
+                     *, dtype: Any, transpose: bool, heads: int | None = None,
+                     name: str = "tensor") -> quant_lib.QuantizedWeight:
+  """A GGUF Q4_0/Q4_1/Q8_0 matrix as a `QuantizedWeight`, blocks unchanged.
+
+  The file's codes, `d` and `m` are kept bit for bit; only their layout
+  follows the params: a kernel (`transpose=True`) is stored `(in, out)` with
+  blocks along axis -2, a table `(rows, in)` with blocks along axis -1.
+
+  Args:
+    raw: The tensor's bytes as stored.
+    ggml_type: Q4_0 (2), Q4_1 (3) or Q8_0 (8).
+    shape: The numpy shape `(out, in)` (ggml's `ne` reversed).
+    dtype: The dense (compute) dtype the weight stands for.
+    transpose: Store it as an `x @ W` kernel `(in, out)`.
+    heads: Undo llama.cpp's rotary row permutation for this many heads.
+    name: Tensor name for error messages.
+
+  Returns:
+    The quantized weight.
+
+  Raises:
+    ValueError: For another type, a shape that is not 2-D, or data of the
+      wrong size.
+  """
+  if ggml_type not in _BLOCK_BYTES or len(shape) != 2:
+    raise ValueError(
+        f"GGUF tensor {name!r} ({_TYPE_NAMES.get(ggml_type, ggml_type)},"
+        f" shape {shape}) cannot be kept quantized: only 2-D Q4_0, Q4_1 and"
+        " Q8_0 tensors can. Load with `quantized=False`.")
+  rows, cols = shape
+  nbytes = _BLOCK_BYTES[ggml_type]
+  data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+  if cols % _BLOCK or data.size != rows * cols // _BLOCK * nbytes:
+    raise ValueError(
+        f"GGUF tensor {name!r} ({_TYPE_NAMES[ggml_type]}, shape {shape}) has"
+        f" {data.size} bytes; expected {rows * cols // _BLOCK * nbytes}. The"
+        " file is truncated or corrupt.")
+  blocks = data.reshape(rows, cols // _BLOCK, nbytes)
+  d: np.ndarray = blocks[..., :2].copy().view(np.float16)[..., 0]
+  mins: np.ndarray | None = None
+  codes: np.ndarray
+  if ggml_type == Q8_0:
+    codes = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)
+    fmt = "q8_0"
+  elif ggml_type == Q4_0:
+    codes = blocks[..., 2:].reshape(rows, cols // 2).copy()
+    fmt = "q4_0"
+  else:
+    mins = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+    codes = blocks[..., 4:].reshape(rows, cols // 2).copy()
+    fmt = "q4_1"
+  parts: list[np.ndarray] = [codes, d] + ([mins] if mins is not None
+                                          else [])
+  if heads is not None:
+    parts = [unpermute_rotary(x, heads) for x in parts]
+  if transpose:
+    parts = [np.ascontiguousarray(x.T) for x in parts]
+  codes, d = parts[0], parts[1]
+  mins = parts[2] if len(parts) > 2 else None
+  return quant_lib.QuantizedWeight(
+      jnp.asarray(codes), jnp.asarray(d),
+      None if mins is None else jnp.asarray(mins), format=fmt, block=_BLOCK,
+      axis=-2 if transpose else -1, dtype=jnp.dtype(dtype))
+
+
 def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
   """Undoes llama.cpp's rotary row permutation of a q or k projection.
 
@@ -164,7 +229,7 @@ def read_gguf(path: str) -> tuple[dict[str, Any], list[_GGUFTensor]]:
   import gguf  # noqa: PLC0415
 
   mm = np.memmap(path, dtype=np.uint8, mode="r")
-  buf = memoryview(mm)
+  buf = mm.data
   pos = 0
 
   def take(fmt):
@@ -220,8 +285,9 @@ def read_gguf(path: str) -> tuple[dict[str, Any], list[_GGUFTensor]]:
       pos += 8 * n_dims
       ggml_type, offset = take("<IQ")
       infos.append((name, tuple(reversed(dims)), ggml_type, offset))
-  except struct.error:
-    raise ValueError(f"{path!r} is truncated: its GGUF header is cut off.")
+  except struct.error as e:
+    raise ValueError(
+        f"{path!r} is truncated: its GGUF header is cut off.") from e
   align = int(fields.get("general.alignment", 32))
   start = (pos + align - 1) // align * align
   tensors = []
@@ -313,7 +379,7 @@ def _set(tree: dict, path: list[str], value: Any) -> None:
 
 
 def load_gguf(path: str, *, dtype: Any, scan_layers: bool | None = None,
-              remat: str = "none"):
+              remat: str = "none", quantized: bool = False):
   """Reads a GGUF file: `(config, params, fields)`.
 
   Args:
@@ -322,6 +388,9 @@ def load_gguf(path: str, *, dtype: Any, scan_layers: bool | None = None,
     scan_layers: See `LlamaConfig.scan_layers`; stacked params when the
       resulting config is `scanned`.
     remat: See `LlamaConfig.remat`.
+    quantized: Keep Q4_0/Q4_1/Q8_0 matrices in their blocks, as
+      `QuantizedWeight` leaves (see `quantized_blocks`); other tensors are
+      dequantized as usual.
 
   Returns:
     The config, the params dict (lorajax layout) and the metadata dict.
@@ -332,6 +401,14 @@ def load_gguf(path: str, *, dtype: Any, scan_layers: bool | None = None,
   fields, tensors = read_gguf(os.fspath(path))
   names = {t.name for t in tensors}
   config = read_config(fields, names, path, dtype=dtype)
+  if quantized and scan_layers:
+    raise ValueError(
+        f"{path!r}: `quantized=True` keeps the file's blocks per layer, and"
+        " stacking quantized layers for `scan_layers=True` is not supported"
+        " yet. Pass `scan_layers=False` (or leave it unset) with"
+        " `quantized=True`.")
+  if quantized:
+    scan_layers = False  # Quantized blocks stay per layer (unrolled).
   config = dataclasses.replace(config, scan_layers=scan_layers, remat=remat)
   permute = fields.get("general.architecture") == "llama"
   params: dict = {}
@@ -358,10 +435,22 @@ def load_gguf(path: str, *, dtype: Any, scan_layers: bool | None = None,
     else:
       unknown.append(name)
       continue
+    heads = None
+    if permute and m and m.group(2) == "attn_q":
+      heads = config.num_attention_heads
+    elif permute and m and m.group(2) == "attn_k":
+      heads = config.num_key_value_heads
+    if (quantized and int(t.tensor_type) in _BLOCK_BYTES and len(shape) == 2
+        and (m is None or m.group(3) == "weight")):
+      _set(params, dest, quantized_blocks(
+          t.data, int(t.tensor_type), shape, dtype=dtype,
+          transpose=transpose, heads=heads, name=name))
+      continue
     w = dequantize(t.data, int(t.tensor_type), shape, name)
     if permute and m and m.group(2) == "attn_q":
       w = unpermute_rotary(w, config.num_attention_heads)
     elif permute and m and m.group(2) == "attn_k":
+      assert config.num_key_value_heads is not None  # Set by __post_init__.
       w = unpermute_rotary(w, config.num_key_value_heads)
     if transpose:
       w = w.T

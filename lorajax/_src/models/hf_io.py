@@ -9,15 +9,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lorajax._src.core import fileio
+from lorajax._src.core import fileio, safetensors_io
 from lorajax._src.core import paths as paths_lib
+from lorajax._src.core.typing import PyTree
 from lorajax._src.models import llama as llama_lib
 from lorajax._src.models.llama import LlamaConfig
-
-PyTree = Any
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 _LAYER_MODULES = {
@@ -60,7 +58,7 @@ def _shards(path: str) -> list[str]:
   if os.path.exists(index):
     with open(index) as f:
       weight_map = json.load(f)["weight_map"]
-    return sorted(set(os.path.join(path, v) for v in weight_map.values()))
+    return sorted({os.path.join(path, v) for v in weight_map.values()})
   single = os.path.join(path, "model.safetensors")
   if os.path.exists(single):
     return [single]
@@ -84,7 +82,7 @@ def load_params(path: str, config: LlamaConfig, *, dtype: Any) -> PyTree:
   unknown = []
   seen = set()
   for shard in _shards(path):
-    with safe_open(shard, framework="flax") as f:  # numpy lacks bfloat16
+    with safetensors_io.SafetensorsFile(shard) as f:  # reads bfloat16
       for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
         if _IGNORED.fullmatch(key):
           continue
@@ -140,7 +138,14 @@ def load_config(path: str, *, dtype: Any, scan_layers: bool | None = None,
         " style directory (config.json + *.safetensors) or a .gguf file."
     )
   with open(cfg_path) as f:
-    d = json.load(f)
+    try:
+      d = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(
+          f"{cfg_path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); the"
+          " file is damaged or truncated. Restore it from the original"
+          " checkpoint."
+      ) from None
   return LlamaConfig.from_hf_dict(d, dtype=dtype, scan_layers=scan_layers,
                                  remat=remat)
 

@@ -38,18 +38,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorajax._src.core import factored
+from lorajax._src.core import multi as multi_lib
 from lorajax._src.core.adapter import LoraWeight
-
-PyTree = Any
+from lorajax._src.core.typing import PyTree
 
 _SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 
-# `scan_layers=None` scans models with at least this many layers. Below it
-# the unrolled loop compiles about as fast and keeps per-layer paths
-# (`model/layers/0/...`), which small test models and tools index directly.
 SCAN_MIN_LAYERS = 5
+"""`LlamaConfig(scan_layers=None)` scans models with at least this many layers.
+
+Below it the unrolled loop compiles about as fast and keeps the per-layer
+paths (`model/layers/0/...`) that small test models and tools index directly.
+"""
 
 REMAT_POLICIES = ("none", "full", "dots")
+"""The values of `LlamaConfig.remat` (see its docstring)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +302,7 @@ class LlamaConfig:
 def _inv_freq(config: LlamaConfig) -> np.ndarray:
   """Rotary inverse frequencies, with Llama 3 scaling when configured."""
   d = config.head_dim
+  assert d is not None  # Set by LlamaConfig.__post_init__.
   inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
   if config.rope_scaling is not None:
     rs = dict(config.rope_scaling)
@@ -476,13 +481,14 @@ def _stack_leaves(*xs):
       raise ValueError("some layers have an adapter for a weight, some not")
     return None
   if isinstance(x0, LoraWeight):
-    if any(not isinstance(x, LoraWeight) or (x.scale, x.axes, x.rank)
-           != (x0.scale, x0.axes, x0.rank) for x in xs):
+    key = lambda x: (x.alpha, x.axes, x.rank, x.rslora)  # noqa: E731
+    if any(not isinstance(x, LoraWeight) or key(x) != key(x0) for x in xs):
       raise ValueError(
-          "the layers' adapters of one weight differ in rank, scale or axes")
+          "the layers' adapters of one weight differ in rank, alpha, rslora"
+          " or axes")
     return LoraWeight(a=jnp.stack([x.a for x in xs]),
-                      b=jnp.stack([x.b for x in xs]), scale=x0.scale,
-                      axes="s" + x0.axes, alpha=x0.alpha)
+                      b=jnp.stack([x.b for x in xs]), alpha=x0.alpha,
+                      axes="s" + x0.axes, rslora=x0.rslora)
   return jnp.stack(xs)
 
 
@@ -490,8 +496,8 @@ def _slice_leaf(x, i: int):
   if x is None:
     return None
   if isinstance(x, LoraWeight):
-    return LoraWeight(a=x.a[i], b=x.b[i], scale=x.scale, axes=x.axes[1:],
-                      alpha=x.alpha)
+    return LoraWeight(a=x.a[i], b=x.b[i], alpha=x.alpha, axes=x.axes[1:],
+                      rslora=x.rslora)
   return x[i]
 
 
@@ -593,8 +599,8 @@ def _run_layers_cached(params, config, x, cos, sin, mask, cache, index):
     return x, (ck, cv)
   new_cache = []
   for p, c in zip(_layers(params), cache):
-    x, c = _layer(p, config, x, cos, sin, mask, cache=c, index=index)
-    new_cache.append(c)
+    x, c_new = _layer(p, config, x, cos, sin, mask, cache=c, index=index)
+    new_cache.append(c_new)
   return x, new_cache
 
 
@@ -662,7 +668,7 @@ _PROMPT_BUCKET = 32
     jax.jit, static_argnames=("config", "max_new_tokens", "temperature")
 )
 def _generate(params, config, input_ids, attention_mask, key, eos_ids, pad_id,
-              *, max_new_tokens, temperature):
+              adapter=None, *, max_new_tokens, temperature):
   b, p_len = input_ids.shape
   total = p_len + max_new_tokens
   dtype = jnp.dtype(config.dtype)
@@ -689,10 +695,27 @@ def _generate(params, config, input_ids, attention_mask, key, eos_ids, pad_id,
   cos, sin = _rope_tables(config, positions)
   causal = jnp.arange(total)[None, :] <= jnp.arange(p_len)[:, None]
   mask = causal[None] & key_valid[:, None, :]
-  x = _embed(params, input_ids, dtype)
-  x, new_cache = _run_layers_cached(params, config, x, cos, sin, mask, cache,
-                                    0)
-  logits = _logits(params, config, x[:, -1:])[:, 0]
+  def run(f, *args):
+    # Unmerged adapters (one adapter, or an adapter set bound to
+    # per-example ids) run factored; their arrays are traced, so new
+    # adapter weights or ids reuse the compiled program.
+    if adapter is None:
+      return f(params, *args)
+    return factored.lora(f)(params, adapter, *args)
+
+  def prefill(params, input_ids, cos, sin, mask, cache):
+    x = _embed(params, input_ids, dtype)
+    x, new_cache = _run_layers_cached(params, config, x, cos, sin, mask,
+                                      cache, 0)
+    return _logits(params, config, x[:, -1:])[:, 0], new_cache
+
+  def step(params, tok, cos, sin, mask, cache, slot):
+    x = _embed(params, tok[:, None], dtype)
+    x, new_cache = _run_layers_cached(params, config, x, cos, sin, mask,
+                                      cache, slot)
+    return _logits(params, config, x)[:, 0], new_cache
+
+  logits, new_cache = run(prefill, input_ids, cos, sin, mask, cache)
   key, sub = jax.random.split(key)
   tok = pick(logits, sub)
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
@@ -709,10 +732,7 @@ def _generate(params, config, input_ids, attention_mask, key, eos_ids, pad_id,
     pos = (n_valid + t - 1)[:, None]
     cos, sin = _rope_tables(config, pos)
     mask = (jnp.arange(total) <= slot)[None, None, :] & key_valid[:, None, :]
-    x = _embed(params, tok[:, None], dtype)
-    x, new_cache = _run_layers_cached(params, config, x, cos, sin, mask,
-                                      cache, slot)
-    logits = _logits(params, config, x)[:, 0]
+    logits, new_cache = run(step, tok, cos, sin, mask, cache, slot)
     key, sub = jax.random.split(key)
     nxt = pick(logits, sub)
     nxt = jnp.where(done, pad_id, nxt)
@@ -736,9 +756,27 @@ def generate(
     attention_mask: jax.Array | None = None,
     eos_id: int | Sequence[int] | None = None,
     pad_id: int | None = None,
+    adapter: PyTree | None = None,
+    adapter_ids: jax.Array | None = None,
 ) -> jax.Array:
-  """Decodes with a KV cache (see `LlamaModel.generate`)."""
+  """Decodes with a KV cache (see `LlamaModel.generate`).
+
+  `adapter` runs unmerged (factored): an adapter tree, or with
+  `adapter_ids` (one int per example, `lorajax.multi.BASE_ID` for the base
+  model) an adapter set (`lorajax.multi.AdapterSet` or its `weights`), each
+  example decoding with its own adapter. New ids or adapter weights of the
+  same shapes reuse the compiled program.
+  """
   input_ids = jnp.asarray(input_ids, jnp.int32)
+  if adapter_ids is not None:
+    if adapter is None:
+      raise ValueError("`adapter_ids` needs `adapter` (an adapter set).")
+    adapter_ids = jnp.asarray(adapter_ids)
+    if adapter_ids.shape != input_ids.shape[:1]:
+      raise ValueError(
+          f"`adapter_ids` must have one id per example, shape"
+          f" {input_ids.shape[:1]}; got {adapter_ids.shape}.")
+    adapter = multi_lib.bind(adapter, adapter_ids)
   if input_ids.ndim == 1:
     raise ValueError(
         f"`input_ids` must have shape (batch, seq); got {input_ids.shape}."
@@ -782,6 +820,7 @@ def generate(
         )
   if eos_id is None:
     eos_id = config.eos_token_ids or config.eos_token_id
+  eos_ids: tuple[int, ...]
   if eos_id is None:
     eos_ids = (-1,)
   elif isinstance(eos_id, int | np.integer):
@@ -802,7 +841,7 @@ def generate(
   return _generate(
       params, config, input_ids, attention_mask, key,
       jnp.asarray(eos_ids, jnp.int32),
-      jnp.int32(pad_id), max_new_tokens=max_new_tokens,
+      jnp.int32(pad_id), adapter, max_new_tokens=max_new_tokens,
       temperature=temperature,
   )
 
@@ -840,6 +879,7 @@ def init_params(
         next(keys), (config.hidden_size,))).astype(dtype)
 
   hid, hd = config.hidden_size, config.head_dim
+  assert hd is not None and config.num_key_value_heads is not None
   nq, nkv = config.num_attention_heads * hd, config.num_key_value_heads * hd
   layers = {}
   for i in range(config.num_hidden_layers):

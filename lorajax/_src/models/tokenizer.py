@@ -223,7 +223,7 @@ class Tokenizer:
       regex = _QWEN2_RE
     else:  # GPT-2's pattern, used by "default", "gpt-2", SmolLM, StarCoder.
       regex = _GPT2_RE
-    pieces = []
+    pieces: list[Any] = []
     if pre in _DIGIT_SPLIT_PRES:
       pieces.append(pre_tokenizers.Digits(individual_digits=True))
     pieces.append(

@@ -1,0 +1,313 @@
+"""`LoraWeight` as an adapter kind of the factored interpreter.
+
+The value of an adapted weight is `base + scale * sum_r a[..., r] * b[..., r]`
+with `a` holding the weight's stacked and input axes (mask `"si"`) and `b` its
+stacked and output axes (mask `"so"`), each followed by the rank axis. Each
+hook below computes `op(x, base) + scale * op(op(x, a), b)` with the op's own
+dimension numbers, so `a @ b` and the dense weight gradient never appear.
+"""
+
+import math
+import string
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lorajax._src.core import jax_compat as jc
+from lorajax._src.core.adapter import LoraWeight, check_node
+from lorajax._src.core.extend import (
+    AdapterKind,
+    Factored,
+    Use,
+    dense,
+    register_adapter_kind,
+)
+from lorajax._src.core.typing import Array, Float
+
+MASKS = ("si", "so")
+
+
+def _letters():
+  return iter(string.ascii_letters)
+
+
+class LoraKind(AdapterKind):
+  """Plain LoRA: `W + scale * a @ b` (Hu et al. 2021)."""
+
+  name = "lora"
+
+  def factored(self, node: LoraWeight, base: Any, path: str) -> Factored:
+    if node.magnitude is not None:  # DoRA: its own kind (method_kinds.py).
+      from lorajax._src.core.method_kinds import DORA  # noqa: PLC0415
+      return DORA.factored(node, base, path)
+    axes = node.axes
+    s_ax = [j for j, c in enumerate(axes) if c == "s"]
+    i_ax = [j for j, c in enumerate(axes) if c == "i"]
+    o_ax = [j for j, c in enumerate(axes) if c == "o"]
+    # node.a is (*stack, *in, r) and node.b (*stack, r, *out); reorder both
+    # to the weight's axis order with the rank axis last.
+    a_src = s_ax + i_ax
+    a = jnp.transpose(node.a, [a_src.index(j) for j in sorted(a_src)]
+                      + [len(a_src)])
+    b = jnp.moveaxis(node.b, len(s_ax), -1)
+    b_src = s_ax + o_ax
+    b = jnp.transpose(b, [b_src.index(j) for j in sorted(b_src)]
+                      + [len(b_src)])
+    return Factored(base, (a, b), axes, MASKS, self, float(node.scale), path)
+
+  def check(self, node, shape, path):
+    return check_node(node, shape, path)
+
+  # -- dense forms (fallbacks) -------------------------------------------------
+
+  def delta(self, v: Factored, dtype: Any = jnp.float32) -> jax.Array:
+    """The dense `scale * a @ b` in `v`'s current layout."""
+    a, b = v.parts
+    names = _letters()
+    w = [next(names) for _ in v.roles]
+    r = next(names)
+    a_spec = "".join(w[j] for j in v.held(0)) + r
+    b_spec = "".join(w[j] for j in v.held(1)) + r
+    d = jnp.einsum(f"{a_spec},{b_spec}->{''.join(w)}", a.astype(jnp.float32),
+                   b.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    return (v.meta * d).astype(dtype)
+
+  def materialize(self, v: Factored) -> jax.Array:
+    base = dense(v.base)
+    return (base.astype(jnp.float32) + self.delta(v)).astype(base.dtype)
+
+  # -- factored uses --
+
+  def dot_general(self, v: Factored, use: Use) -> jax.Array:
+    (lc, rc), (lb, rb) = jc.dot_dims(use.params)
+    lhs_is_w = use.position == 0
+    x = use.operands[1 - use.position]
+    w_con, x_con = (lc, rc) if lhs_is_w else (rc, lc)
+    w_bat, x_bat = (lb, rb) if lhs_is_w else (rb, lb)
+    names = _letters()
+    wl = [next(names) for _ in v.roles]
+    xs: list[Any] = [None] * x.ndim
+    for xi, wi in zip(x_con + x_bat, w_con + w_bat):
+      xs[xi] = wl[wi]
+    for k in range(x.ndim):
+      if xs[k] is None:
+        xs[k] = next(names)
+    r = next(names)
+    batch = "".join(wl[j] for j in w_bat)
+    w_free = "".join(wl[j] for j in range(len(wl))
+                     if j not in w_con and j not in w_bat)
+    x_free = "".join(xs[k] for k in range(x.ndim)
+                     if k not in x_con and k not in x_bat)
+    out = batch + (w_free + x_free if lhs_is_w else x_free + w_free)
+    base_out = use.base_output()
+    a, b = v.parts
+    a_spec = "".join(wl[j] for j in v.held(0)) + r
+    b_spec = "".join(wl[j] for j in v.held(1)) + r
+    dtype = jnp.result_type(x.dtype, v.dtype)
+    opts = jc.dot_options(use.params)
+    delta = low_rank_contract(
+        "".join(xs), x.astype(dtype), a_spec, a.astype(dtype), b_spec,
+        b.astype(dtype), out, scale=v.meta, **opts)
+    out_dtype = use.out_aval.dtype
+    return (base_out + delta.astype(out_dtype)).astype(out_dtype)
+
+  def gather(self, v: Factored, use: Use) -> jax.Array | None:
+    """An embedding lookup: rows of `W`, plus `scale * (rows of a) @ b`."""
+    if use.position != 0 or v.ndim != 2 or v.roles != "io":
+      return None
+    g = jc.gather_dims(use.params)
+    if (g.collapsed_slice_dims != (0,) or g.start_index_map != (0,)
+        or g.operand_batching_dims or g.slice_sizes[1] != v.shape[1]
+        or len(g.offset_dims) != 1):
+      return None
+    a, b = v.parts
+    idx = use.operands[1]
+    base_out = use.base_output()
+    params = jc.with_gather_dims(
+        use.params, offset_dims=g.offset_dims, collapsed_slice_dims=(0,),
+        start_index_map=(0,), slice_sizes=(1, a.shape[-1]))
+    rows_a = use.bind([a, idx], params)
+    pos = g.offset_dims[0]
+    rows = jnp.moveaxis(rows_a, pos, -1).astype(base_out.dtype)
+    d = jnp.einsum("...r,or->...o", rows, b.astype(base_out.dtype))
+    return base_out + jnp.moveaxis(v.meta * d, -1, pos).astype(base_out.dtype)
+
+  def conv(self, v: Factored, use: Use) -> jax.Array | None:
+    """A conv to `rank` channels with `a` as kernel, then `b` as a 1x1 conv."""
+    if use.position != 1:
+      return None
+    c = jc.conv_dims(use.params)
+    if c.feature_group_count != 1 or c.batch_group_count != 1:
+      return None
+    rhs_out = c.rhs_spec[0]
+    if v.roles[rhs_out] != "o" or v.roles.count("o") != 1 or "s" in v.roles:
+      return None
+    a, b = v.parts
+    x = use.operands[0]
+    base_out = use.base_output()
+    kernel_a = jnp.moveaxis(a, -1, rhs_out).astype(x.dtype)
+    h = use.bind([x, kernel_a])
+    feat = c.out_spec[1]
+    d = jnp.einsum("...r,or->...o", jnp.moveaxis(h, feat, -1),
+                   b.astype(h.dtype))
+    return base_out + jnp.moveaxis(v.meta * d, -1, feat).astype(
+        base_out.dtype)
+
+  def ragged_dot(self, v: Factored, use: Use) -> jax.Array | None:
+    """Grouped (MoE) matmul with an expert-stacked weight, per expert.
+
+    `ragged_dot(x, W, groups) + scale * ragged_dot(ragged_dot(x, a, groups),
+    b, groups)`: each token goes through its expert's own `a` and `b` (B per
+    expert). The weight's group axes must be stacked (`s`), its contracted
+    axes inputs (`i`) and its other axes outputs (`o`).
+    """
+    if use.position != 1:
+      return None
+    rd = jc.ragged_dims(use.params)
+    (lc, rc), (lb, rb) = rd.dot
+    if lb or rb or not rd.rhs_group:
+      return None
+    if any(c in lc for c in rd.lhs_ragged):
+      return None  # Ragged contraction (a weight-gradient form): no.
+    for j, role in enumerate(v.roles):
+      want = "s" if j in rd.rhs_group else "i" if j in rc else "o"
+      if role != want:
+        return None
+    x, groups = use.operands[0], use.operands[2]
+    a, b = v.parts
+    ha, hb = v.held(0), v.held(1)
+    dtype = jnp.result_type(x.dtype, v.dtype)
+    # x . a: contract x's lc with a's input axes; a's free axis is the rank.
+    dims_a = jc.RaggedDims(
+        ((lc, tuple(ha.index(j) for j in rc)), ((), ())), rd.lhs_ragged,
+        tuple(ha.index(j) for j in rd.rhs_group))
+    h = use.bind([x.astype(dtype), a.astype(dtype), groups],
+                 jc.with_ragged_dims(use.params, dims_a))
+    # h has x's free axes then the rank axis; contract the rank with b's.
+    n_free = h.ndim - 1
+    ragged_h = tuple(sorted(
+        k - sum(c < k for c in lc) for k in rd.lhs_ragged))
+    dims_b = jc.RaggedDims(
+        (((n_free,), (b.ndim - 1,)), ((), ())), ragged_h,
+        tuple(hb.index(j) for j in rd.rhs_group))
+    h = (v.meta * h).astype(dtype)
+    d = use.bind([h, b.astype(dtype), groups],
+                 jc.with_ragged_dims(use.params, dims_b))
+    out_dtype = use.out_aval.dtype
+    return (use.base_output() + d.astype(out_dtype)).astype(out_dtype)
+
+  def concatenate(self, use: Use) -> Factored | None:
+    """Fused weights (QKV, gate/up): concatenated low-rank pieces.
+
+    Along an output axis the `a` factors are concatenated along the rank
+    axis and the `b` factors placed block-diagonally (rank block `k` feeds
+    only output block `k`); along an input axis the other way round; along
+    a stacked axis both are concatenated when the ranks agree. Each piece's
+    scale is folded into its `b`, so pieces of different ranks and scales
+    mix. Plain (not adapted) pieces are rank-0 pieces.
+    """
+    dim = jc.concat_dim(use.params)
+    pieces = use.operands
+    tagged = [p for p in pieces if isinstance(p, Factored)]
+    roles = tagged[0].roles
+    if any(p.kind is not self or p.roles != roles for p in tagged):
+      return None
+    if any(not isinstance(p.base, jax.Array) for p in tagged):
+      return None  # A lazy base would be dequantized whole: no gain.
+    role = roles[dim]
+    base = jnp.concatenate([dense(p.base) if isinstance(p, Factored) else p
+                            for p in pieces], dim)
+    held_a = [j for j, c in enumerate(roles) if c in "si"]
+    held_b = [j for j, c in enumerate(roles) if c in "so"]
+    dtype = tagged[0].parts[1].dtype
+
+    def factors(p):
+      if isinstance(p, Factored):
+        a, b = p.parts
+        return a, (p.meta * b.astype(jnp.float32)).astype(b.dtype)
+      shape = p.shape
+      a = jnp.zeros([shape[j] for j in held_a] + [0], dtype)
+      b = jnp.zeros([shape[j] for j in held_b] + [0], dtype)
+      return a, b
+
+    fs = [factors(p) for p in pieces]
+    ranks = [a.shape[-1] for a, _ in fs]
+    if role == "s":
+      if len(set(ranks)) != 1:
+        return None
+      a = jnp.concatenate([f[0] for f in fs], held_a.index(dim))
+      b = jnp.concatenate([f[1] for f in fs], held_b.index(dim))
+    else:
+      full, blocks = (0, 1) if role == "o" else (1, 0)
+      held_blk = held_b if role == "o" else held_a
+      ax = held_blk.index(dim)
+      total = sum(ranks)
+      cat = jnp.concatenate([f[full] for f in fs], -1)
+      rows, start = [], 0
+      for f, rk in zip(fs, ranks):
+        blk = f[blocks]
+        pad = [(0, 0)] * (blk.ndim - 1) + [(start, total - start - rk)]
+        rows.append(jnp.pad(blk, pad))
+        start += rk
+      diag = jnp.concatenate(rows, ax)
+      a, b = (cat, diag) if role == "o" else (diag, cat)
+    return Factored(base, (a, b), roles, MASKS, self, 1.0, "+".join(
+        dict.fromkeys(p.path for p in tagged)))
+
+
+def low_rank_contract(
+    x_spec: str, x: Float[Array, "*x"], a_spec: str, a: Float[Array, "..."],
+    b_spec: str, b: Float[Array, "..."], out: str, *, scale: float,
+    precision: Any, preferred_element_type: Any) -> Float[Array, "..."]:
+  """`scale * einsum(x, a, b -> out)` as two explicit contractions, x first.
+
+  `x` is contracted with one factor first, then the result with the other:
+  `a @ b` (the dense delta) is never formed. Of the two orders, the one with
+  the smaller intermediate is used: `(x @ a) @ b` for an ordinary matmul,
+  `(x @ b^T) @ a^T` when the weight's output axes are the contracted ones (a
+  tied output head `x @ E.T`). `scale` multiplies the small intermediate.
+  """
+  # XLA:CPU runs the backward of a rank-sized contraction over several token
+  # axes (`btd,btr->dr`) several times slower than over one, so runs of
+  # `x`'s free axes (its token axes) are merged into one axis first.
+  free = [c for c in x_spec if c not in a_spec and c not in b_spec]
+  run = "".join(free)
+  if len(free) > 1 and run in x_spec and run in out:
+    z = next(c for c in string.ascii_letters
+             if c not in x_spec + a_spec + b_spec + out)
+    i = x_spec.index(run)
+    merged_shape = (*x.shape[:i], math.prod(x.shape[i:i + len(run)]),
+                    *x.shape[i + len(run):])
+    y = low_rank_contract(
+        x_spec.replace(run, z), jnp.reshape(x, merged_shape), a_spec, a,
+        b_spec, b, out.replace(run, z), scale=scale, precision=precision,
+        preferred_element_type=preferred_element_type)
+    j = out.index(run)
+    return jnp.reshape(
+        y, y.shape[:j] + x.shape[i:i + len(run)] + y.shape[j + 1:])
+  sizes: dict[str, int] = {}
+  for spec, arr in ((x_spec, x), (a_spec, a), (b_spec, b)):
+    sizes.update(zip(spec, arr.shape))
+
+  def plan(first, second):
+    keep = set(second) | set(out)
+    h = "".join(dict.fromkeys(c for c in x_spec + first if c in keep))
+    return h, math.prod(sizes[c] for c in h)
+
+  (h_a, n_a), (h_b, n_b) = plan(a_spec, b_spec), plan(b_spec, a_spec)
+  if n_a <= n_b:
+    (f_spec, f), (s_spec, s), h_spec = (a_spec, a), (b_spec, b), h_a
+  else:
+    (f_spec, f), (s_spec, s), h_spec = (b_spec, b), (a_spec, a), h_b
+  h = jnp.einsum(f"{x_spec},{f_spec}->{h_spec}", x, f, precision=precision,
+                 preferred_element_type=preferred_element_type)
+  h = (scale * h).astype(s.dtype)
+  return jnp.einsum(f"{h_spec},{s_spec}->{out}", h, s,
+                    precision=precision,
+                    preferred_element_type=preferred_element_type)
+
+
+LORA = LoraKind()
+register_adapter_kind(LoraWeight, LORA)

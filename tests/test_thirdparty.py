@@ -1,0 +1,196 @@
+"""lorajax.lora on model code nobody on this project wrote.
+
+Tiny random configurations of layers from flax linen, flax nnx, equinox and
+penzai: `lorajax.lora(fn, strict=True)` (nothing may fall back) under `jit`
+must equal `fn(lorajax.merge(params, adapter), ...)` in value and in adapter
+gradient, with a perturbed (non-zero) `b` so the adapter matters.
+"""
+
+import dataclasses
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lorajax
+
+RTOL, ATOL = 3e-4, 3e-5
+
+
+def _perturb(adapter, key, scale=0.2):
+  leaves, treedef = jax.tree.flatten(adapter)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([scale * jax.random.normal(k, x.shape, x.dtype)
+                            for k, x in zip(keys, leaves)])
+
+
+def _adapter(fn, params, args, config):
+  """Init with axes inferred from `fn` for weights with more than 2 axes."""
+  try:
+    axes = lorajax.infer_axes(fn, params, *args, config=config)
+  except ValueError:
+    axes = {}
+  if axes:
+    extra = dict(config.axes or ())
+    config = dataclasses.replace(config, axes={**extra, **axes})
+  adapter = lorajax.init(params, config, key=jax.random.key(0))
+  return _perturb(adapter, jax.random.key(1)), axes
+
+
+def _check(fn, params, adapter, *args):
+  n = len([x for x in jax.tree.leaves(
+      adapter, is_leaf=lambda x: isinstance(x, lorajax.LoraWeight))
+           if isinstance(x, lorajax.LoraWeight)])
+  assert n >= 2, "the test must adapt several weights"
+
+  def loss(apply):
+    def f(ad):
+      out = apply(ad)
+      return jnp.sum(jnp.sin(out)), out
+    return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+  # One compiled value-and-gradient per path keeps the test fast.
+  merged = loss(lambda ad: fn(lorajax.merge(params, ad), *args))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", lorajax.LoraFallbackWarning)
+    (_, out_f), g_f = loss(
+        lambda ad: lorajax.lora(fn, strict=True)(params, ad, *args))(adapter)
+  (_, out_m), g_m = merged(adapter)
+  zero_b = jax.tree.map(
+      lambda n: dataclasses.replace(n, b=jnp.zeros_like(n.b)), adapter,
+      is_leaf=lambda x: isinstance(x, lorajax.LoraWeight))
+  (_, out_base), _ = merged(zero_b)
+  assert np.abs(np.asarray(out_m) - np.asarray(out_base)).max() > 1e-3
+  np.testing.assert_allclose(out_f, out_m, rtol=RTOL, atol=ATOL)
+  for x, y in zip(jax.tree.leaves(g_m), jax.tree.leaves(g_f)):
+    peak = np.abs(np.asarray(x)).max()
+    assert peak > 0
+    np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-4 * max(1.0, peak))
+
+
+# -- flax linen ----------------------------------------------------------------
+
+
+def test_flax_linen_attention_einsum_scan_remat():
+  nn = pytest.importorskip("flax.linen")
+
+  class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8,
+                                          name="attn")(x, x)
+      x = x + h
+      up = nn.Einsum((8, 3, 4), "btd,dhk->bthk", name="up")(x)
+      return x + nn.Dense(8, name="down")(jax.nn.gelu(up).reshape(
+          *x.shape[:2], 12)), None
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      stack = nn.scan(nn.remat(Layer), variable_axes={"params": 0},
+                      split_rngs={"params": True}, length=2)
+      return stack(name="layers")(x, None)[0]
+
+  model = Model()
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  params = model.init(jax.random.key(1), x)
+  config = lorajax.LoraConfig(rank=2, alpha=2.0, targets=".*kernel")
+  adapter, axes = _adapter(model.apply, params, (x,), config)
+  assert axes["params/layers/attn/query/kernel"] == "sioo"
+  assert axes["params/layers/attn/out/kernel"] == "siio"
+  assert axes["params/layers/up/kernel"] == "sioo"
+  assert axes["params/layers/down/kernel"] == "sio"
+  _check(model.apply, params, adapter, x)
+
+
+# -- flax nnx ------------------------------------------------------------------
+
+
+def test_flax_nnx_attention_linear_einsum():
+  nnx = pytest.importorskip("flax.nnx")
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=8,
+                                         qkv_features=8, decode=False,
+                                         rngs=rngs)
+      self.proj = nnx.Einsum("btd,dhk->bthk", (8, 2, 5), rngs=rngs)
+      self.out = nnx.Linear(10, 8, rngs=rngs)
+
+    def __call__(self, x):
+      x = x + self.attn(x)
+      h = jax.nn.relu(self.proj(x)).reshape(*x.shape[:2], 10)
+      return x + self.out(h)
+
+  graphdef, state = nnx.split(Model(nnx.Rngs(0)))
+  fn = lambda state, x: nnx.merge(graphdef, state)(x)  # noqa: E731
+  x = jax.random.normal(jax.random.key(2), (2, 4, 8))
+  config = lorajax.LoraConfig(rank=2, alpha=2.0, targets=".*kernel")
+  adapter, axes = _adapter(fn, state, (x,), config)
+  assert axes["attn/query/kernel"] == "ioo" and axes["proj/kernel"] == "ioo"
+  assert axes["attn/out/kernel"] == "iio"
+  _check(fn, state, adapter, x)
+
+
+# -- equinox -------------------------------------------------------------------
+
+
+def test_equinox_attention_linear_mlp():
+  eqx = pytest.importorskip("equinox")
+  k = jax.random.split(jax.random.key(0), 4)
+
+  class Model(eqx.Module):
+    attn: eqx.nn.MultiheadAttention
+    mlp: eqx.nn.MLP
+    head: eqx.nn.Linear
+
+    def __call__(self, x):  # x: (seq, 8)
+      x = x + self.attn(x, x, x)
+      x = x + jax.vmap(self.mlp)(x)
+      return jax.vmap(self.head)(x)
+
+  model = Model(eqx.nn.MultiheadAttention(2, 8, key=k[0]),
+                eqx.nn.MLP(8, 8, 16, depth=2, key=k[1]),
+                eqx.nn.Linear(8, 3, key=k[2]))
+  params, static = eqx.partition(model, eqx.is_array)
+  fn = lambda p, x: eqx.combine(p, static)(x)  # noqa: E731
+  x = jax.random.normal(k[3], (5, 8))
+  # Equinox stores Linear weights as (out, in).
+  config = lorajax.LoraConfig(rank=2, alpha=2.0, targets=".*weight",
+                              axes={".*weight": "oi"})
+  adapter, _ = _adapter(fn, params, (x,), config)
+  _check(fn, params, adapter, x)
+
+
+# -- penzai --------------------------------------------------------------------
+
+
+def test_penzai_llamalike_transformer():
+  pytest.importorskip("penzai")
+  from penzai import pz  # pylint: disable=g-import-not-at-top
+  from penzai.models.transformer.variants import llamalike_common  # pylint: disable=g-import-not-at-top
+
+  cfg = llamalike_common.LlamalikeTransformerConfig(
+      num_kv_heads=2, query_head_multiplier=2, embedding_dim=16,
+      projection_dim=4, mlp_hidden_dim=24, num_decoder_blocks=2,
+      vocab_size=11, mlp_variant="swiglu", tie_embedder_and_logits=True,
+      parameter_dtype=jnp.float32, activation_dtype=jnp.float32)
+  model = llamalike_common.build_llamalike_transformer(
+      cfg, init_base_rng=jax.random.key(0))
+  unbound, values = pz.unbind_params(model, freeze=True)
+  params = {v.label: v.value for v in values}
+
+  def fn(params, tokens):
+    vs = [dataclasses.replace(v, value=params[v.label]) for v in values]
+    out = pz.bind_variables(unbound, vs)(pz.nx.wrap(tokens, "batch", "seq"))
+    return out.unwrap("batch", "seq", "vocabulary")
+
+  tokens = jnp.array([[1, 5, 2, 9, 3], [0, 4, 4, 10, 7]])
+  config = lorajax.LoraConfig(
+      rank=2, alpha=2.0,
+      targets=r".*/(query|key|value|output|.*linear)\.weights/.*")
+  adapter, axes = _adapter(fn, params, (tokens,), config)
+  assert len(axes) >= 8
+  _check(fn, params, adapter, tokens)
