@@ -229,7 +229,8 @@ def test_merge_lora_init_and_train_step_match_the_reference(
   for step in range(2):
     ids_h, y_h = host_data(step)
     batch = (jax.device_put(ids_h, ids_sh), jax.device_put(y_h, y_sh))
-    adapter, state, loss = train.step(params, adapter, state, batch)
+    adapter, state, metrics = train.step(params, adapter, state, batch)
+    loss = metrics["loss"]
     want, g = reference_value_and_grad(params_h, ref_a, ids_h, y_h)
     upd, ref_s = OPT.update(g, ref_s, ref_a)
     ref_a = optax.apply_updates(ref_a, upd)

@@ -46,6 +46,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex
 
+from lorajax._src.core import explicit
 from lorajax._src.core import jax_compat as jc
 from lorajax._src.core import (
   layouts,
@@ -320,8 +321,10 @@ class _Interpreter:
                              for x in invals])
     if len(outs) != len(invals):
       return None
-    return [x.replace(base=o) if isinstance(x, Factored) and x.kind is not
-            BASE_ONLY else o for x, o in zip(invals, outs)]
+    # A reshard / mesh_cast of the weight moves its factors with it (kinds
+    # with a `refit` hook lay them out like the new base).
+    return [_refit(x.replace(base=o)) if isinstance(x, Factored) and x.kind
+            is not BASE_ONLY else o for x, o in zip(invals, outs)]
 
   def _use(self, rule, eqn, invals):
     pos = [k for k, x in enumerate(invals) if isinstance(x, Factored)]
@@ -446,6 +449,15 @@ class _Interpreter:
 
 
 # -- tracing -------------------------------------------------------------------
+
+
+def _refit(v: Factored) -> Factored:
+  refit = getattr(v.kind, "refit", None)
+  return v if refit is None else refit(v)
+
+
+def _name(fn: Any) -> str:
+  return getattr(fn, "__qualname__", None) or repr(fn)
 
 
 def _is_lazy(x: Any) -> bool:
@@ -581,7 +593,13 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
   def wrapped(params: PyTree, adapter: PyTree, *args: Any, **kwargs: Any):
     _check_fit(params, adapter)
     inputs = _inputs(params, adapter)
-    closed, out_shape, _, dyn = _trace(fn, params, args, kwargs)
+    try:
+      closed, out_shape, _, dyn = _trace(fn, params, args, kwargs)
+    except Exception as e:
+      if not explicit.is_sharding_type_error(e):
+        raise
+      raise explicit.with_user_hint(
+          e, f"the function passed to lorajax.lora ({_name(fn)})") from e
     interp = _Interpreter(strict)
     outs = interp.eval_closed(closed, [*inputs, *dyn])
     outs = [interp.plain(o, "output") for o in outs]

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lorajax._src.core import explicit
 from lorajax._src.core import jax_compat as jc
 from lorajax._src.core.adapter import LoraWeight, check_node
 from lorajax._src.core.extend import (
@@ -55,7 +56,28 @@ class LoraKind(AdapterKind):
     b_src = s_ax + o_ax
     b = jnp.transpose(b, [b_src.index(j) for j in sorted(b_src)]
                       + [len(b_src)])
-    return Factored(base, (a, b), axes, MASKS, self, float(node.scale), path)
+    return self.refit(
+        Factored(base, (a, b), axes, MASKS, self, float(node.scale), path))
+
+  def refit(self, v: Factored) -> Factored:
+    """On an Explicit mesh, lays `a` and `b` out like `v.base`.
+
+    `a` takes the base's spec entries on the axes it holds, `b` on its own;
+    the rank axis is replicated. A no-op unless the base or a factor is on a
+    mesh with Explicit axes (or the base is not an array).
+    """
+    if not isinstance(v.base, jax.Array | jax.core.Tracer):
+      return v
+    sh = explicit.mesh_sharding_of(v.base)
+    if sh is None or not any(
+        explicit.sharding_of(x) is not None for x in (v.base, *v.parts)):
+      return v
+    entries = explicit.padded_spec(sh, v.ndim)
+    a, b = v.parts
+    a_e = tuple(entries[j] for j in v.held(0)) + (None,)
+    b_e = tuple(entries[j] for j in v.held(1)) + (None,)
+    return v.replace(parts=(explicit.reshard(a, sh.mesh, a_e),
+                            explicit.reshard(b, sh.mesh, b_e)))
 
   def check(self, node, shape, path):
     return check_node(node, shape, path)
@@ -76,7 +98,11 @@ class LoraKind(AdapterKind):
 
   def materialize(self, v: Factored) -> jax.Array:
     base = dense(v.base)
-    return (base.astype(jnp.float32) + self.delta(v)).astype(base.dtype)
+    d = self.delta(self.refit(v))
+    sh = explicit.sharding_of(base)
+    if sh is not None:
+      d = explicit.reshard(d, sh.mesh, explicit.padded_spec(sh, base.ndim))
+    return (base.astype(jnp.float32) + d).astype(base.dtype)
 
   # -- factored uses --
 
@@ -107,9 +133,26 @@ class LoraKind(AdapterKind):
     b_spec = "".join(wl[j] for j in v.held(1)) + r
     dtype = jnp.result_type(x.dtype, v.dtype)
     opts = jc.dot_options(use.params)
-    delta = low_rank_contract(
-        "".join(xs), x.astype(dtype), a_spec, a.astype(dtype), b_spec,
-        b.astype(dtype), out, scale=v.meta, **opts)
+    out_sharding = explicit.sharding_of(base_out)
+    try:
+      delta = low_rank_contract(
+          "".join(xs), x.astype(dtype), a_spec, a.astype(dtype), b_spec,
+          b.astype(dtype), out, scale=v.meta, out_sharding=out_sharding,
+          **opts)
+    except Exception as e:
+      if out_sharding is None or not explicit.is_sharding_type_error(e):
+        raise
+      raise type(e)(
+          f"lorajax.lora: on a mesh with Explicit axes, the low-rank term"
+          f" of {v.path!r} (x @ a @ b, with a {jax.typeof(a)} and b"
+          f" {jax.typeof(b)} laid out like the weight"
+          f" {jax.typeof(v.base)}) cannot produce this matmul's result"
+          f" sharding {out_sharding.spec} from activations"
+          f" {jax.typeof(x)}: {e} Annotate the matmul in your model: pass"
+          " `out_sharding=` to it, or `jax.sharding.reshard` the weight or"
+          " the activations first so that their contracted axes are"
+          " sharded alike."
+      ) from e
     out_dtype = use.out_aval.dtype
     return (base_out + delta.astype(out_dtype)).astype(out_dtype)
 
@@ -131,7 +174,13 @@ class LoraKind(AdapterKind):
     rows_a = use.bind([a, idx], params)
     pos = g.offset_dims[0]
     rows = jnp.moveaxis(rows_a, pos, -1).astype(base_out.dtype)
-    d = jnp.einsum("...r,or->...o", rows, b.astype(base_out.dtype))
+    d_sharding = explicit.sharding_of(base_out)
+    if d_sharding is not None:
+      entries = list(explicit.padded_spec(d_sharding, base_out.ndim))
+      entries.append(entries.pop(pos))
+      d_sharding = explicit.out_sharding(d_sharding, tuple(entries))
+    d = jnp.einsum("...r,or->...o", rows, b.astype(base_out.dtype),
+                   out_sharding=d_sharding)
     return base_out + jnp.moveaxis(v.meta * d, -1, pos).astype(base_out.dtype)
 
   def conv(self, v: Factored, use: Use) -> jax.Array | None:
@@ -260,7 +309,8 @@ class LoraKind(AdapterKind):
 def low_rank_contract(
     x_spec: str, x: Float[Array, "*x"], a_spec: str, a: Float[Array, "..."],
     b_spec: str, b: Float[Array, "..."], out: str, *, scale: float,
-    precision: Any, preferred_element_type: Any) -> Float[Array, "..."]:
+    precision: Any, preferred_element_type: Any,
+    out_sharding: Any = None) -> Float[Array, "..."]:
   """`scale * einsum(x, a, b -> out)` as two explicit contractions, x first.
 
   `x` is contracted with one factor first, then the result with the other:
@@ -268,13 +318,18 @@ def low_rank_contract(
   the smaller intermediate is used: `(x @ a) @ b` for an ordinary matmul,
   `(x @ b^T) @ a^T` when the weight's output axes are the contracted ones (a
   tied output head `x @ E.T`). `scale` multiplies the small intermediate.
+  `out_sharding` (on Explicit meshes: the sharding of the base weight's
+  result) fixes the result's sharding and, on the axes it shares with the
+  intermediate, the intermediate's; its rank axis is replicated.
   """
   # XLA:CPU runs the backward of a rank-sized contraction over several token
   # axes (`btd,btr->dr`) several times slower than over one, so runs of
   # `x`'s free axes (its token axes) are merged into one axis first.
   free = [c for c in x_spec if c not in a_spec and c not in b_spec]
   run = "".join(free)
-  if len(free) > 1 and run in x_spec and run in out:
+  # (Not on Explicit meshes, where the reshape would need annotations.)
+  if (len(free) > 1 and run in x_spec and run in out
+      and out_sharding is None):
     z = next(c for c in string.ascii_letters
              if c not in x_spec + a_spec + b_spec + out)
     i = x_spec.index(run)
@@ -301,12 +356,19 @@ def low_rank_contract(
     (f_spec, f), (s_spec, s), h_spec = (a_spec, a), (b_spec, b), h_a
   else:
     (f_spec, f), (s_spec, s), h_spec = (b_spec, b), (a_spec, a), h_b
+  h_sharding = None
+  if out_sharding is not None:
+    o_entries = explicit.padded_spec(out_sharding, len(out))
+    h_sharding = explicit.out_sharding(out_sharding, tuple(
+        o_entries[out.index(c)] if c in out else None for c in h_spec))
   h = jnp.einsum(f"{x_spec},{f_spec}->{h_spec}", x, f, precision=precision,
-                 preferred_element_type=preferred_element_type)
+                 preferred_element_type=preferred_element_type,
+                 out_sharding=h_sharding)
   h = (scale * h).astype(s.dtype)
   return jnp.einsum(f"{h_spec},{s_spec}->{out}", h, s,
                     precision=precision,
-                    preferred_element_type=preferred_element_type)
+                    preferred_element_type=preferred_element_type,
+                    out_sharding=out_sharding)
 
 
 LORA = LoraKind()
