@@ -16,6 +16,7 @@ import lorajax.models.llama
 import lorajax.multi
 import lorajax.optim
 import lorajax.peft
+import lorajax.plan
 import lorajax.quant
 import lorajax.sharding
 
@@ -38,6 +39,8 @@ SUBMODULES = {
                     "dare_mask", "load", "lora", "per_slot", "remove",
                     "replace", "save"},
     lorajax.peft: {"load", "save", "to_lora"},
+    lorajax.plan: {"CHIPS", "PRESETS", "Chip", "PlanError", "PlanReport",
+                   "collectives", "parse_mesh", "plan"},
     lorajax.quant: {"FORMATS", "MergedWeight", "QuantizationWarning",
                     "QuantizedWeight",
                     "dequantize", "is_quantized", "loftq", "quantize"},
@@ -69,6 +72,18 @@ def test_submodule_names_exact(module):
   assert set(module.__all__) == SUBMODULES[module]
   for name in module.__all__:
     assert getattr(module, name) is not None
+
+
+def test_import_lorajax_does_not_import_plan():
+  # `lorajax.plan` pulls in the app layer (models, finetune): opt-in only.
+  import subprocess
+  import sys
+
+  code = ("import sys, lorajax; print('lorajax.plan' in sys.modules,"
+          " 'lorajax._src.app.plan' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, check=True).stdout.split()
+  assert out == ["False", "False"]
 
 
 def test_sharding_module_reexports_the_core_objects():

@@ -53,7 +53,9 @@ def param_specs(mesh):
 
 def init_params(key):
   ks = jax.random.split(key, 4)
-  n = lambda k, s: jax.random.normal(k, s) / np.sqrt(s[-2])
+  def n(k, s):
+    return jax.random.normal(k, s) / np.sqrt(s[-2])
+
   return {
       "embed": {"embedding": jax.random.normal(ks[0], (V, D))},
       "layers": {"up": {"kernel": n(ks[1], (L, D, F))},
@@ -179,10 +181,13 @@ def test_merge_lora_init_and_train_step_match_the_reference(
   ref_loss, want_g = reference_value_and_grad(params_h, adapter_h, ids_h, y_h)
   np.testing.assert_allclose(float(ref_loss), want, rtol=2e-5)
 
-  merged_loss = lambda p, a, i, t: loss_fn(
-      lorajax.merge(p, a), i, t, mesh)
-  factored_loss = lambda p, a, i, t: jnp.mean(
-      (lorajax.lora(forward, strict=True)(p, a, i, mesh) - t) ** 2)
+  def merged_loss(p, a, i, t):
+    return loss_fn(lorajax.merge(p, a), i, t, mesh)
+
+  def factored_loss(p, a, i, t):
+    return jnp.mean(
+        (lorajax.lora(forward, strict=True)(p, a, i, mesh) - t) ** 2)
+
   for fn in (merged_loss, factored_loss):
     loss, g = jax.jit(jax.value_and_grad(fn, argnums=1))(
         params, adapter, ids, y)

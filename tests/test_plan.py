@@ -228,7 +228,7 @@ backend_config={"known_trip_count":{"n":"32"}}
 
 
 def test_python_m_lorajax_plan_help():
-  import subprocess  # noqa: PLC0415
+  import subprocess
   root = pathlib.Path(__file__).resolve().parent.parent
   r = subprocess.run([sys.executable, "-m", "lorajax", "plan", "--help"],
                      cwd=root, capture_output=True, text=True, timeout=120,
@@ -243,12 +243,12 @@ def test_python_m_lorajax_plan_help():
 
 def test_activation_sharding_keeps_the_logits():
   """`llama.forward(..., activation_sharding=)` only pins a layout."""
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-  from jax.sharding import AxisType, NamedSharding  # noqa: PLC0415
-  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+  import jax
+  import numpy as np
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
 
-  from lorajax._src.models import llama  # noqa: PLC0415
+  from lorajax._src.models import llama
   config = llama.LlamaConfig.from_hf_dict(TINY)
   params = llama.init_params(config, key=jax.random.key(0))
   ids = jax.random.randint(jax.random.key(1), (8, 16), 0, 256)

@@ -174,8 +174,8 @@ def parse_mesh(spec: str | Mapping[str, int]) -> dict[str, int]:
     items = list(spec.items())
   else:
     items = []
-    for part in str(spec).split(","):
-      part = part.strip()
+    for raw in str(spec).split(","):
+      part = raw.strip()
       m = re.fullmatch(r"([A-Za-z_]\w*)\s*=\s*(\d+)", part)
       if not m:
         raise PlanError(
@@ -206,14 +206,15 @@ def _tpu_devices(topology: str):
   try:
     from jax.experimental import topologies  # noqa: PLC0415
   except ImportError as e:  # pragma: no cover
-    raise PlanError(f"jax.experimental.topologies is unavailable: {e}")
+    raise PlanError(
+        f"jax.experimental.topologies is unavailable: {e}") from e
   if not re.fullmatch(r"v[0-9][a-z]*:\d+(x\d+)+", topology):
     raise PlanError(
         f"--topology {topology!r} is not a TPU topology name such as"
         " 'v5p:2x2x2', 'v6e:2x4', 'v5e:2x2' or 'v4:2x2x1' (chip:shape), nor"
         " 'local' (this machine's devices)."
     )
-  chip = topology.split(":")[0]
+  chip = topology.split(":", maxsplit=1)[0]
   if chip not in CHIPS:
     raise PlanError(
         f"--topology {topology!r}: unknown TPU generation {chip!r}; known:"
@@ -304,7 +305,7 @@ def param_specs(abstract_params: PyTree, mesh_axes: Mapping[str, int]
 
   def one(keypath, x):
     path = paths_lib.path_str(keypath)
-    for rx, entries in _RULES:
+    for rx, entries in _RULES:  # noqa: B007 (used after the loop)
       if re.fullmatch(rx, path):
         break
     else:
@@ -438,8 +439,8 @@ def collectives(hlo_text: str) -> list[dict[str, Any]]:
       if t:
         trips = int(t.group(1))
       else:
-        bounds = [int(x) for l in comps.get(m.group(1), [])
-                  for x in _CONST_RE.findall(l)]
+        bounds = [int(x) for line in comps.get(m.group(1), [])
+                  for x in _CONST_RE.findall(line)]
         trips = max(bounds) if bounds else 1
       body_trips[m.group(2)] = max(1, trips)
   stats: dict[str, dict[str, Any]] = {}

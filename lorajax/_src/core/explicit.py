@@ -94,7 +94,9 @@ def factor_entries(weight_entries: tuple[Any, ...], axes: str
   Returns:
     The entries of `a` and `b`; the rank axis is replicated.
   """
-  pick = lambda c: [e for e, x in zip(weight_entries, axes) if x == c]
+  def pick(c):
+    return [e for e, x in zip(weight_entries, axes) if x == c]
+
   s, i, o = pick("s"), pick("i"), pick("o")
   return (*s, *i, None), (*s, None, *o)
 

@@ -46,13 +46,13 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex
 
-from lorajax._src.core import explicit
-from lorajax._src.core import jax_compat as jc
 from lorajax._src.core import (
+  explicit,
   layouts,
   lora_kind,  # noqa: F401  (registers LoraWeight)
   method_kinds,  # noqa: F401  (registers VeraWeight; DoRA)
 )
+from lorajax._src.core import jax_compat as jc
 from lorajax._src.core import paths as paths_lib
 from lorajax._src.core.adapter import check_fit
 from lorajax._src.core.config import LoraConfig

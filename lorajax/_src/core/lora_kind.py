@@ -74,8 +74,8 @@ class LoraKind(AdapterKind):
       return v
     entries = explicit.padded_spec(sh, v.ndim)
     a, b = v.parts
-    a_e = tuple(entries[j] for j in v.held(0)) + (None,)
-    b_e = tuple(entries[j] for j in v.held(1)) + (None,)
+    a_e = (*(entries[j] for j in v.held(0)), None)
+    b_e = (*(entries[j] for j in v.held(1)), None)
     return v.replace(parts=(explicit.reshard(a, sh.mesh, a_e),
                             explicit.reshard(b, sh.mesh, b_e)))
 

@@ -39,10 +39,10 @@ class TrainStep(NamedTuple):
     step: `step(params, adapter, opt_state, batch) -> (adapter, opt_state,
       metrics)`: one optimizer step. `step.lower(...)`, with the same
       arguments as arrays or `jax.ShapeDtypeStruct`s, lowers it ahead of
-      time (`.compile()`, `.memory_analysis()`...). `metrics` is a dict with `loss` (the
-      step's mean loss), `grad_norm` (global norm of the gradient the
-      optimizer received), `weight` (with `weighted=True`: the summed weight)
-      and `aux` (with `has_aux=True`).
+      time (`.compile()`, `.memory_analysis()`...). `metrics` is a dict
+      with `loss` (the step's mean loss), `grad_norm` (global norm of the
+      gradient the optimizer received), `weight` (with `weighted=True`: the
+      summed weight) and `aux` (with `has_aux=True`).
   """
 
   init: Callable[[PyTree], PyTree]
