@@ -639,7 +639,7 @@ def _llama_config(hf: dict[str, Any], precision: str, remat: str,
   except (ValueError, TypeError, KeyError) as e:
     raise PlanError(f"The model config is not usable: {e}") from None
   fields = {f.name for f in dataclasses.fields(config)}
-  extra = {}
+  extra: dict[str, Any] = {}
   if "remat" in fields:
     extra["remat"] = remat
   elif remat != "none":
@@ -878,14 +878,15 @@ def plan(
                     shs, is_leaf=lambda x: isinstance(x, NamedSharding))))
     arg_b += 3 * _per_chip_bytes(ids, bspec, axes)
     out_b = alias_b = code_b = 0
-    temp_b = _oom_bytes(oom)
-    notes.append(f"the compiler stopped: {oom[:300]}")
+    temp_b = _oom_bytes(oom or "")
+    notes.append(f"the compiler stopped: {(oom or '')[:300]}")
   total = arg_b + out_b - alias_b + temp_b + code_b
   fits = compiled is not None and bool(chip.hbm_bytes) and (
       total <= chip.hbm_bytes)
 
-  breakdown = [{"name": "temporaries (activations, gradients, buffers)",
-                "bytes": temp_b}]
+  breakdown: list[dict[str, Any]] = [
+      {"name": "temporaries (activations, gradients, buffers)",
+       "bytes": temp_b}]
   leaves = []
   for gname, (tree, shs) in arg_groups.items():
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -969,7 +970,7 @@ def plan(
       mfu_estimate=mfu, model_flops=flops,
       compiler_flops=c_flops, compiler_bytes_accessed=c_bytes,
       compile_seconds=compile_seconds,
-      collectives=(collectives(compiled.as_text()) if compiled is not None
+      collectives=(collectives(compiled.as_text() or "") if compiled is not None
                    else []),
       trainable_params=int(trainable), notes=notes)
 
