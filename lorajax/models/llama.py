@@ -28,10 +28,10 @@ from lorajax._src.models.model import (
 from lorajax._src.models.tokenizer import Tokenizer
 
 __all__ = (
-    "LlamaConfig",
-    "LlamaModel",
     "REMAT_POLICIES",
     "SCAN_MIN_LAYERS",
+    "LlamaConfig",
+    "LlamaModel",
     "Tokenizer",
     "default_model_path",
     "from_pretrained",
