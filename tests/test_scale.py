@@ -309,7 +309,7 @@ def _task_batches(steps, rng):
 
 
 def test_bf16_policy_tracks_f32_finetune():
-  """20 steps: the bf16-base run's loss stays within 2% of the f32 run's."""
+  """20 steps: the bf16-base run's loss stays within 1% of the f32 run's."""
   steps = 20
   batches = _task_batches(steps, np.random.default_rng(0))
   base = llama.init_params(_config(scan_layers=True), key=jax.random.key(0),
@@ -323,7 +323,7 @@ def test_bf16_policy_tracks_f32_finetune():
     config = policy.lora_config(
         lorajax.LoraConfig(rank=4, param_dtype="bfloat16"))
     adapter = lorajax.init(params, config, key=jax.random.key(1))
-    tx = optax.adam(5e-3)
+    tx = optax.adam(3e-3)
     opt_state = tx.init(adapter)
     if name == "bf16":
       q = params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
@@ -351,4 +351,4 @@ def test_bf16_policy_tracks_f32_finetune():
                if jnp.issubdtype(x.dtype, jnp.floating))
   f32, bf16 = losses["f32"], losses["bf16"]
   assert f32[-1] < 0.8 * f32[0]  # the run learns something
-  np.testing.assert_allclose(bf16, f32, rtol=0.02)
+  np.testing.assert_allclose(bf16, f32, rtol=0.01)  # measured: 0.25%
