@@ -72,6 +72,7 @@ CHIPS = {
     "v5p": Chip("v5p", 95 * GiB, 459e12, 2765e9),
     "v6e": Chip("v6e", 32 * GiB, 918e12, 1640e9),
 }
+"""The TPU chips `plan` knows: HBM, peak bf16 FLOP/s, HBM bandwidth."""
 # `device_kind` strings of the TPU runtime, for devices given directly.
 _KINDS = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5e": "v5e",
           "tpu v5": "v5p", "tpu v5p": "v5p", "tpu v6 lite": "v6e",
@@ -106,6 +107,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=8192, rms_norm_eps=1e-5,
         tie_word_embeddings=True),
 }
+"""Hugging Face `config.json` dicts of the models `plan` knows by name."""
 
 
 # ---------------------------------------------------------------------------
