@@ -18,6 +18,7 @@ layers), where rank 16 is a sliver of the width.
 Only lorajax's public API is used.
 """
 
+import dataclasses
 import hashlib
 import os
 import pathlib
@@ -49,7 +50,6 @@ def load() -> tuple[llama.LlamaModel, Any]:
   if "model" not in _MODEL:
     model, params = llama.from_pretrained(llama.default_model_path())
     if SMOKE:
-      import dataclasses
       config = dataclasses.replace(model.config,
                                    num_hidden_layers=SMOKE_LAYERS)
       layers = params["model"]["layers"]
