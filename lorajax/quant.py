@@ -7,11 +7,11 @@ right at its matmul. See docs/quantized.md.
 
 Example:
   >>> import jax, lorajax
-  >>> params = {"dense": {"kernel": jax.numpy.ones((128, 64))}}
+  >>> params = {"kernel": jax.numpy.ones((128, 64))}
   >>> q = lorajax.quantize(params, "nf4")
-  >>> q["dense"]["kernel"]
+  >>> q["kernel"]
   QuantizedWeight(nf4, shape=(128, 64), block=64, axis=-2, dtype=float32)
-  >>> lorajax.quant.dequantize(q)["dense"]["kernel"].shape
+  >>> lorajax.quant.dequantize(q)["kernel"].shape
   (128, 64)
 """
 
