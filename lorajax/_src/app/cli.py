@@ -250,6 +250,7 @@ class _Session:
   def __init__(self, command: str):
     self.command = command
     self.out: pathlib.Path | None = None  # Set once config.json exists.
+    self.failed = False  # Set when the command ends with an error.
     self.lines: list[str] = []
     self._file: Any = None
     self._saved: list[Any] = []
@@ -339,6 +340,27 @@ class _Session:
       with contextlib.suppress(OSError):
         self._file.close()
       self._file = None
+    log = None if self.out is None else self.out / LOG_FILE
+    if self.failed and log is not None:
+      # After a failed run, background threads (orbax's asynchronous saves,
+      # their asyncio loops) can still die while the interpreter exits; their
+      # tracebacks go to the run's log too, not to the user's terminal.
+      def late(text: str) -> None:
+        with contextlib.suppress(OSError), log.open("a") as f:
+          f.write(text if text.endswith("\n") else text + "\n")
+
+      def late_thread(a):
+        late(f"Exception in thread {getattr(a.thread, 'name', '?')} (after"
+             " exit):\n" + "".join(traceback.format_exception(
+                 a.exc_type, a.exc_value, a.exc_traceback)))
+
+      def late_unraisable(u):
+        late(f"Unraisable exception (after exit): {u.err_msg or ''}"
+             f" {u.object!r}\n" + "".join(traceback.format_exception(
+                 u.exc_type, u.exc_value, u.exc_traceback)))
+
+      threading.excepthook = late_thread
+      sys.unraisablehook = late_unraisable
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -1195,6 +1217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
       return run(args, session)
     except KeyboardInterrupt:
+      session.failed = True
       session.write("Interrupted:\n" + traceback.format_exc())
       if session.out is not None:
         _eprint(
@@ -1207,6 +1230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 " written.")
       return 1
     except Exception as e:  # noqa: BLE001
+      session.failed = True
       session.write("Error:\n" + traceback.format_exc())
       msg, code = _describe(e, session)
       _eprint(f"lorajax {args.command}: error: {msg}")
