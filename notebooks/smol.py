@@ -48,7 +48,10 @@ _MODEL: dict[str, Any] = {}
 def load() -> tuple[llama.LlamaModel, Any]:
   """SmolLM2-135M-Instruct (float32); the first 2 layers in smoke mode."""
   if "model" not in _MODEL:
-    model, params = llama.from_pretrained(llama.default_model_path())
+    # Per-layer params (the layout the committed runs used; the smoke mode
+    # keeps the first layers by key).
+    model, params = llama.from_pretrained(llama.default_model_path(),
+                                          scan_layers=False)
     if SMOKE:
       config = dataclasses.replace(model.config,
                                    num_hidden_layers=SMOKE_LAYERS)

@@ -260,7 +260,8 @@ def test_train_config_validation():
     finetune.TrainConfig(steps=0)
   with pytest.raises(ValueError, match="`mode` must be one of"):
     finetune.TrainConfig(mode="fast")
-  with pytest.raises(ValueError, match="`learning_rate` must be a finite number > 0"):
+  with pytest.raises(ValueError,
+                     match="`learning_rate` must be a finite number > 0"):
     finetune.TrainConfig(learning_rate=0.0)
   with pytest.raises(ValueError, match="`epochs` must be a finite number > 0"):
     finetune.TrainConfig(epochs=0)

@@ -307,7 +307,7 @@ class _Session:
     root = logging.getLogger()
     absl = logging.getLogger("absl")
     self._saved = [(root, root.handlers[:]), (absl, absl.handlers[:]),
-                   threading.excepthook, warnings.showwarning]
+                   threading.excepthook, warnings.showwarning, sys.excepthook]
     root.handlers[:] = [handler]
     absl.handlers[:] = []
 
@@ -326,16 +326,24 @@ class _Session:
         session.write(warnings.formatwarning(message, category, filename,
                                              lineno, line))
 
+    def sys_excepthook(exc_type, exc_value, exc_traceback):
+      # Errors that native code (tensorstore/orbax callbacks) prints with
+      # PyErr_Print while the command runs: to the log, not the terminal.
+      session.write("".join(traceback.format_exception(
+          exc_type, exc_value, exc_traceback)))
+
     threading.excepthook = excepthook
     warnings.showwarning = showwarning
+    sys.excepthook = sys_excepthook
     return self
 
   def __exit__(self, *exc) -> None:
-    (root, rh), (absl, ah), hook, show = self._saved
+    (root, rh), (absl, ah), hook, show, sys_hook = self._saved
     root.handlers[:] = rh
     absl.handlers[:] = ah
     threading.excepthook = hook
     warnings.showwarning = show
+    sys.excepthook = sys_hook
     if self._file is not None:
       with contextlib.suppress(OSError):
         self._file.close()
@@ -359,8 +367,13 @@ class _Session:
              f" {u.object!r}\n" + "".join(traceback.format_exception(
                  u.exc_type, u.exc_value, u.exc_traceback)))
 
+      def late_sys(exc_type, exc_value, exc_traceback):
+        late("Error reported by native code (after exit):\n" + "".join(
+            traceback.format_exception(exc_type, exc_value, exc_traceback)))
+
       threading.excepthook = late_thread
       sys.unraisablehook = late_unraisable
+      sys.excepthook = late_sys
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
