@@ -549,13 +549,6 @@ def _unshare_available() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _unshare_available(),
                     reason="needs `unshare -rm` to mount a small tmpfs")
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect, intermittent: on a real full disk, orbax's"
-    " asynchronous save threads sometimes print 'Event loop is closed'"
-    " tracebacks straight to stderr (not through sys/threading excepthooks)"
-    " before lorajax's one-line message; the message, exit status and log"
-    " are right. Fix: redirect fd 2 to the run log while orbax saves.")
 def test_full_disk_on_a_real_tiny_filesystem(files, tmp_path):
   mnt = tmp_path / "mnt"
   mnt.mkdir()

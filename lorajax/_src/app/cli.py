@@ -236,6 +236,39 @@ def _eprint(*a: Any) -> None:
 LOG_FILE = "lorajax.log"
 
 
+class _MainThreadStderr:
+  """`sys.stderr` while a command runs: the main thread's text (lorajax's
+  messages, the progress bar) reaches the terminal; other threads' text
+  (tracebacks printed by background savers) goes to the log, a line at a
+  time."""
+
+  def __init__(self, terminal: Any, log: Any):
+    self.terminal = terminal
+    self._log = log
+    self._partial: dict[int, str] = {}
+    self.encoding = terminal.encoding
+
+  def write(self, text: str) -> int:
+    if threading.current_thread() is threading.main_thread():
+      return self.terminal.write(text)
+    key = threading.get_ident()
+    *lines, rest = (self._partial.pop(key, "") + text).split("\n")
+    if lines:
+      self._log("\n".join(lines))
+    if rest:
+      self._partial[key] = rest
+    return len(text)
+
+  def flush(self) -> None:
+    self.terminal.flush()
+
+  def isatty(self) -> bool:
+    return self.terminal.isatty()
+
+  def fileno(self) -> int:
+    return self.terminal.fileno()
+
+
 class _Session:
   """Captures library logs, thread exceptions and foreign warnings.
 
@@ -244,7 +277,10 @@ class _Session:
   thread. While a command runs, Python logging, exceptions in threads and
   warnings that lorajax does not raise itself are kept in memory and, once
   the run directory exists, written to `<run>/lorajax.log`. lorajax's own
-  warnings are printed as one line each.
+  warnings are printed as one line each. When stderr is the process's file
+  descriptor 2, that descriptor is routed to the log too (through a pipe),
+  so native code and threads that write to it directly are captured;
+  lorajax's own messages go to the original stderr.
   """
 
   def __init__(self, command: str):
@@ -254,16 +290,19 @@ class _Session:
     self.lines: list[str] = []
     self._file: Any = None
     self._saved: list[Any] = []
+    self._lock = threading.Lock()
+    self._fd2: tuple[int, Any, threading.Thread, Any] | None = None
 
   # Writing.
   def write(self, text: str) -> None:
-    self.lines.append(text)
-    if self._file is not None:
-      try:
-        self._file.write(text if text.endswith("\n") else text + "\n")
-        self._file.flush()
-      except OSError:  # A full disk: keep it in memory only.
-        pass
+    with self._lock:
+      self.lines.append(text)
+      if self._file is not None:
+        try:
+          self._file.write(text if text.endswith("\n") else text + "\n")
+          self._file.flush()
+        except OSError:  # A full disk: keep it in memory only.
+          pass
 
   def attach(self, out: pathlib.Path) -> None:
     """From now on, logs go to `<out>/lorajax.log` too."""
@@ -307,7 +346,8 @@ class _Session:
     root = logging.getLogger()
     absl = logging.getLogger("absl")
     self._saved = [(root, root.handlers[:]), (absl, absl.handlers[:]),
-                   threading.excepthook, warnings.showwarning, sys.excepthook]
+                   threading.excepthook, warnings.showwarning, sys.excepthook,
+                   sys.unraisablehook]
     root.handlers[:] = [handler]
     absl.handlers[:] = []
 
@@ -332,18 +372,69 @@ class _Session:
       session.write("".join(traceback.format_exception(
           exc_type, exc_value, exc_traceback)))
 
+    def unraisable(u):
+      session.write(f"Unraisable exception: {u.err_msg or ''} {u.object!r}\n"
+                    + "".join(traceback.format_exception(
+                        u.exc_type, u.exc_value, u.exc_traceback)))
+
     threading.excepthook = excepthook
     warnings.showwarning = showwarning
     sys.excepthook = sys_excepthook
+    sys.unraisablehook = unraisable
+    self._capture_fd2()
     return self
 
+  def _capture_fd2(self) -> None:
+    """Routes file descriptor 2, and other threads' stderr, into the log."""
+    try:
+      if sys.stderr.fileno() != 2:
+        return  # Already redirected (e.g. pytest's capture): leave it.
+    except (AttributeError, OSError, ValueError):
+      return
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+    original = sys.stderr
+    routed = _MainThreadStderr(
+        open(  # noqa: SIM115 (closed in _release_fd2)
+            terminal, "w", buffering=1, encoding=original.encoding,
+            errors="backslashreplace", closefd=False), self.write)
+    sys.stderr = routed
+
+    def drain():
+      with open(read, "rb", buffering=0) as f:
+        while chunk := f.read(65536):
+          self.write(chunk.decode("utf-8", "backslashreplace").rstrip("\n"))
+
+    thread = threading.Thread(target=drain, name="lorajax-stderr",
+                              daemon=True)
+    thread.start()
+    self._fd2 = (terminal, original, thread, routed)
+
+  def _release_fd2(self) -> None:
+    if self._fd2 is None:
+      return
+    terminal, original, thread, routed = self._fd2
+    self._fd2 = None
+    with contextlib.suppress(OSError, ValueError):
+      routed.flush()
+      routed.terminal.close()
+    sys.stderr = original
+    os.dup2(terminal, 2)  # Closes the pipe's last write end: drain ends.
+    os.close(terminal)
+    thread.join(timeout=5)
+
   def __exit__(self, *exc) -> None:
-    (root, rh), (absl, ah), hook, show, sys_hook = self._saved
+    self._release_fd2()
+    (root, rh), (absl, ah), hook, show, sys_hook, unraisable = self._saved
     root.handlers[:] = rh
     absl.handlers[:] = ah
     threading.excepthook = hook
     warnings.showwarning = show
     sys.excepthook = sys_hook
+    sys.unraisablehook = unraisable
     if self._file is not None:
       with contextlib.suppress(OSError):
         self._file.close()
