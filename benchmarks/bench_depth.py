@@ -22,7 +22,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import jax
@@ -30,6 +29,9 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+import _timing
+
 import lorajax
 from lorajax.models import llama
 
@@ -108,17 +110,6 @@ class _Variant:
     return dt
 
 
-def _write_atomic(path, text):
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--depths", type=int, nargs="+", default=[4, 16, 32])
@@ -171,7 +162,7 @@ def main():
   if args.smoke:
     return
   os.makedirs(args.out, exist_ok=True)
-  _write_atomic(os.path.join(args.out, "depth.jsonl"),
+  _timing.write_atomic(os.path.join(args.out, "depth.jsonl"),
                 "".join(json.dumps(r) + "\n" for r in rows))
   by = {(r["layers"], r["layout"]): r for r in rows}
   title = ("# Compile time against depth: scanned vs unrolled layers"
@@ -204,7 +195,7 @@ def main():
         f" {s['lower_cpu_s']:.2f} | {s['compile_cpu_s']:.2f} | {ratio:.1f} |"
         f" {u['compile_s']:.1f} | {s['compile_s']:.1f} |"
         f" {1e3 * u['median_step_s']:.1f} | {1e3 * s['median_step_s']:.1f} |")
-  _write_atomic(os.path.join(args.out, "depth.md"), "\n".join(lines) + "\n")
+  _timing.write_atomic(os.path.join(args.out, "depth.md"), "\n".join(lines) + "\n")
   print("\n".join(lines))
 
 

@@ -35,6 +35,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
+import _timing
 import bench_step
 
 import lorajax
@@ -110,19 +111,14 @@ def bench_width(args, d, rank):
     return bench_step.forward(p, x, layers=layers, heads=heads)
 
   configs = [_Config(m, rank, d, params, ids, labels, fwd) for m in MODES]
-  for i in range(args.warmup + args.repeats):
-    for c in configs:
-      t = c.run()
-      if i >= args.warmup:
-        c.times.append(t)
+  _timing.round_robin(configs, warmup=args.warmup, repeats=args.repeats)
   ref = configs[0]
   return [{
       "mode": c.mode, "rank": rank, "d_model": d, "layers": layers,
       "tokens": args.batch * args.seq,
       "median_step_s": statistics.median(c.times), "min_step_s": min(c.times),
       "repeats": len(c.times),
-      "ratio_to_lora_factored": statistics.median(
-          t / r for t, r in zip(c.times, ref.times)),
+      "ratio_to_lora_factored": _timing.median_ratio(c.times, ref.times),
       "compile_s": c.compile_s,
   } for c in configs]
 
@@ -161,7 +157,7 @@ def main():
     return
   os.makedirs(args.out, exist_ok=True)
   name = "dora" + (f"_{args.tag}" if args.tag else "")
-  bench_step._write_atomic(  # noqa: SLF001
+  _timing.write_atomic(
       os.path.join(args.out, f"{name}.jsonl"),
                            "".join(json.dumps(r) + "\n" for r in rows))
   lines = [
@@ -181,7 +177,7 @@ def main():
         f"| {r['d_model']} | {r['mode']} | {r['median_step_s']:.4f} |"
         f" {r['min_step_s']:.4f} | {r['ratio_to_lora_factored']:.2f} |"
         f" {r['compile_s']:.1f} |")
-  bench_step._write_atomic(  # noqa: SLF001
+  _timing.write_atomic(
       os.path.join(args.out, f"{name}.md"),
                            "\n".join(lines) + "\n")
   print("\n".join(lines))

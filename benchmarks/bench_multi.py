@@ -20,7 +20,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import jax
@@ -29,6 +28,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
+import _timing
 import bench_step
 
 import lorajax
@@ -115,11 +115,7 @@ def _variants(args, kind):
 
 def bench(args, kind):
   vs = _variants(args, kind)
-  for i in range(args.warmup + args.repeats):
-    for v in vs:
-      t = v.run()
-      if i >= args.warmup:
-        v.times.append(t)
+  _timing.round_robin(vs, warmup=args.warmup, repeats=args.repeats)
   base = vs[0]
   rows = []
   for v in vs:
@@ -130,22 +126,10 @@ def bench(args, kind):
         "d_model": args.width, "layers": args.layers, "rank": args.rank,
         "median_s": statistics.median(v.times), "min_s": min(v.times),
         "repeats": len(v.times),
-        "ratio_to_single": statistics.median(
-            t / b for t, b in zip(v.times, base.times)),
+        "ratio_to_single": _timing.median_ratio(v.times, base.times),
         "compile_s": v.compile_s,
     })
   return rows
-
-
-def _write_atomic(path, text):
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 def main():
@@ -182,7 +166,7 @@ def main():
   if args.smoke:
     return
   os.makedirs(args.out, exist_ok=True)
-  _write_atomic(os.path.join(args.out, "multi.jsonl"),
+  _timing.write_atomic(os.path.join(args.out, "multi.jsonl"),
                 "".join(json.dumps(r) + "\n" for r in rows))
   lines = [
       "# Mixed-adapter batches vs a single-adapter batch", "",
@@ -200,7 +184,7 @@ def main():
         f"| {r['kind']} | {r['variant']} | {r['adapters_in_batch']} |"
         f" {1e3 * r['median_s']:.2f} | {r['ratio_to_single']:.2f} |"
         f" {r['compile_s']:.1f} |")
-  _write_atomic(os.path.join(args.out, "multi.md"), "\n".join(lines) + "\n")
+  _timing.write_atomic(os.path.join(args.out, "multi.md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

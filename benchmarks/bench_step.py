@@ -18,7 +18,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import jax
@@ -26,7 +25,10 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import lorajax  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
+import _timing
+
+import lorajax
 
 
 def init_params(key, *, layers, d, vocab):
@@ -143,36 +145,19 @@ def bench_width(args, d):
   for rank in args.ranks:
     for mode in ("merged", "factored"):
       configs.append(_Config(mode, rank, args, d, params, ids, labels, fwd))
-  for i in range(args.warmup + args.repeats):
-    for c in configs:
-      t = c.run()
-      if i >= args.warmup:
-        c.times.append(t)
+  _timing.round_robin(configs, warmup=args.warmup, repeats=args.repeats)
   full = configs[0]
   rows = []
   for c in configs:
-    ratios = [t / f for t, f in zip(c.times, full.times)]
     rows.append({
         "mode": c.mode, "rank": c.rank, "d_model": d, "layers": layers,
         "tokens": args.batch * args.seq,
         "median_step_s": statistics.median(c.times),
         "min_step_s": min(c.times), "repeats": len(c.times),
-        "ratio_to_full": statistics.median(ratios),
+        "ratio_to_full": _timing.median_ratio(c.times, full.times),
         "compile_s": c.compile_s, "peak_bytes_estimate": c.peak,
     })
   return rows
-
-
-def _write_atomic(path, text):
-  """Writes `text` to a temporary file next to `path`, then renames it."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 def main():
@@ -206,7 +191,7 @@ def main():
   if args.smoke:
     return
   os.makedirs(args.out, exist_ok=True)
-  _write_atomic(os.path.join(args.out, "bench_step.jsonl"),
+  _timing.write_atomic(os.path.join(args.out, "bench_step.jsonl"),
                 "".join(json.dumps(r) + "\n" for r in rows))
   loads = ", ".join(
       f"d={r['d_model']}: {r['load_avg_1m_start']:.1f} -> "
@@ -230,7 +215,7 @@ def main():
         f"| {r['d_model']} | {r['mode']} | {r['rank'] or ''} |"
         f" {r['median_step_s']:.3f} | {r['min_step_s']:.3f} |"
         f" {r['ratio_to_full']:.2f} | {r['compile_s']:.1f} | {mem} |")
-  _write_atomic(os.path.join(args.out, "bench_step.md"),
+  _timing.write_atomic(os.path.join(args.out, "bench_step.md"),
                 "\n".join(lines) + "\n")
   print("\n".join(lines))
 
