@@ -37,6 +37,7 @@ from lorajax._src.core.factored import (
 from lorajax._src.core.methods import VeraConfig, decompose, eva_init
 from lorajax._src.core.precision import precision_policy
 from lorajax._src.core.quant import quantize
+from lorajax._src.core.select import select_linear
 from lorajax._src.core.sharding import adapter_shardings, init_sharded
 from lorajax._src.core.summary import summary
 from lorajax._src.core.train import TrainStep, make_train_step
@@ -70,6 +71,7 @@ __all__ = (
     "precision_policy",
     "quant",
     "quantize",
+    "select_linear",
     "sharding",
     "summary",
     "unmerge",

@@ -13,25 +13,7 @@ import numpy as np
 
 from lorajax._src.core import paths as paths_lib
 from lorajax._src.core import quant as quant_lib
-
-# Names of a linear layer's weight leaf in Flax linen/NNX (`kernel`) and in
-# Hugging Face style or plain-dict params (`weight`, `w`).
-_WEIGHT_LEAF = r"(?:kernel|weight|w)"
-_EMBED_PART = re.compile(r".*(?:embed|embedding|wte|wpe|token_embd).*", re.I)
-_HEAD_PART = re.compile(r"(?:lm_head|head|output|classifier)", re.I)
-
-_ATTENTION_NAMES = (
-    "q", "k", "v", "o", "q_proj", "k_proj", "v_proj", "o_proj", "query",
-    "key", "value", "out", "out_proj", "qkv", "qkv_proj", "c_attn", "c_proj",
-    "wq", "wk", "wv", "attn_q", "attn_k", "attn_v", "attn_output",
-    "query_key_value", "dense",
-)
-_MLP_NAMES = (
-    "up", "down", "gate", "up_proj", "down_proj", "gate_proj", "gate_up_proj",
-    "wi", "wi_0", "wi_1", "wo", "fc1", "fc2", "c_fc", "w1", "w2", "w3",
-    "dense_h_to_4h", "dense_4h_to_h", "ffn_up", "ffn_down", "ffn_gate",
-    "mlp_in", "mlp_out",
-)
+from lorajax._src.core import targets as targets_lib
 
 PRESETS = ("all-linear", "attention", "mlp")
 INITS = ("lora", "gaussian", "pissa", "olora", "eva")
@@ -57,26 +39,6 @@ def _is_scan_stacked(path: str, ndim: int) -> bool:
 
 def _is_weight_node(x: Any) -> bool:
   return quant_lib.is_quantized(x) or quant_lib.is_merged(x)
-
-
-def _names_regex(names: Sequence[str]) -> str:
-  return rf"(?:.*/)?(?:{'|'.join(names)})/{_WEIGHT_LEAF}"
-
-
-_ATTENTION_RE = _names_regex(_ATTENTION_NAMES)
-_MLP_RE = _names_regex(_MLP_NAMES)
-
-
-def _is_all_linear(path: str, ndim: int, dtype: Any) -> bool:
-  """The `"all-linear"` rule (documented on `LoraConfig`)."""
-  parts = path.split("/")
-  if parts[-1] not in ("kernel", "weight", "w") or ndim < 2:
-    return False
-  if not jnp.issubdtype(dtype, jnp.floating):
-    return False
-  if any(_EMBED_PART.fullmatch(p) for p in parts):
-    return False
-  return not any(_HEAD_PART.fullmatch(p) for p in parts[:-1])
 
 
 def _as_tuple(value: Any, name: str) -> tuple[str, ...]:
@@ -392,32 +354,34 @@ class LoraConfig:
     return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
   def _is_target(self, path: str, ndim: int, dtype: Any) -> bool:
-    for t in self._tuple("targets"):
-      if t == "all-linear":
-        hit = _is_all_linear(path, ndim, dtype)
-      elif t == "attention":
-        hit = re.fullmatch(_ATTENTION_RE, path) is not None
-      elif t == "mlp":
-        hit = re.fullmatch(_MLP_RE, path) is not None
-      else:
-        hit = re.fullmatch(t, path) is not None
-      if hit:
-        break
-    else:
-      return False
-    for e in self._tuple("exclude"):
-      if e in PRESETS:
-        if self._is_preset_hit(e, path, ndim, dtype):
-          return False
-      elif re.fullmatch(e, path):
-        return False
-    return True
+    return self._explain(path, ndim, dtype)[0]
 
-  def _is_preset_hit(self, preset, path, ndim, dtype) -> bool:
-    if preset == "all-linear":
-      return _is_all_linear(path, ndim, dtype)
-    return re.fullmatch(_ATTENTION_RE if preset == "attention" else _MLP_RE,
-                        path) is not None
+  def _explain(self, path: str, ndim: int, dtype: Any) -> tuple[bool, str]:
+    """Whether the weight is targeted, and which rule decided.
+
+    Returns `(selected, why)`: the first target that matched (a preset with
+    the naming family it recognised, or the regex) and, for a weight left
+    out, the `exclude` entry that removed it or why the presets skipped it.
+    """
+    why_not = "matches no target"
+    for t in self._tuple("targets"):
+      if t in PRESETS:
+        hit, why = targets_lib.match(t, path, ndim, dtype)
+        if not hit:
+          why_not = why
+          continue
+      elif re.fullmatch(t, path) is None:
+        continue
+      else:
+        why = f"regex {t!r}"
+      break
+    else:
+      return False, why_not
+    for e in self._tuple("exclude"):
+      if (targets_lib.match(e, path, ndim, dtype)[0] if e in PRESETS
+          else re.fullmatch(e, path)):
+        return False, f"excluded by {e!r}"
+    return True, why
 
   def _lookup(self, pairs, path):
     for k, v in pairs:
