@@ -25,7 +25,7 @@ CORE = {
     "LoraFallbackError", "LoraFallbackWarning", "LoraWeight", "TrainStep",
     "adapter_shardings", "delta", "init", "init_sharded", "is_lora",
     "is_node", "lora", "make_train_step", "merge", "precision_policy",
-    "quantize", "summary", "unmerge",
+    "quantize", "select_linear", "summary", "unmerge",
     # Public submodules.
     "multi", "optim", "peft", "quant", "sharding",
     # PEFT's methods (docs/methods.md).
