@@ -177,14 +177,26 @@ class LoraConfig:
   NNX's trailing `value` dropped (`params/block_0/up/kernel` in linen params,
   `block_0/up/kernel` in an `nnx.split` state or a plain dict).
 
-  The `"all-linear"` preset adapts every floating-point leaf with at least two
-  axes whose name is `kernel`, `weight` or `w`, except embedding tables (a path
-  part containing `embed`, `embedding`, `wte`, `wpe` or `token_embd`) and output
-  heads (a path part named `lm_head`, `head`, `output` or `classifier`).
-  `"attention"` adapts the usual attention projections (`q`/`k`/`v`/`o`,
-  `q_proj`.., `query`/`key`/`value`/`out`, `qkv`, `c_attn`, `wq`..) and
-  `"mlp"` the usual MLP projections (`up`/`down`/`gate`, `*_proj`, `wi`/`wo`,
-  `fc1`/`fc2`, `c_fc`, `w1`/`w2`/`w3`..).
+  Presets read a path as module path + weight name by a table of naming
+  families (docs/core.md): `kernel` (flax, keras, `lorajax.models.llama`),
+  `weight` (PyTorch/PEFT state dicts, equinox), `w` (haiku, gemma einsums),
+  penzai's `<module>.weights[/data_array]`, gemma's bare `mlp/gating_einsum`
+  and `mlp/linear`, and fused expert banks (`experts/gate_up_proj`,
+  keras-hub's `experts/expert_feedforward_*_dense`). `"all-linear"` adapts
+  every floating-point weight with at least two axes that the table reads,
+  except embedding tables (a path part containing `embed`, `embedding`,
+  `wte`, `wpe` or `token_embd`) and output heads (a module or a part above
+  it named `lm_head`, `head`, `output` or `classifier`; an `output` directly
+  under an attention part is the attention's output projection and is
+  kept). `"attention"` adapts the usual attention projections (`q`/`k`/`v`/
+  `o`, `q_proj`.., `query`/`key`/`value`/`out`, `qkv`, `c_attn`, `wq`..,
+  gemma's `q_einsum`..) and `"mlp"` the usual MLP projections (`up`/`down`/
+  `gate`, `*_proj`, `wi`/`wo`, `fc1`/`fc2`, `w1`/`w2`/`w3`, gemma's
+  `gating_einsum`/`linear`, penzai's `*_linear`, keras-hub's
+  `feedforward_*_dense`..). `lorajax.summary(..., config=config)` shows
+  which rule selected each weight and why the others were left out;
+  `lorajax.select_linear(fn, params, *args)` selects by use instead of by
+  name.
 
   Attributes:
     rank: Default adapter rank, at least 1.

@@ -50,8 +50,9 @@ ATTENTION_NAMES = (
     "query_key_value", "dense",
     # gemma (google-deepmind/gemma `Attention`).
     "q_einsum", "kv_einsum", "qkv_einsum", "attn_vec_einsum",
-    # keras / keras-hub attention layers.
-    "attention_output",
+    # keras / keras-hub attention layers; equinox `MultiheadAttention`.
+    "attention_output", "query_proj", "key_proj", "value_proj",
+    "output_proj",
 )
 MLP_NAMES = (
     "up", "down", "gate", "up_proj", "down_proj", "gate_proj", "gate_up_proj",
@@ -208,7 +209,7 @@ def family_table_markdown() -> str:
     else:
       module = "the weight name itself"
     if f.parent:
-      module += f" (under `{f.parent}`)"
+      module += " (under `{}`)".format(f.parent.replace("|", "\\|"))
     leaf = f.leaf.replace("|", "\\|")
     lines.append(f"| {f.name} | `{leaf}` | {module} | {f.libraries} |"
                  f" `{f.example}` |")
