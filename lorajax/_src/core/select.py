@@ -122,12 +122,12 @@ class _UseWalker(_AxesWalker):
           out_flows = [_Flow(dep, paths)]
       else:
         self.pairs.update(path for _, x in weights for path, _ in x)
-    elif name == "gather" and invals[0] is not None:
+    elif name == "gather" and invals[0] is not None and (
+        layouts.USE_ROLES[name](eqn, 0) is not None
+        or layouts.STRUCTURAL[name](eqn, None) is None):
       # An embedding lookup: rows picked by token ids. A gather that only
       # indexes stacked axes (`w[expert_ids]`) is a structural op instead.
-      if (layouts.USE_ROLES[name](eqn, 0) is not None
-          or layouts.STRUCTURAL[name](eqn, None) is None):
-        self.gathered.update(path for path, _ in invals[0])
+      self.gathered.update(path for path, _ in invals[0])
     outs = self.eqn(eqn, invals)
     if out_flows is None and rule is not None and rule.category in _CALLS:
       out_flows = self._flows_out
