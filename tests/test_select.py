@@ -7,6 +7,7 @@ source of each name is noted next to it).
 """
 
 import dataclasses
+import functools
 import pathlib
 import re
 
@@ -217,6 +218,7 @@ def test_all_linear_on_flax_equinox_and_nnx_trees():
   assert _sel(state, "all-linear") == ["down/kernel", "up/kernel"]
 
 
+@functools.cache
 def _penzai(tie: bool):
   pytest.importorskip("penzai")
   from penzai import pz
@@ -280,13 +282,15 @@ def _gemma_fn(params, tokens):
 
 
 def _gemma_params():
-  keys = iter(jax.random.split(jax.random.key(3), len(GEMMA)))
-  abstract = _nested(GEMMA)
-  return jax.tree.map(
-      lambda s: 1.0 + 0.1 * jax.random.normal(next(keys), s.shape)
-      if len(s.shape) == 1 else
-      jax.random.normal(next(keys), s.shape) / np.sqrt(s.shape[-2]),
-      abstract)
+  rng = np.random.default_rng(3)
+
+  def draw(s):
+    if len(s.shape) == 1:  # norm scales around 1
+      return jnp.asarray(1.0 + 0.1 * rng.standard_normal(s.shape), F32)
+    w = 0.5 * rng.standard_normal(s.shape) / np.sqrt(s.shape[-2])
+    return jnp.asarray(w, F32)
+
+  return jax.tree.map(draw, _nested(GEMMA))
 
 
 def test_select_linear_on_gemma_excludes_the_tied_embedding():
@@ -337,7 +341,7 @@ def test_select_linear_on_flax_linen_and_equinox_models():
       "mha/query", "mha/key", "mha/value", "mha/out", "fc_a", "fc_b"))
   for tie in (False, True):
     model = Lm(tie)
-    params = model.init(jax.random.key(0), ids)
+    params = jax.eval_shape(model.init, jax.random.key(0), ids)
     got = lorajax.select_linear(model.apply, params, ids)
     assert _unescape(got) == want, tie
     if not tie:  # The name-based preset cannot know this is the head.
