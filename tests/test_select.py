@@ -452,3 +452,40 @@ def test_docs_naming_table_is_generated():
   doc = (pathlib.Path(__file__).parent.parent / "docs" / "core.md").read_text()
   block = doc.split("<!-- naming-table")[1].split("<!-- /naming-table -->")[0]
   assert block.split("-->\n", 1)[1] == targets.family_table_markdown()
+
+
+def test_select_linear_ragged_dot_experts_scan_and_conv():
+  e, d, f = 3, 4, 6
+  rng = np.random.default_rng(0)
+  params = {
+      "router": {"kernel": jnp.asarray(rng.standard_normal((d, e)), F32)},
+      "experts": {"w_in": jnp.asarray(rng.standard_normal((e, d, f)), F32)},
+      "blocks": {"kernel": jnp.asarray(rng.standard_normal((2, f, f)), F32)},
+      "conv": {"kernel": jnp.asarray(rng.standard_normal((3, 1, 1)), F32)},
+  }
+
+  def fn(p, x):  # x: (tokens, d), tokens sorted by expert
+    gate = jax.nn.softmax(x @ p["router"]["kernel"])
+    h = jax.lax.ragged_dot(x, p["experts"]["w_in"],
+                           jnp.array([2, 1, 1], jnp.int32))
+    h = jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), h,
+                     p["blocks"]["kernel"])[0]
+    sig = jax.lax.conv_general_dilated(
+        h[None, :, :1].transpose(0, 2, 1), p["conv"]["kernel"], (1,),
+        "SAME")
+    return h + sig[0, 0][:, None] * jnp.sum(gate, -1, keepdims=True)
+
+  x = jnp.asarray(rng.standard_normal((4, d)), F32)
+  got = lorajax.select_linear(fn, params, x)
+  assert _unescape(got) == ["blocks/kernel", "experts/w_in",
+                            "router/kernel"]
+  from lorajax._src.core.select import trace_uses
+  assert trace_uses(fn, params, (x,), {})["conv/kernel"] == (
+      False, "convolution kernel (name it in `targets` to adapt it)")
+  config = lorajax.LoraConfig(rank=2, targets=got,
+                              axes={r"experts/w_in|blocks/kernel": "sio"})
+  adapter = lorajax.init(params, config, key=jax.random.key(0))
+  rules = {w.path: w.rule for w in lorajax.summary(params, adapter,
+                                                   config=config).weights}
+  assert set(rules.values()) == {"listed path"}
+  _lora_equals_merged(fn, params, config, x)

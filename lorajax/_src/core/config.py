@@ -385,7 +385,7 @@ class LoraConfig:
       elif re.fullmatch(t, path) is None:
         continue
       else:
-        why = f"regex {t!r}"
+        why = ("listed path" if t == re.escape(path) else f"regex {t!r}")
       break
     else:
       return False, why_not

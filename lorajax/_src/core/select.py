@@ -62,6 +62,7 @@ class _UseWalker(_AxesWalker):
     self.linear: dict[str, set[str]] = {}
     self.gathered: set[str] = set()
     self.pairs: set[str] = set()  # in a matmul with another weight
+    self.convs: set[str] = set()
     self._flows_in: list[list[_Flow]] = []
     self._flows_out: list[_Flow] | None = None
 
@@ -128,6 +129,8 @@ class _UseWalker(_AxesWalker):
       # An embedding lookup: rows picked by token ids. A gather that only
       # indexes stacked axes (`w[expert_ids]`) is a structural op instead.
       self.gathered.update(path for path, _ in invals[0])
+    elif name == "conv_general_dilated":
+      self.convs.update(path for _, x in weights for path, _ in x)
     outs = self.eqn(eqn, invals)
     if out_flows is None and rule is not None and rule.category in _CALLS:
       out_flows = self._flows_out
@@ -169,6 +172,9 @@ def trace_uses(fn: Callable[..., Any], params: PyTree, args: tuple,
     elif uses:
       out[path] = (True, "weight operand of " + ", ".join(
           f"`{u}`" for u in sorted(uses)))
+    elif path in walker.convs:
+      out[path] = (False, "convolution kernel (name it in `targets` to adapt"
+                   " it)")
     elif path in walker.pairs:
       out[path] = (False, "in a matmul with another weight only")
     else:
