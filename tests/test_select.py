@@ -488,4 +488,3 @@ def test_select_linear_ragged_dot_experts_scan_and_conv():
   rules = {w.path: w.rule for w in lorajax.summary(params, adapter,
                                                    config=config).weights}
   assert set(rules.values()) == {"listed path"}
-  _lora_equals_merged(fn, params, config, x)
