@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jex
@@ -93,7 +94,9 @@ class Rule:
     name: The logical primitive name (a key of `jax_compat.primitives()`).
     category: What the interpreter does with a factored operand:
       `structural` (a layout transfer from `layouts.STRUCTURAL`: the op is
-      applied to the base and to every adapter array), `passthrough` (the
+      applied to the base and to every adapter array), `cast` (structural
+      when `cast_kind` says the cast is exact or rounding, else a reported
+      fallback to the merged weight), `passthrough` (the
       op acts on the base; the adapter arrays are unchanged), `use` (the
       adapter kind's hook `hook` computes the factored result), `fused`
       (the kind's `concatenate` builds a factored value), `call` (the body
@@ -111,8 +114,11 @@ class Rule:
 
 
 _RULES = (
-    Rule("convert_element_type", "structural",
-         "casts the base; the factors keep their dtype"),
+    Rule("convert_element_type", "cast", "value-preserving (to a float"
+         " type holding every value: bf16 -> f32) or rounding (float to a"
+         " float of 16 bits or more: f32 -> bf16/f16): casts the base, the"
+         " factors keep their dtype; any other cast (int, bool, fp8,"
+         " complex): fallback"),
     Rule("transpose", "structural", "permutes the factors' axes with the"
          " weight's"),
     Rule("broadcast_in_dim", "structural", "broadcasts the factors; new axes"
@@ -124,9 +130,12 @@ _RULES = (
     Rule("dynamic_slice", "structural", "dynamic-slices the factors (e.g."
          " one layer of a stack)"),
     Rule("rev", "structural", "reverses the factors"),
-    Rule("gather", "use", "embedding lookup: rows of `a`, then `@ b`;"
-         " indexing stacked axes (`w[expert_ids]`): gathers the factors",
-         "gather"),
+    Rule("gather", "use", "a lookup (full slices except the indexed and"
+         " vmap-batched axes; any axis, index layout, mode): indexing input"
+         " or output axes (embeddings, `vmap` of `w[i]`, transposed tables)"
+         " gathers the factor holding them, then contracts the rank;"
+         " indexing stacked axes (`w[expert_ids]`) gathers the factors and"
+         " stays factored", "gather"),
     Rule("dot_general", "use", "`x @ W + scale * (x @ a) @ b`, any dimension"
          " numbers; both operands adapted: fallback", "dot_general"),
     Rule("ragged_dot_general", "use", "MoE grouped matmul: `ragged_dot(x, a)`"
@@ -140,7 +149,8 @@ _RULES = (
     Rule("device_put", "passthrough", "acts on the base"),
     Rule("sharding_constraint", "passthrough", "constrains the base; the"
          " factors are left to the compiler"),
-    Rule("reduce_precision", "passthrough", "acts on the base"),
+    Rule("reduce_precision", "cast", "a no-op (as many exponent and"
+         " mantissa bits as the dtype): nothing; else fallback"),
     Rule("optimization_barrier", "passthrough", "acts on the base"),
     Rule("reshard", "passthrough", "reshards the base; the factors are left"
          " to the compiler"),
@@ -193,6 +203,74 @@ def rules_markdown() -> str:
   return "\n".join(lines) + "\n"
 
 
+# -- casts ---------------------------------------------------------------------
+
+
+def _float_info(dtype: Any) -> Any:
+  dt = np.dtype(dtype)
+  if not jnp.issubdtype(dt, jnp.floating):
+    return None
+  return jnp.finfo(dt)
+
+
+def cast_kind(name: str, params: dict, src: Any) -> tuple[str, str]:
+  """Whether a cast of an adapted weight may stay factored.
+
+  The factored path casts the base `W` and leaves the low-rank term
+  `scale * a @ b` unrounded (the factors are cast to the computation dtype
+  where they meet the matmul), while the merged path casts `W + scale * a @
+  b`. The two agree exactly when the cast loses nothing, and to within the
+  target's rounding when it only rounds:
+
+  * `exact`: a float-to-float cast whose target holds every value of the
+    source (as many or more exponent and mantissa bits: bf16 -> f32,
+    f16 -> f32, f32 -> f64, same dtype); a `reduce_precision` that keeps at
+    least the source's bits (a no-op).
+  * `rounding`: a float-to-float cast to a float type of 16 bits or more
+    that holds fewer values (f32 -> bf16, f32 -> f16, f64 -> f32): this is
+    how mixed-precision models run, so it stays factored; the result
+    differs from the merged one by rounding `W` alone instead of `W + scale
+    * a @ b` (one unit in the last place of the target type, relative to
+    the weight), in value and gradient.
+  * `lossy`: everything else: casts to integers, booleans, 8-bit (or
+    narrower) floats such as fp8 e4m3/e5m2, complex types, casts from
+    non-float weights, and any `reduce_precision` that drops bits (fake
+    quantization). These fall back to the merged weight for that use
+    (reported), so the result is `fn(merge(params, adapter))` exactly.
+
+  Args:
+    name: `convert_element_type` or `reduce_precision`.
+    params: The primitive's params.
+    src: The dtype of the weight being cast.
+
+  Returns:
+    `(kind, why)`: one of `"exact"`, `"rounding"`, `"lossy"`, and for
+    `"lossy"` a reason for the fallback message.
+  """
+  fs = _float_info(src)
+  src_name = np.dtype(src).name
+  if name == "reduce_precision":
+    e, m = jc.reduce_precision_bits(params)
+    if fs is not None and e >= fs.nexp and m >= fs.nmant:
+      return "exact", ""
+    return "lossy", (f"reduce_precision to {e} exponent and {m} mantissa"
+                     f" bits rounds {src_name} values, and must round the"
+                     " adapted weight W + scale * a @ b, not W alone")
+  dst = np.dtype(jc.convert_new_dtype(params))
+  fd = _float_info(dst)
+  if dst == np.dtype(src):
+    return "exact", ""
+  if fs is not None and fd is not None:
+    if (fd.nexp >= fs.nexp and fd.nmant >= fs.nmant
+        and fd.maxexp >= fs.maxexp and fd.minexp <= fs.minexp):
+      return "exact", ""
+    if fd.bits >= 16:
+      return "rounding", ""
+  return "lossy", (f"a cast from {src_name} to {dst.name} is not"
+                   " value-preserving, so it must be applied to the adapted"
+                   " weight W + scale * a @ b, not to W alone")
+
+
 # -- the interpreter -----------------------------------------------------------
 
 
@@ -204,7 +282,8 @@ class _Interpreter:
     self.reported: set[tuple[str, str]] = set()
     self.rules = _rules()
     self.by_category: dict[str, Callable[..., list[Any] | None]] = {
-        "structural": self._structural, "passthrough": self._passthrough,
+        "structural": self._structural, "cast": self._cast,
+        "passthrough": self._passthrough,
         "use": self._use, "fused": self._fused, "call": self._call,
         "remat": self._remat, "custom": self._custom, "scan": self._scan,
         "cond": self._cond, "while": self._while,
@@ -336,9 +415,20 @@ class _Interpreter:
     out = getattr(v.kind, rule.hook)(v, use)
     if out is not None:
       return [out]
-    if rule.name in layouts.STRUCTURAL and pos[0] == 0:
+    if rule.name == "gather" and pos[0] == 0 and (
+        layouts.gather_selects_stacked(eqn, v.roles)):
       return self._structural(rule, eqn, invals)
     return None
+
+  def _cast(self, rule, eqn, invals):
+    v = invals[0]
+    if not isinstance(v, Factored) or v.kind is BASE_ONLY:
+      # Without an adapter the cast of the base is the cast of the weight.
+      return self._structural(rule, eqn, invals)
+    kind, why = cast_kind(rule.name, eqn.params, v.dtype)
+    if kind != "lossy":
+      return self._structural(rule, eqn, invals)
+    return jc.bind_eqn(eqn, [self.fallback(v, rule.name, why), *invals[1:]])
 
   def _fused(self, rule, eqn, invals):
     del rule
@@ -663,7 +753,9 @@ class _AxesWalker:
     if rule is None:
       return none
     cat, name = rule.category, rule.name
-    if cat == "structural":
+    if cat in ("structural", "cast"):
+      # Lossy casts still move the layout: the merged weight a fallback
+      # uses needs the same axes.
       return [self.structural(name, eqn, invals[0])] if invals[0] else none
     if cat == "passthrough":
       return invals[:len(none)] if len(invals) >= len(none) else none

@@ -267,6 +267,7 @@ class GatherDims(NamedTuple):
   start_index_map: tuple[int, ...]
   operand_batching_dims: tuple[int, ...]
   slice_sizes: tuple[int, ...]
+  start_indices_batching_dims: tuple[int, ...] = ()
 
 
 def gather_dims(params: dict) -> GatherDims:
@@ -274,16 +275,55 @@ def gather_dims(params: dict) -> GatherDims:
   return GatherDims(tuple(dn.offset_dims), tuple(dn.collapsed_slice_dims),
                     tuple(dn.start_index_map),
                     tuple(getattr(dn, "operand_batching_dims", ())),
-                    tuple(params["slice_sizes"]))
+                    tuple(params["slice_sizes"]),
+                    tuple(getattr(dn, "start_indices_batching_dims", ())))
+
+
+def gather_mode(params: dict) -> str:
+  """`"clip"`, `"fill"` (fill or drop), `"promise"` (in bounds) or other.
+
+  Anything else (e.g. `ONE_HOT`) is returned by its lower-case name, which
+  callers treat as unknown.
+  """
+  mode = params.get("mode")
+  name = getattr(mode, "name", str(mode)).lower()
+  return {"clip": "clip", "fill_or_drop": "fill",
+          "promise_in_bounds": "promise"}.get(name, name)
+
+
+def gather_fill_value(params: dict) -> Any:
+  """The fill value of a `"fill"` gather (None: NaN for floats)."""
+  return params.get("fill_value")
 
 
 def with_gather_dims(params: dict, *, offset_dims, collapsed_slice_dims,
-                     start_index_map, slice_sizes) -> dict:
-  dn = params["dimension_numbers"]._replace(
-      offset_dims=tuple(offset_dims),
-      collapsed_slice_dims=tuple(collapsed_slice_dims),
-      start_index_map=tuple(start_index_map))
-  return dict(params, dimension_numbers=dn, slice_sizes=tuple(slice_sizes))
+                     start_index_map, slice_sizes, operand_batching_dims=None,
+                     fill_value: Any = ...) -> dict:
+  """`params` with new dimension numbers (and optionally fill value).
+
+  `operand_batching_dims=None` keeps the old ones (and the paired
+  `start_indices_batching_dims`); `fill_value=...` keeps the old one.
+  """
+  kw = dict(offset_dims=tuple(offset_dims),
+            collapsed_slice_dims=tuple(collapsed_slice_dims),
+            start_index_map=tuple(start_index_map))
+  if operand_batching_dims is not None:
+    kw["operand_batching_dims"] = tuple(operand_batching_dims)
+  dn = params["dimension_numbers"]._replace(**kw)
+  out = dict(params, dimension_numbers=dn, slice_sizes=tuple(slice_sizes))
+  if fill_value is not ...:
+    out["fill_value"] = fill_value
+  return out
+
+
+def convert_new_dtype(params: dict) -> Any:
+  """The target dtype of a `convert_element_type`."""
+  return params["new_dtype"]
+
+
+def reduce_precision_bits(params: dict) -> tuple[int, int]:
+  """`(exponent_bits, mantissa_bits)` of a `reduce_precision`."""
+  return int(params["exponent_bits"]), int(params["mantissa_bits"])
 
 
 class ConvDims(NamedTuple):
@@ -395,10 +435,18 @@ def _examples() -> dict[str, tuple[Callable[[dict], Any], Callable, tuple]]:
                         (w, f((), jnp.int32))),
       "rev": (rev_dims, lambda x: jax.lax.rev(x, (0,)), (w,)),
       "concatenate": (concat_dim, lambda x: jnp.concatenate([x, x], 1), (w,)),
-      "gather": (lambda p: (gather_dims(p), with_gather_dims(
+      "gather": (lambda p: (gather_dims(p), gather_mode(p),
+                            gather_fill_value(p), with_gather_dims(
           p, offset_dims=(1,), collapsed_slice_dims=(0,),
-          start_index_map=(0,), slice_sizes=(1, 4))),
-                 lambda x, i: x[i], (w, f((5,), jnp.int32))),
+          start_index_map=(0,), slice_sizes=(1, 4),
+          operand_batching_dims=(), fill_value=0.0)),
+                 lambda x, i: x.at[i].get(mode="fill", fill_value=1.0),
+                 (w, f((5,), jnp.int32))),
+      "convert_element_type": (convert_new_dtype,
+                               lambda x: x.astype(jnp.bfloat16), (w,)),
+      "reduce_precision": (reduce_precision_bits,
+                           lambda x: jax.lax.reduce_precision(x, 5, 2),
+                           (w,)),
       "conv_general_dilated": (conv_dims, lambda x, k: jax.lax.conv(
           x, k, (1,), "SAME"), (f((1, 2, 5)), f((3, 2, 3)))),
       "jit": (call_body, jax.jit(lambda x: x + 1), (w,)),

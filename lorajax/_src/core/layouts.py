@@ -16,7 +16,7 @@ check a weight's layout against them.
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
@@ -34,14 +34,20 @@ def _own(x, held_in):
 
 def _make(eqn: Eqn, rest: Sequence[Any] | None, sources, apply_to
           ) -> StructuralOp:
+  return _make_op(eqn.primitive, eqn.params, jc.in_shape(eqn),
+                  tuple(jc.out_aval(eqn).shape), rest, sources, apply_to)
+
+
+def _make_op(prim: Any, params: dict, in_shape: Sequence[int],
+             out_shape: Sequence[int], rest: Sequence[Any] | None, sources,
+             apply_to) -> StructuralOp:
   def bind_dense(w):
-    return jc.bind_eqn(eqn, [w, *(rest or ())])[0]
+    return jc.bind(prim, [w, *(rest or ())], params)[0]
 
   return StructuralOp(
-      name=eqn.primitive.name, in_shape=jc.in_shape(eqn),
-      out_shape=tuple(jc.out_aval(eqn).shape),
+      name=prim.name, in_shape=tuple(in_shape), out_shape=tuple(out_shape),
       sources=tuple(tuple(s) for s in sources), apply_to=apply_to,
-      bind_dense=bind_dense, params=eqn.params)
+      bind_dense=bind_dense, params=params)
 
 
 def _identity(eqn, rest):
@@ -180,52 +186,183 @@ def _rev(eqn, rest):
                apply_to)
 
 
-def _gather(eqn, rest):
-  """Indexing into stacked axes only (`w[expert_ids]`): a structural op."""
-  g = jc.gather_dims(eqn.params)
-  shape = jc.in_shape(eqn)
+# -- gathers -------------------------------------------------------------------
+# A gather is recognised by its dimension numbers, not by one call pattern.
+# It is a *lookup* when it takes full slices of the weight along every axis
+# except the axes it indexes (`start_index_map` axes whose slice is shorter
+# than the axis; other `start_index_map` axes are taken whole, as `vmap` of
+# `w[i]` does) and the axes it batches over (`operand_batching_dims`, from
+# `vmap` over a stacked weight). Then the same gather applied to each factor
+# that holds the indexed axes (with the index-vector components of the axes
+# it holds), and nothing done to the other factors, gives the factors of the
+# gathered value: the indexed axes all have one role, so they live in the
+# same factors. Index-vector layout, batch dims of the indices, modes `clip`
+# and `promise` carry over unchanged; `fill` needs care (see `gather_use`).
+
+
+class GatherPlan(NamedTuple):
+  """What a gather does to the axes of its operand (see `gather_plan`).
+
+  Attributes:
+    indexed: Operand axes really indexed (slice shorter than the axis).
+    batching: `operand_batching_dims`.
+    batch_pos: Result positions of the indices' batch dims, in order.
+    out_pos: Operand axis -> result position, for the axes kept as slices.
+    paired: Operand batching axis -> its result position.
+    mode: `"clip"`, `"fill"` or `"promise"`.
+  """
+
+  indexed: tuple[int, ...]
+  batching: tuple[int, ...]
+  batch_pos: tuple[int, ...]
+  out_pos: dict[int, int]
+  paired: dict[int, int]
+  mode: str
+
+
+def gather_plan(params: dict, in_shape: Sequence[int],
+                out_shape: Sequence[int]) -> GatherPlan | None:
+  """The plan of a gather that is a lookup, else None.
+
+  A lookup indexes at least one axis, takes every axis that is neither
+  indexed nor batched whole, and has a known mode.
+  """
+  g = jc.gather_dims(params)
+  mode = jc.gather_mode(params)
   keys = g.start_index_map
-  if (g.operand_batching_dims or not keys
-      or set(g.collapsed_slice_dims) != set(keys)
-      or any(g.slice_sizes[j] != shape[j] for j in range(len(shape))
-             if j not in keys)):
+  indexed = tuple(k for k in keys if g.slice_sizes[k] < in_shape[k])
+  if not indexed or mode not in ("clip", "fill", "promise"):
     return None
-  kept = [j for j in range(len(shape)) if j not in keys]
-  n_out = len(jc.out_aval(eqn).shape)
-  batch_pos = [p for p in range(n_out) if p not in g.offset_dims]
-  out_pos = dict(zip(kept, g.offset_dims))  # operand axis -> result axis
-  sources = [tuple(keys)] * n_out
-  for j in kept:
-    sources[out_pos[j]] = (j,)
+  for j, n in enumerate(in_shape):
+    if j not in keys and j not in g.operand_batching_dims and (
+        g.slice_sizes[j] != n):
+      return None  # A static partial slice inside the gather: rare; no.
+  batch_pos = tuple(p for p in range(len(out_shape))
+                    if p not in g.offset_dims)
+  kept = [j for j in range(len(in_shape))
+          if j not in g.collapsed_slice_dims
+          and j not in g.operand_batching_dims]
+  return GatherPlan(
+      indexed, g.operand_batching_dims, batch_pos,
+      dict(zip(kept, g.offset_dims)),
+      {j: batch_pos[t] for j, t in zip(g.operand_batching_dims,
+                                        g.start_indices_batching_dims)},
+      mode)
+
+
+def gather_op(prim: Any, params: dict, in_shape: Sequence[int],
+              out_shape: Sequence[int], rest: Sequence[Any] | None, *,
+              part_fill: Any = ...) -> StructuralOp | None:
+  """A lookup gather as a `StructuralOp`, or None.
+
+  Result axes that come from the indices' batch dims have the indexed axes
+  as sources (a batching axis' own position has that axis); the other
+  result axes come from the kept operand axes. `apply_to` gathers an array
+  that holds the indexed axes (index-vector components of axes it lacks are
+  dropped) and only moves axes of one that does not. `part_fill` replaces
+  the fill value for `apply_to` (`...`: keep it).
+  """
+  plan = gather_plan(params, in_shape, out_shape)
+  if plan is None:
+    return None
+  g = jc.gather_dims(params)
+  keys = g.start_index_map
+  sources: list[tuple[int, ...]] = [()] * len(out_shape)
+  for p in plan.batch_pos:
+    sources[p] = plan.indexed
+  for j, p in (*plan.out_pos.items(), *plan.paired.items()):
+    sources[p] = (j,)
 
   def apply_to(x, hi, ho):
-    if not any(k in hi for k in keys):
-      return x  # Constant along the indexed axes.
     own = _own(x, hi)
-    nb = len(batch_pos)
-    kept_x = [j for j in hi if j not in keys]
-    params = jc.with_gather_dims(
-        eqn.params,
-        offset_dims=range(nb, nb + len(kept_x) + len(own)),
-        collapsed_slice_dims=[hi.index(k) for k in g.collapsed_slice_dims],
-        start_index_map=[hi.index(k) for k in keys],
-        slice_sizes=[g.slice_sizes[j] for j in hi]
-        + [x.shape[q] for q in own])
-    y = jc.bind(eqn.primitive, [x, rest[0]], params)[0]
-    pos = batch_pos + [out_pos[j] for j in kept_x]
-    return jnp.transpose(y, [pos.index(p) for p in ho]
-                         + list(range(len(pos), y.ndim)))
+    if not any(k in hi for k in plan.indexed):
+      # Constant along the indexed axes: drop collapsed (size-1) axes and
+      # put batching axes where their indices' batch dims go.
+      sq = [hi.index(j) for j in hi if j in g.collapsed_slice_dims]
+      x = lax.squeeze(x, sq) if sq else x
+      pos = [plan.out_pos.get(j, plan.paired.get(j)) for j in hi
+             if j not in g.collapsed_slice_dims]
+    else:
+      if any(j not in hi for j in plan.batching):
+        raise ValueError("a factor holds the indexed axes of a gather but"
+                         " not its batching axes")
+      idx = rest[0]  # type: ignore[index]
+      sel = [c for c, k in enumerate(keys) if k in hi]
+      if len(sel) != len(keys):
+        idx = jnp.stack([idx[..., c] for c in sel], axis=-1)
+      nb = len(plan.batch_pos)
+      kept_x = [j for j in hi if j in plan.out_pos]
+      new = jc.with_gather_dims(
+          params, offset_dims=range(nb, nb + len(kept_x) + len(own)),
+          collapsed_slice_dims=[hi.index(j) for j in g.collapsed_slice_dims
+                                if j in hi],
+          start_index_map=[hi.index(keys[c]) for c in sel],
+          operand_batching_dims=[hi.index(j) for j in plan.batching],
+          slice_sizes=[g.slice_sizes[j] for j in hi]
+          + [x.shape[q] for q in own], fill_value=part_fill)
+      x = jc.bind(prim, [x, idx], new)[0]
+      pos = [*plan.batch_pos, *(plan.out_pos[j] for j in kept_x)]
+    return jnp.transpose(x, [pos.index(p) for p in ho]
+                         + list(range(len(pos), x.ndim)))
 
-  return _make(eqn, rest, sources, apply_to)
+  return _make_op(prim, params, in_shape, out_shape, rest, sources,
+                  apply_to)
+
+
+def gather_in_bounds(params: dict, in_shape: Sequence[int], idx: Any
+                     ) -> Any:
+  """Which windows of a `fill` gather are in bounds, `idx.shape[:-1]`.
+
+  XLA's rule for `FILL_OR_DROP`: a window is out of bounds when any start
+  index is negative or past `axis size - slice size`.
+  """
+  g = jc.gather_dims(params)
+  ok = None
+  for c, k in enumerate(g.start_index_map):
+    i = idx[..., c]
+    hit = (i >= 0) & (i <= in_shape[k] - g.slice_sizes[k])
+    ok = hit if ok is None else ok & hit
+  return ok
+
+
+def _gather(eqn, rest):
+  return gather_op(eqn.primitive, eqn.params, jc.in_shape(eqn),
+                   tuple(jc.out_aval(eqn).shape), rest)
+
+
+def gather_selects_stacked(eqn: Eqn, roles: str) -> bool:
+  """True for a gather that picks slices of stacked axes (`w[expert_ids]`).
+
+  Its result is still a weight and stays factored (a structural op). In
+  `fill` mode the factors are filled like the base, which is exact only
+  for a fill value of 0 or NaN (the default) and when every index-vector
+  component indexes an axis held by the factors; otherwise: no.
+  """
+  shape = jc.in_shape(eqn)
+  plan = gather_plan(eqn.params, shape, tuple(jc.out_aval(eqn).shape))
+  if plan is None or any(roles[j] != "s"
+                         for j in (*plan.indexed, *plan.batching)):
+    return False
+  if plan.mode != "fill":
+    return True
+  fill = jc.gather_fill_value(eqn.params)
+  keys = jc.gather_dims(eqn.params).start_index_map
+  return set(keys) == set(plan.indexed) and (
+      fill is None or fill == 0 or fill != fill)  # NaN != NaN
 
 
 def _gather_hint(eqn) -> dict[int, str]:
-  return dict.fromkeys(jc.gather_dims(eqn.params).collapsed_slice_dims, "s")
+  plan = gather_plan(eqn.params, jc.in_shape(eqn),
+                     tuple(jc.out_aval(eqn).shape))
+  if plan is None:
+    return {}
+  return dict.fromkeys((*plan.indexed, *plan.batching), "s")
 
 
 STRUCTURAL: dict[str, Callable[[Eqn, Sequence[Any] | None],
                                StructuralOp | None]] = {
     "convert_element_type": _identity,
+    "reduce_precision": _identity,
     "transpose": _transpose,
     "broadcast_in_dim": _broadcast_in_dim,
     "reshape": _reshape,
@@ -273,11 +410,15 @@ def _conv_roles(eqn, position):
 
 
 def _embedding_roles(eqn, position):
-  if position != 0 or len(jc.in_shape(eqn)) != 2:
+  """A 2-D table looked up along one axis: that axis is the input axis."""
+  shape = jc.in_shape(eqn)
+  if position != 0 or len(shape) != 2:
     return None
-  if jc.gather_dims(eqn.params).collapsed_slice_dims != (0,):
+  plan = gather_plan(eqn.params, shape, tuple(jc.out_aval(eqn).shape))
+  if plan is None or len(plan.indexed) != 1 or plan.batching:
     return None
-  return {0: "i", 1: "o"}
+  (k,) = plan.indexed
+  return {k: "i", 1 - k: "o"}
 
 
 USE_ROLES: dict[str, Callable[[Eqn, int], dict[int, str] | None]] = {

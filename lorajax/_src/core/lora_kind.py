@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lorajax._src.core import explicit
+from lorajax._src.core import explicit, layouts
 from lorajax._src.core import jax_compat as jc
 from lorajax._src.core.adapter import LoraWeight, check_node
 from lorajax._src.core.extend import (
@@ -23,6 +23,7 @@ from lorajax._src.core.extend import (
     Factored,
     Use,
     dense,
+    held_axes,
     register_adapter_kind,
 )
 from lorajax._src.core.typing import Array, Float
@@ -158,30 +159,7 @@ class LoraKind(AdapterKind):
 
   def gather(self, v: Factored, use: Use) -> jax.Array | None:
     """An embedding lookup: rows of `W`, plus `scale * (rows of a) @ b`."""
-    if use.position != 0 or v.ndim != 2 or v.roles != "io":
-      return None
-    g = jc.gather_dims(use.params)
-    if (g.collapsed_slice_dims != (0,) or g.start_index_map != (0,)
-        or g.operand_batching_dims or g.slice_sizes[1] != v.shape[1]
-        or len(g.offset_dims) != 1):
-      return None
-    a, b = v.parts
-    idx = use.operands[1]
-    base_out = use.base_output()
-    params = jc.with_gather_dims(
-        use.params, offset_dims=g.offset_dims, collapsed_slice_dims=(0,),
-        start_index_map=(0,), slice_sizes=(1, a.shape[-1]))
-    rows_a = use.bind([a, idx], params)
-    pos = g.offset_dims[0]
-    rows = jnp.moveaxis(rows_a, pos, -1).astype(base_out.dtype)
-    d_sharding = explicit.sharding_of(base_out)
-    if d_sharding is not None:
-      entries = list(explicit.padded_spec(d_sharding, base_out.ndim))
-      entries.append(entries.pop(pos))
-      d_sharding = explicit.out_sharding(d_sharding, tuple(entries))
-    d = jnp.einsum("...r,or->...o", rows, b.astype(base_out.dtype),
-                   out_sharding=d_sharding)
-    return base_out + jnp.moveaxis(v.meta * d, -1, pos).astype(base_out.dtype)
+    return lookup(v, use)
 
   def conv(self, v: Factored, use: Use) -> jax.Array | None:
     """A conv to `rank` channels with `a` as kernel, then `b` as a 1x1 conv."""
@@ -304,6 +282,66 @@ class LoraKind(AdapterKind):
       a, b = (cat, diag) if role == "o" else (diag, cat)
     return Factored(base, (a, b), roles, MASKS, self, 1.0, "+".join(
         dict.fromkeys(p.path for p in tagged)))
+
+
+def lookup(v: Factored, use: Use) -> jax.Array | None:
+  """A gather that looks up input or output axes of `v`, as a dense result.
+
+  The gather is recognised by its dimension numbers (`layouts.gather_op`):
+  any indexed axes of one role, `i` (an embedding table `(vocab, d)`
+  indexed by token ids, also under `vmap`) or `o` (a transposed table
+  indexed along its second axis), full slices elsewhere, `vmap` batching
+  over stacked axes, any mode. It is applied to the base and to the factors
+  that hold the indexed axes (`a` for `i`), the others are moved along, and
+  the kind's own `materialize` turns the gathered value into the dense
+  result, e.g. `W[ids] + scale * a[ids] @ b`: nothing larger than the
+  result is formed. Stacked-axis indexing (`w[expert_ids]`) is not a lookup
+  (the result is still a weight): None, so the interpreter keeps it
+  factored as a structural op.
+
+  In `fill` mode the factors are gathered with a fill value of 0 (finite,
+  so no NaN reaches the gradient) and the windows out of bounds take the
+  base's result, which is the fill value the merged path gives.
+
+  Args:
+    v: The gathered weight (the gather's operand).
+    use: The gather.
+
+  Returns:
+    The result, or None when the gather is not a lookup of this kind.
+  """
+  if use.position != 0 or any(isinstance(x, Factored)
+                              for x in use.operands[1:]):
+    return None
+  out_shape = tuple(use.out_aval.shape)
+  plan = layouts.gather_plan(use.params, v.shape, out_shape)
+  if plan is None:
+    return None
+  r_k = {v.roles[k] for k in plan.indexed}
+  if len(r_k) != 1 or r_k == {"s"}:
+    return None
+  (role,) = r_k
+  if any(v.roles[j] not in ("s", role) for j in plan.batching):
+    return None  # e.g. `take_along_axis`: one row index per column.
+  for m in v.masks:
+    if role in m and any(v.roles[j] not in m for j in plan.batching):
+      return None
+  op = layouts.gather_op(use.primitive, use.params, v.shape, out_shape,
+                         use.operands[1:], part_fill=0)
+  assert op is not None  # `plan` is not None.
+  roles = op.out_roles(v.roles)
+  if roles is None:
+    return None
+  base_out = use.base_output()
+  parts = tuple(op.apply_to(p, v.held(k), held_axes(roles, m))
+                for k, (p, m) in enumerate(zip(v.parts, v.masks)))
+  out = v.kind.materialize(v.replace(base=base_out, parts=parts,
+                                     roles=roles))
+  if plan.mode == "fill":
+    ok = layouts.gather_in_bounds(use.params, v.shape, use.operands[1])
+    ok = lax.broadcast_in_dim(ok, out_shape, plan.batch_pos)
+    out = jnp.where(ok, out, base_out)
+  return out
 
 
 def low_rank_contract(

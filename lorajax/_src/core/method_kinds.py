@@ -40,7 +40,7 @@ from lorajax._src.core.extend import (
     dense,
     register_adapter_kind,
 )
-from lorajax._src.core.lora_kind import LORA, MASKS
+from lorajax._src.core.lora_kind import LORA, MASKS, lookup
 
 DORA_MASKS = ("si", "so", "so")
 
@@ -103,12 +103,9 @@ class DoraKind(AdapterKind):
     return _scale_out(y, v.parts[2], [pos[j] for j in held])
 
   def gather(self, v: Factored, use: Use) -> jax.Array | None:
-    y = LORA.gather(_plain(v), _with(use, _plain(v)))
-    if y is None:
-      return None
-    # An embedding lookup of an "io" table: `g` scales the offset axis.
-    pos = jc.gather_dims(use.params).offset_dims[0]
-    return _scale_out(y, v.parts[2], [pos])
+    # An embedding lookup: the gathered rows of `W`, `a`, `b` and `g` are
+    # merged by `materialize` (so `g` scales whichever axis it sits on).
+    return lookup(v, use)
 
 
 def _scale_out(y: jax.Array, g: jax.Array, positions: list[int]
