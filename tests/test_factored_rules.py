@@ -6,6 +6,7 @@ import dataclasses
 import os
 import warnings
 
+import _testing
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,57 +19,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL, ATOL = 2e-4, 2e-5
 
 
-def _perturb(adapter, key, scale=0.3):
-  leaves, treedef = jax.tree.flatten(adapter)
-  keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten([scale * jax.random.normal(k, x.shape, x.dtype)
-                            for k, x in zip(keys, leaves)])
-
-
 def _setup(params, config, key=0):
   adapter = lorajax.init(params, config, key=jax.random.key(key))
-  return _perturb(adapter, jax.random.key(key + 1))
-
-
-def _fallbacks(caught):
-  return [str(w.message) for w in caught
-          if issubclass(w.category, lorajax.LoraFallbackWarning)]
+  return _testing.perturb(adapter, jax.random.key(key + 1))
 
 
 def _check(fn, params, adapter, *args, strict=True, want_fallback=None):
-  """lora(fn) equals fn(merge(...)) in value and adapter gradient, jitted.
-
-  Returns the fallback messages; with `want_fallback`, asserts one of them
-  contains it, else asserts there were none.
-  """
-  def loss(apply):
-    def f(ad):
-      out = apply(ad)
-      return jnp.sum(jnp.sin(out)), out
-    return jax.jit(jax.value_and_grad(f, has_aux=True))
-
-  merged = loss(lambda ad: fn(lorajax.merge(params, ad), *args))
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    (_, out_f), g_f = loss(
-        lambda ad: lorajax.lora(fn, strict=strict)(params, ad, *args))(adapter)
-  msgs = _fallbacks(caught)
-  if want_fallback is None:
-    assert msgs == []
-  else:
-    assert any(want_fallback in m for m in msgs), msgs
-  (_, out_m), g_m = merged(adapter)
-  zero_b = jax.tree.map(
-      lambda n: dataclasses.replace(n, b=jnp.zeros_like(n.b)), adapter,
-      is_leaf=lambda x: isinstance(x, lorajax.LoraWeight))
-  (_, out_base), _ = merged(zero_b)
-  assert np.abs(np.asarray(out_m) - np.asarray(out_base)).max() > 1e-2
-  np.testing.assert_allclose(out_f, out_m, rtol=RTOL, atol=ATOL)
-  for x, y in zip(jax.tree.leaves(g_m), jax.tree.leaves(g_f)):
-    peak = np.abs(np.asarray(x)).max()
-    assert peak > 0
-    np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-5 * max(1.0, peak))
-  return msgs
+  """lora(fn) equals fn(merge(...)) in value and adapter gradient, jitted."""
+  return _testing.check_matches_merged(
+      fn, params, adapter, *args, strict=strict, want_fallback=want_fallback,
+      rtol=RTOL, atol=ATOL)
 
 
 # -- the JAX the rule table relies on ---------------------------------------

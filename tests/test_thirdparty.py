@@ -7,23 +7,15 @@ gradient, with a perturbed (non-zero) `b` so the adapter matters.
 """
 
 import dataclasses
-import warnings
 
+import _testing
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import lorajax
 
 RTOL, ATOL = 3e-4, 3e-5
-
-
-def _perturb(adapter, key, scale=0.2):
-  leaves, treedef = jax.tree.flatten(adapter)
-  keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten([scale * jax.random.normal(k, x.shape, x.dtype)
-                            for k, x in zip(keys, leaves)])
 
 
 def _adapter(fn, params, args, config):
@@ -36,38 +28,19 @@ def _adapter(fn, params, args, config):
     extra = dict(config.axes or ())
     config = dataclasses.replace(config, axes={**extra, **axes})
   adapter = lorajax.init(params, config, key=jax.random.key(0))
-  return _perturb(adapter, jax.random.key(1)), axes
+  return _testing.perturb(adapter, jax.random.key(1), 0.2), axes
 
 
-def _check(fn, params, adapter, *args):
+def _check(fn, params, adapter, *args, want_fallback=None):
   n = len([x for x in jax.tree.leaves(
       adapter, is_leaf=lambda x: isinstance(x, lorajax.LoraWeight))
            if isinstance(x, lorajax.LoraWeight)])
   assert n >= 2, "the test must adapt several weights"
-
-  def loss(apply):
-    def f(ad):
-      out = apply(ad)
-      return jnp.sum(jnp.sin(out)), out
-    return jax.jit(jax.value_and_grad(f, has_aux=True))
-
-  # One compiled value-and-gradient per path keeps the test fast.
-  merged = loss(lambda ad: fn(lorajax.merge(params, ad), *args))
-  with warnings.catch_warnings():
-    warnings.simplefilter("error", lorajax.LoraFallbackWarning)
-    (_, out_f), g_f = loss(
-        lambda ad: lorajax.lora(fn, strict=True)(params, ad, *args))(adapter)
-  (_, out_m), g_m = merged(adapter)
-  zero_b = jax.tree.map(
-      lambda n: dataclasses.replace(n, b=jnp.zeros_like(n.b)), adapter,
-      is_leaf=lambda x: isinstance(x, lorajax.LoraWeight))
-  (_, out_base), _ = merged(zero_b)
-  assert np.abs(np.asarray(out_m) - np.asarray(out_base)).max() > 1e-3
-  np.testing.assert_allclose(out_f, out_m, rtol=RTOL, atol=ATOL)
-  for x, y in zip(jax.tree.leaves(g_m), jax.tree.leaves(g_f)):
-    peak = np.abs(np.asarray(x)).max()
-    assert peak > 0
-    np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-4 * max(1.0, peak))
+  # strict=True: nothing may fall back (unless a fallback is expected).
+  return _testing.check_matches_merged(
+      fn, params, adapter, *args, strict=want_fallback is None,
+      want_fallback=want_fallback, rtol=RTOL, atol=ATOL, grad_atol=1e-4,
+      min_effect=1e-3)
 
 
 # -- flax linen ----------------------------------------------------------------

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lorajax._src.core import jax_compat as jc
@@ -286,7 +287,7 @@ def gather_op(prim: Any, params: dict, in_shape: Sequence[int],
       if any(j not in hi for j in plan.batching):
         raise ValueError("a factor holds the indexed axes of a gather but"
                          " not its batching axes")
-      idx = rest[0]  # type: ignore[index]
+      idx = rest[0]
       sel = [c for c, k in enumerate(keys) if k in hi]
       if len(sel) != len(keys):
         idx = jnp.stack([idx[..., c] for c in sel], axis=-1)
@@ -348,7 +349,7 @@ def gather_selects_stacked(eqn: Eqn, roles: str) -> bool:
   fill = jc.gather_fill_value(eqn.params)
   keys = jc.gather_dims(eqn.params).start_index_map
   return set(keys) == set(plan.indexed) and (
-      fill is None or fill == 0 or fill != fill)  # NaN != NaN
+      fill is None or bool(np.isnan(fill)) or fill == 0)
 
 
 def _gather_hint(eqn) -> dict[int, str]:
