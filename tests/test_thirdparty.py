@@ -78,6 +78,31 @@ def test_flax_linen_attention_einsum_scan_remat():
   _check(model.apply, params, adapter, x)
 
 
+def test_flax_fp8_dot_general_runs_on_the_merged_weight():
+  nn = pytest.importorskip("flax.linen")
+  fp8_ops = pytest.importorskip("flax.linen.fp8_ops")
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      dot = fp8_ops.Fp8DirectDotGeneralOp
+      h = nn.Dense(8, dot_general_cls=dot, name="up")(x)
+      return nn.Dense(5, dot_general_cls=dot, name="down")(jnp.tanh(h))
+
+  model = Model()
+  x = jax.random.normal(jax.random.key(0), (4, 6))
+  variables = model.init(jax.random.key(1), x)
+  config = lorajax.LoraConfig(rank=2, alpha=2.0, targets=".*kernel")
+  adapter, _ = _adapter(model.apply, variables, (x,), config)
+  # FP8 quantization (scaling, fp8 casts) runs inside flax's custom_vjp
+  # rules, so each kernel takes the merged weight there: the value is the
+  # merged path's, and so is the gradient of flax's own backward rule.
+  msgs = _check(model.apply, variables, adapter, x,
+                want_fallback="custom_vjp_call of quantized_dot")
+  assert any("'params/up/kernel'" in m for m in msgs)
+  assert any("'params/down/kernel'" in m for m in msgs)
+
+
 # -- flax nnx ------------------------------------------------------------------
 
 
@@ -110,31 +135,38 @@ def test_flax_nnx_attention_linear_einsum():
 # -- equinox -------------------------------------------------------------------
 
 
-def test_equinox_attention_linear_mlp():
+def test_equinox_embedding_attention_linear_mlp():
   eqx = pytest.importorskip("equinox")
-  k = jax.random.split(jax.random.key(0), 4)
+  k = jax.random.split(jax.random.key(0), 5)
 
   class Model(eqx.Module):
+    embed: eqx.nn.Embedding
     attn: eqx.nn.MultiheadAttention
     mlp: eqx.nn.MLP
     head: eqx.nn.Linear
 
-    def __call__(self, x):  # x: (seq, 8)
+    def __call__(self, tokens):  # tokens: (seq,)
+      # `Embedding` indexes `weight[i]` one token at a time: under `vmap`
+      # a gather with a start index for each axis of the table.
+      x = jax.vmap(self.embed)(tokens)
       x = x + self.attn(x, x, x)
       x = x + jax.vmap(self.mlp)(x)
       return jax.vmap(self.head)(x)
 
-  model = Model(eqx.nn.MultiheadAttention(2, 8, key=k[0]),
+  model = Model(eqx.nn.Embedding(11, 8, key=k[4]),
+                eqx.nn.MultiheadAttention(2, 8, key=k[0]),
                 eqx.nn.MLP(8, 8, 16, depth=2, key=k[1]),
                 eqx.nn.Linear(8, 3, key=k[2]))
   params, static = eqx.partition(model, eqx.is_array)
   fn = lambda p, x: eqx.combine(p, static)(x)  # noqa: E731
-  x = jax.random.normal(k[3], (5, 8))
-  # Equinox stores Linear weights as (out, in).
+  tokens = jnp.array([3, 0, 10, 3, 7])
+  # Equinox stores Linear weights as (out, in); the embedding table is
+  # (vocab, d): "io" (the default).
   config = lorajax.LoraConfig(rank=2, alpha=2.0, targets=".*weight",
-                              axes={".*weight": "oi"})
-  adapter, _ = _adapter(fn, params, (x,), config)
-  _check(fn, params, adapter, x)
+                              axes={"(attn|mlp|head)/.*weight": "oi"})
+  adapter, _ = _adapter(fn, params, (tokens,), config)
+  assert lorajax.is_lora(adapter.embed.weight)
+  _check(fn, params, adapter, tokens)
 
 
 # -- penzai --------------------------------------------------------------------
@@ -161,9 +193,13 @@ def test_penzai_llamalike_transformer():
     return out.unwrap("batch", "seq", "vocabulary")
 
   tokens = jnp.array([[1, 5, 2, 9, 3], [0, 4, 4, 10, 7]])
+  # The tied embedding table is adapted too: penzai looks tokens up on its
+  # named `vocabulary` axis and uses the same table as the logits head.
   config = lorajax.LoraConfig(
       rank=2, alpha=2.0,
-      targets=r".*/(query|key|value|output|.*linear)\.weights/.*")
+      targets=r".*/(query|key|value|output|.*linear)\.weights/.*"
+      r"|.*/embedder\.embeddings/.*")
   adapter, axes = _adapter(fn, params, (tokens,), config)
   assert len(axes) >= 8
+  assert lorajax.is_lora(adapter["transformer/embedder.embeddings"].data_array)
   _check(fn, params, adapter, tokens)
