@@ -200,6 +200,57 @@ def rules_markdown() -> str:
   ]
   for r in _RULES:
     lines.append(f"| `{r.name}` | {r.category} | {r.doc} |")
+  lines += [
+      "",
+      "## Casts",
+      "",
+      "The factored path casts `W` and adds the low-rank term unrounded; the"
+      " merged path casts `W + scale * a @ b`. A cast of an adapted weight"
+      " therefore stays factored only when that makes no difference or only"
+      " a rounding difference (`cast_kind` in `factored.py`):",
+      "",
+      "| cast of an adapted weight | kind | what happens |",
+      "|---|---|---|",
+      "| float to a float holding every value (bf16 -> f32, f16 -> f32,"
+      " f32 -> f64, same dtype) | exact | stays factored |",
+      "| float to a float of 16 bits or more holding fewer values (f32 ->"
+      " bf16, f32 -> f16, f64 -> f32) | rounding | stays factored; differs"
+      " from the merged result by rounding `W` alone instead of `W + scale *"
+      " a @ b` (within one unit in the last place of the target type per"
+      " weight entry) |",
+      "| to an integer, bool, 8-bit float (fp8 e4m3/e5m2), complex; from a"
+      " non-float weight | lossy | fallback: the merged weight is cast"
+      " (reported; `LoraFallbackError` under `strict=True`) |",
+      "| `reduce_precision` keeping the dtype's bits | exact | stays"
+      " factored |",
+      "| any other `reduce_precision` (fake quantization) | lossy |"
+      " fallback |",
+      "",
+      "## Gathers",
+      "",
+      "A gather is recognised by its dimension numbers. It is a *lookup* when"
+      " it indexes some axes of the weight (`start_index_map` axes whose"
+      " slice is shorter than the axis), takes the indexed-into slices whole"
+      " along every other axis except `vmap` batching axes, and has mode"
+      " `clip`, `fill` or `promise_in_bounds`; the index layout and batch"
+      " dims of the indices are free. The indexed axes must share one"
+      " role:",
+      "",
+      "* input or output axes (`w[ids]`, `jnp.take(w, ids, axis=...)`,"
+      " `jax.vmap(lambda i: w[i])`, `jnp.take(w.T, ids, axis=1)`,"
+      " `w.at[ids].get(mode=...)`, `vmap` over a stacked table): the same"
+      " gather is applied to `W` and to the factor that holds the indexed"
+      " axes, the other factor is only moved, and the kind's dense form of"
+      " the gathered rows is returned (`W[ids] + scale * a[ids] @ b`); in"
+      " `fill` mode the windows out of bounds take the base's fill value,"
+      " which is what the merged path gives, whatever the fill value;",
+      "* stacked axes (`w[expert_ids]`): the factors are gathered and the"
+      " result stays factored; in `fill` mode only for a fill value of 0 or"
+      " NaN (the default), else fallback;",
+      "* anything else (indexed axes of different roles, e.g."
+      " `jnp.take_along_axis` picking one column per row; partial static"
+      " slices inside the gather; `one_hot` mode): fallback.",
+  ]
   return "\n".join(lines) + "\n"
 
 
