@@ -433,3 +433,23 @@ def test_gather_mode_reader():
             if e.primitive.name == "gather"]
   assert jax_compat.gather_mode(eqn.params) == "fill"
   assert jax_compat.gather_fill_value(eqn.params) == 2.5
+
+
+def test_quantized_table_without_adapter_looks_up_rows_only():
+  # `vmap` of `w[i]` on a quantized table: rows of codes and scales are
+  # gathered and dequantized (no fallback); a value-changing
+  # `reduce_precision` of a quantized weight dequantizes it (reported)
+  # instead of being dropped.
+  q = lorajax.quantize({"embed": _w(K[3], (V, 32))}, "q8_0", min_size=0)
+  dense = lorajax.quant.dequantize(q)
+  no_adapter = {"embed": None}
+  lookup = lambda p, ids: jax.vmap(lambda i: p["embed"][i])(ids)  # noqa
+  with _testing.no_fallback():
+    got = jax.jit(lorajax.lora(lookup, strict=True))(q, no_adapter, IDS[0])
+  np.testing.assert_allclose(got, dense["embed"][IDS[0]], rtol=1e-6)
+  rp = lambda p, x: x @ lax.reduce_precision(  # noqa: E731
+      p["embed"].T, exponent_bits=5, mantissa_bits=2)
+  x = jax.random.normal(K[4], (2, 32))
+  with pytest.warns(lorajax.LoraFallbackWarning, match="reduce_precision"):
+    got = jax.jit(lorajax.lora(rp))(q, no_adapter, x)
+  np.testing.assert_allclose(got, rp(dense, x), rtol=1e-5, atol=1e-5)

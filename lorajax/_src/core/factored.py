@@ -472,14 +472,21 @@ class _Interpreter:
     return None
 
   def _cast(self, rule, eqn, invals):
-    v = invals[0]
-    if not isinstance(v, Factored) or v.kind is BASE_ONLY:
-      # Without an adapter the cast of the base is the cast of the weight.
-      return self._structural(rule, eqn, invals)
+    v, *rest = invals
+    if not isinstance(v, Factored) or any(isinstance(x, Factored)
+                                          for x in rest):
+      return None
     kind, why = cast_kind(rule.name, eqn.params, v.dtype)
+    if v.kind is BASE_ONLY:
+      # No adapter: casting the base is casting the weight, and a lazy base
+      # knows how to cast itself (or is made dense). A `reduce_precision`
+      # that changes values is not a layout change: it needs the dense base.
+      if rule.name == "convert_element_type" or kind == "exact":
+        return self._structural(rule, eqn, invals)
+      return jc.bind_eqn(eqn, [self.lazy_fallback(v, rule.name), *rest])
     if kind != "lossy":
       return self._structural(rule, eqn, invals)
-    return jc.bind_eqn(eqn, [self.fallback(v, rule.name, why), *invals[1:]])
+    return jc.bind_eqn(eqn, [self.fallback(v, rule.name, why), *rest])
 
   def _fused(self, rule, eqn, invals):
     del rule

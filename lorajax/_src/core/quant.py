@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lorajax._src.core import jax_compat as jc
 from lorajax._src.core import paths as paths_lib
 from lorajax._src.core.extend import LazyBase, StructuralOp
 
@@ -183,10 +184,11 @@ class QuantizedWeight(LazyBase):
     """
     if use.position != 0 or use.primitive.name != "gather":
       return None
-    dn = use.params["dimension_numbers"]
-    batching = tuple(getattr(dn, "operand_batching_dims", ()))
-    kept = [j for j in range(self.ndim) if j not in dn.collapsed_slice_dims
-            and j not in batching]
+    g = jc.gather_dims(use.params)
+    # Axes sliced to one element count as indexed (`vmap` of `w[i]` keeps
+    # them as size-1 axes instead of collapsing them).
+    kept = [j for j in range(self.ndim) if j not in g.collapsed_slice_dims
+            and j not in g.operand_batching_dims and g.slice_sizes[j] != 1]
     if kept != [_pos(self.axis, self.ndim)]:
       return None
     out = _use(self, use.primitive, use.params, list(use.operands), 0)
@@ -729,7 +731,7 @@ def _structural(q: QuantizedWeight, op: StructuralOp
   scales.
   """
   if op.name == "convert_element_type":
-    new = op.params["new_dtype"]
+    new = jc.convert_new_dtype(op.params)
     if not jnp.issubdtype(new, jnp.floating):
       return None
     return q.astype(new)
@@ -771,19 +773,21 @@ def _use(q: QuantizedWeight, prim: Any, params: Mapping[str, Any],
     # Rows of an embedding table (any gather that keeps the block axis
     # whole): gather codes and scales, dequantize just the gathered rows.
     idx = operands[1]
-    dn = params["dimension_numbers"]
-    sizes = tuple(params["slice_sizes"])
+    gd = jc.gather_dims(dict(params))
+    sizes = gd.slice_sizes
     n, p = q.ndim, _pos(q.axis, q.ndim)
-    batching = tuple(getattr(dn, "operand_batching_dims", ()))
-    if (is_quantized(idx) or p in dn.collapsed_slice_dims
-        or p in dn.start_index_map or p in batching
+    batching = gd.operand_batching_dims
+    # The block axis must be taken whole; a start index on it (`vmap` of
+    # `w[i]` indexes every axis) then selects the same whole slice of the
+    # codes and scales (or puts the window out of bounds for all of them).
+    if (is_quantized(idx) or p in gd.collapsed_slice_dims or p in batching
         or sizes[p] != q.shape[p]):
       return None
     if p != n - 1 and sizes[-1] != q.shape[-1]:
       q = _single_level(q)
-    kept = [j for j in range(n) if j not in dn.collapsed_slice_dims
+    kept = [j for j in range(n) if j not in gd.collapsed_slice_dims
             and j not in batching]
-    out_p = dn.offset_dims[kept.index(p)]
+    out_p = gd.offset_dims[kept.index(p)]
 
     def rows(k, v):
       sz = list(sizes)
@@ -795,7 +799,7 @@ def _use(q: QuantizedWeight, prim: Any, params: Mapping[str, Any],
         kw["fill_value"] = 0  # Out-of-range rows: their NaN scales rule.
       return prim.bind(v, idx, **kw)
 
-    out_nd = len(dn.offset_dims) + (idx.ndim - 1)
+    out_nd = len(gd.offset_dims) + (idx.ndim - 1)
     g = dataclasses.replace(q, **{k: rows(k, v) for k, v in
                                   _children(q).items()},
                             axis=out_p - out_nd)
