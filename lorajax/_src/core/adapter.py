@@ -208,17 +208,30 @@ def dora_norm(w: jax.Array, node: LoraWeight) -> jax.Array:
   a = jax.lax.stop_gradient(node.a).astype(f32)
   b = jax.lax.stop_gradient(node.b).astype(f32)
   s = float(node.scale)
-  wsq = jnp.einsum(f"{w_spec},{w_spec}->{m_spec}", w, w, precision=hp)
+  # On an Explicit mesh the input axes contracted below may be sharded (a
+  # row-parallel weight): every result is laid out like `W` on the weight
+  # axes it keeps, replicated on rank axes.
+  w_sh = explicit.sharding_of(w)
+  entries = dict(zip(w_spec, explicit.padded_spec(w_sh, w.ndim)
+                     if w_sh is not None else ()))
+  if w_sh is not None:
+    a = explicit.reshard(a, w_sh.mesh, tuple(entries.get(c) for c in a_spec))
+    b = explicit.reshard(b, w_sh.mesh, tuple(entries.get(c) for c in b_spec))
+
+  def ein(spec, x, y):
+    out = spec.split("->")[1]
+    return jnp.einsum(spec, x, y, precision=hp, out_sharding=(
+        explicit.out_sharding(w_sh, tuple(entries.get(c) for c in out))))
+
+  wsq = ein(f"{w_spec},{w_spec}->{m_spec}", w, w)
   wa_spec = m_spec + "r"
-  wa = jnp.einsum(f"{w_spec},{a_spec}->{wa_spec}", w, a, precision=hp)
-  cross = jnp.einsum(f"{wa_spec},{b_spec}->{m_spec}", wa, b, precision=hp)
+  wa = ein(f"{w_spec},{a_spec}->{wa_spec}", w, a)
+  cross = ein(f"{wa_spec},{b_spec}->{m_spec}", wa, b)
   stack = "".join(c for c in a_spec if c in b_spec and c != "r")
   g_spec = stack + "rR"
-  gram = jnp.einsum(f"{a_spec},{a_spec.replace('r', 'R')}->{g_spec}", a, a,
-                    precision=hp)
-  gb = jnp.einsum(f"{g_spec},{b_spec.replace('r', 'R')}->{b_spec}", gram, b,
-                  precision=hp)
-  quad = jnp.einsum(f"{b_spec},{b_spec}->{m_spec}", gb, b, precision=hp)
+  gram = ein(f"{a_spec},{a_spec.replace('r', 'R')}->{g_spec}", a, a)
+  gb = ein(f"{g_spec},{b_spec.replace('r', 'R')}->{b_spec}", gram, b)
+  quad = ein(f"{b_spec},{b_spec}->{m_spec}", gb, b)
   n2 = wsq + 2.0 * s * cross + (s * s) * quad
   return jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(n2, 0.0)))
 

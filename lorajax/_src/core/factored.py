@@ -102,7 +102,9 @@ class Rule:
       (the kind's `concatenate` builds a factored value), `call` (the body
       is interpreted inline), `remat` (interpreted inside `jax.checkpoint`),
       `custom` (run on the merged weight: the custom rule is honoured),
-      `scan`, `cond`, `while` (bodies interpreted; carries fall back).
+      `scan`, `cond`, `while` (bodies interpreted; carries fall back),
+      `shard_map` (body interpreted per shard on the factors' shards),
+      `vary` (a `shard_map` type cast applied to the base and the factors).
     doc: One line for the generated table in docs/factored_rules.md.
     hook: For `use`: the `AdapterKind` method name.
   """
@@ -168,6 +170,12 @@ _RULES = (
          " branch fall back"),
     Rule("while", "while", "bodies interpreted; weights in the carry fall"
          " back"),
+    Rule("shard_map", "shard_map", "body interpreted per shard: each factor"
+         " enters with the weight's `in_specs` entries on the axes it holds"
+         " (rank axis unsharded), so its local `a @ b` is the local block of"
+         " the merged weight; weights returned from the body fall back"),
+    Rule("pvary", "vary", "inside `shard_map`: marks the base and its"
+         " factors varying over the same mesh axes"),
 )
 
 
@@ -338,6 +346,7 @@ class _Interpreter:
         "use": self._use, "fused": self._fused, "call": self._call,
         "remat": self._remat, "custom": self._custom, "scan": self._scan,
         "cond": self._cond, "while": self._while,
+        "shard_map": self._shard_map, "vary": self._vary,
     }
 
   # -- fallbacks --
@@ -399,10 +408,14 @@ class _Interpreter:
       env[v] = x
     for eqn in jaxpr.eqns:
       invals = [read(v) for v in eqn.invars]
-      if any(isinstance(x, Factored) for x in invals):
-        outs = self.eval_factored(eqn, invals)
-      else:
-        outs = jc.bind_eqn(eqn, invals)
+      # Each equation runs in the context it was traced in (as in
+      # `jax.core.eval_jaxpr`): its abstract mesh differs from the outer
+      # one inside `jax.sharding.auto_axes` or a `shard_map` body.
+      with jc.eqn_context(eqn):
+        if any(isinstance(x, Factored) for x in invals):
+          outs = self.eval_factored(eqn, invals)
+        else:
+          outs = jc.bind_eqn(eqn, invals)
       for v, x in zip(eqn.outvars, outs):
         if not jc.is_dropvar(v):
           env[v] = x
@@ -595,8 +608,79 @@ class _Interpreter:
 
     return list(lax.while_loop(cond_fn, body_fn, init))
 
+  def _shard_map(self, rule, eqn, invals):
+    """A `shard_map` whose body uses adapted weights, run factored.
+
+    The weight `W` enters the body as its local block; so do its factors,
+    each sharded like `W` on the weight axes it holds (the user's
+    `in_specs` entry for those axes) and unsharded on its own axes (the
+    rank axis). With the rank axis whole, the local `a @ b` is exactly the
+    local block of `a @ b`, so the body computes with the local block of
+    the merged weight, whatever it then does (collectives included): every
+    use is as exact as outside `shard_map`, and the gradients of the
+    replicated factor axes are summed by `shard_map`'s own transpose.
+    """
+    del rule
+    p = jc.shard_map_params(eqn.params)
+    if any(isinstance(x, Factored) and (x.kind is BASE_ONLY or not isinstance(
+        x.base, jax.Array | jax.core.Tracer)) for x in invals):
+      return None  # A lazy base: no local block to hand over (fallback).
+    flat, specs, sizes = [], [], []
+    for x, spec in zip(invals, p.in_specs):
+      if not isinstance(x, Factored):
+        flat.append(x)
+        specs.append(spec)
+        sizes.append(1)
+        continue
+      entries = tuple(spec) + (None,) * (x.ndim - len(tuple(spec)))
+      flat.append(x.base)
+      specs.append(spec)
+      for k, part in enumerate(x.parts):
+        held = x.held(k)
+        e = (*(entries[j] for j in held), *(None,) * (part.ndim - len(held)))
+        sh = explicit.sharding_of(part)
+        flat.append(part if sh is None else explicit.reshard(part, sh.mesh, e))
+        specs.append(jax.sharding.PartitionSpec(*e))
+      sizes.append(1 + len(x.parts))
+
+    def body(*local):
+      args, k = [], 0
+      for x, n in zip(invals, sizes):
+        if isinstance(x, Factored):
+          base, parts = local[k], local[k + 1:k + n]
+          # As varying as the base (no value change; the transpose sums
+          # a replicated factor's gradient over the axes it lacks).
+          parts = tuple(_match_vma(q, base) for q in parts)
+          args.append(x.replace(base=base, parts=parts))
+        else:
+          args.append(local[k])
+        k += n
+      outs = self.eval_closed(p.body, args)
+      return tuple(self.plain(o, "shard_map output") for o in outs)
+
+    mapped = jax.shard_map(body, mesh=p.mesh, in_specs=tuple(specs),
+                           out_specs=p.out_specs,
+                           axis_names=set(p.manual_axes),
+                           check_vma=p.check_vma)
+    return list(mapped(*flat))
+
+  def _vary(self, rule, eqn, invals):
+    del rule
+    outs = jc.bind_eqn(eqn, [dense(x.base) if isinstance(x, Factored) else x
+                             for x in invals])
+    if len(outs) != len(invals):
+      return None
+    return [x.replace(base=o, parts=tuple(_match_vma(q, o) for q in x.parts))
+            if isinstance(x, Factored) and x.kind is not BASE_ONLY else o
+            for x, o in zip(invals, outs)]
+
 
 # -- tracing -------------------------------------------------------------------
+
+
+def _match_vma(x: Any, like: Any) -> Any:
+  """`x` marked varying over the manual axes `like` varies over."""
+  return jc.pvary(x, tuple(sorted(jc.vma(like) - jc.vma(x))))
 
 
 def _refit(v: Factored) -> Factored:
@@ -815,7 +899,7 @@ class _AxesWalker:
       # Lossy casts still move the layout: the merged weight a fallback
       # uses needs the same axes.
       return [self.structural(name, eqn, invals[0])] if invals[0] else none
-    if cat == "passthrough":
+    if cat in ("passthrough", "vary"):
       return invals[:len(none)] if len(invals) >= len(none) else none
     if cat == "use":
       used = False
@@ -832,6 +916,8 @@ class _AxesWalker:
       return [pairs]
     if cat in ("call", "remat", "custom"):
       return self.walk(jc.call_body(eqn.params).jaxpr, invals)
+    if cat == "shard_map":
+      return self.walk(jc.shard_map_params(eqn.params).body.jaxpr, invals)
     if cat == "scan":
       p = jc.scan_params(eqn.params)
       ins = list(invals)

@@ -16,6 +16,7 @@ jaxpr of the public `jax.lax` function that binds them, so no private module
 is imported.
 """
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -85,22 +86,70 @@ _TRACED = {
     # Exported as `remat_p` only from JAX 0.8.
     "remat": lambda: _traced(jax.checkpoint(jnp.sin), _sds((2,))),
     "reshard": lambda: _traced_reshard(),  # noqa: PLW0108  (defined below)
+    "shard_map": lambda: _traced_shard_map(0),
+    "pvary": lambda: _traced_shard_map(1),
 }
 
 # Resolved when the installed JAX has them; their absence is not a problem.
 _OPTIONAL = frozenset({"reshard"})
 
+_PROBE_AXIS = "lorajax_probe"
+
+
+def _probe_mesh(kind: str):
+  """A one-axis abstract mesh to trace a probe on, or None.
+
+  It has the size of the mesh in context (`jax.set_mesh`), if any: JAX
+  refuses to switch to an abstract mesh of another size, and the primitives
+  are resolved on the first `lorajax.lora` call, which may well be inside
+  the user's `set_mesh`.
+  """
+  try:
+    from jax.sharding import AxisType  # noqa: PLC0415
+    cur = jax.sharding.get_abstract_mesh()
+    n = 1 if cur is None or cur.empty else int(cur.size)
+    return jax.sharding.AbstractMesh((n,), (_PROBE_AXIS,),
+                                     axis_types=(getattr(AxisType, kind),))
+  except Exception:  # noqa: BLE001  (an older JAX: no typed axes)
+    return None
+
 
 def _traced_reshard():
   """`reshard` binds only under a mesh with explicit axes."""
+  mesh = _probe_mesh("Explicit")
+  if mesh is None:
+    return None
   try:
-    from jax.sharding import AxisType, PartitionSpec  # noqa: PLC0415
-    mesh = jax.sharding.AbstractMesh((1,), ("x",),
-                                     axis_types=(AxisType.Explicit,))
+    from jax.sharding import PartitionSpec  # noqa: PLC0415
     with jax.sharding.use_abstract_mesh(mesh):
-      return _traced(lambda x: jax.sharding.reshard(x, PartitionSpec("x")),
-                     _sds((2,)))
+      return _traced(
+          lambda x: jax.sharding.reshard(x, PartitionSpec(_PROBE_AXIS)),
+          _sds((mesh.size,)))
   except Exception:  # noqa: BLE001  (an older JAX: no explicit axes)
+    return None
+
+
+def _traced_shard_map(which: int):
+  """`shard_map` (0) or `pvary` (1, bound by `pvary` inside a body)."""
+  mesh = _probe_mesh("Auto")
+  if mesh is None:
+    return None
+  from jax.sharding import PartitionSpec  # noqa: PLC0415
+
+  def body(x, w):
+    return x * pvary(w, (_PROBE_AXIS,))
+
+  try:
+    fn = jax.shard_map(
+        body, mesh=mesh, in_specs=(PartitionSpec(_PROBE_AXIS),
+                                   PartitionSpec()),
+        out_specs=PartitionSpec(_PROBE_AXIS))
+    with jax.sharding.use_abstract_mesh(mesh):
+      sds = _sds((mesh.size,))
+      eqn = jax.make_jaxpr(fn)(sds, sds).jaxpr.eqns[0]
+    return eqn.primitive if which == 0 else (
+        shard_map_params(eqn.params).body.jaxpr.eqns[0].primitive)
+  except Exception:  # noqa: BLE001  (reported by check_installed_jax)
     return None
 
 
@@ -122,10 +171,23 @@ def primitives() -> dict[str, Primitive]:
   for name, make in _TRACED.items():
     if name in found:
       continue
-    prim = make()
+    with _probe_context():
+      prim = make()
     if prim is not None:
       found[name] = prim
   return found
+
+
+def _probe_context():
+  """Traces probes on an Auto mesh, whatever mesh the user has set: under
+  an Explicit `jax.set_mesh`, some probes (`ragged_dot`) would not trace."""
+  mesh = _probe_mesh("Auto")
+  if mesh is None:
+    return contextlib.nullcontext()
+  try:
+    return jax.sharding.use_abstract_mesh(mesh)
+  except Exception:  # noqa: BLE001  (an older JAX)
+    return contextlib.nullcontext()
 
 
 def required_primitives() -> tuple[str, ...]:
@@ -220,6 +282,14 @@ def with_ragged_dims(params: dict, dims: RaggedDims) -> dict:
       rhs_group_dimensions=dims.rhs_group) if dataclasses.is_dataclass(
           rd) else type(rd)(dims.dot, dims.lhs_ragged, dims.rhs_group)
   return dict(params, ragged_dot_dimension_numbers=new)
+
+
+def with_out_sharding(params: dict, sharding: Any) -> dict:
+  """`params` with `out_sharding` set (for a result of another shape than
+  the equation's), where the primitive takes one; None leaves it to JAX."""
+  if "out_sharding" not in params:
+    return params
+  return dict(params, out_sharding=sharding)
 
 
 def transpose_perm(params: dict) -> tuple[int, ...]:
@@ -396,6 +466,60 @@ def while_params(params: dict) -> WhileParams:
                      int(params["body_nconsts"]), closed(params["body_jaxpr"]))
 
 
+class ShardMapParams(NamedTuple):
+  mesh: Any
+  in_specs: tuple[Any, ...]
+  out_specs: tuple[Any, ...]
+  body: jex.ClosedJaxpr
+  manual_axes: frozenset
+  check_vma: bool
+
+
+def shard_map_params(params: dict) -> ShardMapParams:
+  """The arguments of `jax.shard_map` a `shard_map` equation was bound with.
+
+  `manual_axes` is `newly_manual_axes` from JAX 0.8 (`manual_axes` before);
+  `check_vma` was `check_rep` in older JAX.
+  """
+  manual = params.get("newly_manual_axes", params.get("manual_axes"))
+  if manual is None:
+    raise KeyError(f"no manual axes among {sorted(params)}")
+  check = params.get("check_vma", params.get("check_rep", True))
+  return ShardMapParams(params["mesh"], tuple(params["in_specs"]),
+                        tuple(params["out_specs"]), closed(params["jaxpr"]),
+                        frozenset(manual), bool(check))
+
+
+def vma(x: Any) -> frozenset:
+  """The manual mesh axes `x` varies over inside a `shard_map` body."""
+  try:
+    return frozenset(getattr(jax.typeof(x), "vma", ()) or ())
+  except (TypeError, AttributeError):
+    return frozenset()
+
+
+def pvary(x: Any, axes: tuple[str, ...]) -> Any:
+  """Marks `x` as varying over the manual `axes` (no value change).
+
+  `jax.lax.pcast(..., to="varying")` from JAX 0.8, `jax.lax.pvary` before.
+  """
+  if not axes:
+    return x
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, axes, to="varying")
+  return jax.lax.pvary(x, axes)  # type: ignore[attr-defined]
+
+
+def eqn_context(eqn: Eqn) -> Any:
+  """The context an equation was traced in (its abstract mesh, e.g. Auto
+  inside `jax.sharding.auto_axes`, Manual inside a `shard_map` body), to
+  bind it in as `jax.core.eval_jaxpr` does; a null context if JAX has none.
+  """
+  ctx = getattr(eqn, "ctx", None)
+  manager = getattr(ctx, "manager", None)
+  return manager if manager is not None else contextlib.nullcontext()
+
+
 # -- the check a JAX upgrade must pass -----------------------------------------
 
 
@@ -415,6 +539,16 @@ def _examples() -> dict[str, tuple[Callable[[dict], Any], Callable, tuple]]:
     return g(x)
 
   scan = lambda x: jax.lax.scan(lambda c, r: (c + r, r), x[0], x)[0]  # noqa
+  probe = _probe_mesh("Auto")
+  n = 1 if probe is None else probe.size
+
+  def shard_map_fn(x, w):
+    from jax.sharding import PartitionSpec  # noqa: PLC0415
+    spec = PartitionSpec(None, _PROBE_AXIS)
+    with jax.sharding.use_abstract_mesh(probe):
+      return jax.shard_map(
+          lambda y, v: y * pvary(v, (_PROBE_AXIS,))[:, None], mesh=probe,
+          in_specs=(spec, PartitionSpec()), out_specs=spec)(x, w)
   return {
       "dot_general": (lambda p: (dot_dims(p), dot_options(p)),
                       lambda x, y: jax.lax.dot_general(
@@ -459,6 +593,8 @@ def _examples() -> dict[str, tuple[Callable[[dict], Any], Callable, tuple]]:
       "scan": (scan_params, scan, (w,)),
       "cond": (cond_branches, lambda x: jax.lax.cond(
           True, lambda: x, lambda: -x), (w,)),
+      "shard_map": (shard_map_params, shard_map_fn, (f((3, n)), f((3,)))),
+      "pvary": (dict, shard_map_fn, (f((3, n)), f((3,)))),
       "while": (while_params, lambda x: jax.lax.while_loop(
           lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1]), (0, x)), (w,)),
   }
@@ -485,7 +621,9 @@ def check_installed_jax() -> list[str]:
   for name, (reader, fn, avals) in _examples().items():
     eqns = []
     try:
-      eqns = [e for e in _all_eqns(jax.make_jaxpr(fn)(*avals).jaxpr)
+      with _probe_context():
+        closed_example = jax.make_jaxpr(fn)(*avals)
+      eqns = [e for e in _all_eqns(closed_example.jaxpr)
               if e.primitive is prims.get(name)]
       if not eqns:
         problems.append(f"tracing an example of {name!r} did not bind the"

@@ -175,10 +175,22 @@ class LoraKind(AdapterKind):
     x = use.operands[0]
     base_out = use.base_output()
     kernel_a = jnp.moveaxis(a, -1, rhs_out).astype(x.dtype)
-    h = use.bind([x, kernel_a])
     feat = c.out_spec[1]
+    # Explicit mesh: the rank-channel result is laid out like the user's
+    # result with its feature axis replicated; the 1x1 conv gives the
+    # user's result sharding.
+    out_sh = explicit.sharding_of(base_out)
+    h_sh = d_sh = None
+    if out_sh is not None:
+      entries = list(explicit.padded_spec(out_sh, base_out.ndim))
+      f_entry = entries[feat]
+      entries[feat] = None
+      h_sh = explicit.out_sharding(out_sh, tuple(entries))
+      del entries[feat]
+      d_sh = explicit.out_sharding(out_sh, (*entries, f_entry))
+    h = use.bind([x, kernel_a], jc.with_out_sharding(use.params, h_sh))
     d = jnp.einsum("...r,or->...o", jnp.moveaxis(h, feat, -1),
-                   b.astype(h.dtype))
+                   b.astype(h.dtype), out_sharding=d_sh)
     return base_out + jnp.moveaxis(v.meta * d, -1, feat).astype(
         base_out.dtype)
 
@@ -206,12 +218,23 @@ class LoraKind(AdapterKind):
     a, b = v.parts
     ha, hb = v.held(0), v.held(1)
     dtype = jnp.result_type(x.dtype, v.dtype)
+    base_out = use.base_output()
+    # On an Explicit mesh (where JAX cannot infer a ragged_dot's result
+    # sharding) `x . a` is laid out like the result on x's free axes, with
+    # the rank axis replicated.
+    out_sh = explicit.sharding_of(base_out)
+    h_sh = None
+    if out_sh is not None:
+      n_free = x.ndim - len(lc)
+      h_sh = explicit.out_sharding(out_sh, (
+          *explicit.padded_spec(out_sh, base_out.ndim)[:n_free], None))
     # x . a: contract x's lc with a's input axes; a's free axis is the rank.
     dims_a = jc.RaggedDims(
         ((lc, tuple(ha.index(j) for j in rc)), ((), ())), rd.lhs_ragged,
         tuple(ha.index(j) for j in rd.rhs_group))
     h = use.bind([x.astype(dtype), a.astype(dtype), groups],
-                 jc.with_ragged_dims(use.params, dims_a))
+                 jc.with_out_sharding(
+                     jc.with_ragged_dims(use.params, dims_a), h_sh))
     # h has x's free axes then the rank axis; contract the rank with b's.
     n_free = h.ndim - 1
     ragged_h = tuple(sorted(
@@ -220,10 +243,10 @@ class LoraKind(AdapterKind):
         (((n_free,), (b.ndim - 1,)), ((), ())), ragged_h,
         tuple(hb.index(j) for j in rd.rhs_group))
     h = (v.meta * h).astype(dtype)
-    d = use.bind([h, b.astype(dtype), groups],
-                 jc.with_ragged_dims(use.params, dims_b))
+    d = use.bind([h, b.astype(dtype), groups], jc.with_out_sharding(
+        jc.with_ragged_dims(use.params, dims_b), out_sh))
     out_dtype = use.out_aval.dtype
-    return (use.base_output() + d.astype(out_dtype)).astype(out_dtype)
+    return (base_out + d.astype(out_dtype)).astype(out_dtype)
 
   def concatenate(self, use: Use) -> Factored | None:
     """Fused weights (QKV, gate/up): concatenated low-rank pieces.
@@ -280,8 +303,9 @@ class LoraKind(AdapterKind):
         start += rk
       diag = jnp.concatenate(rows, ax)
       a, b = (cat, diag) if role == "o" else (diag, cat)
-    return Factored(base, (a, b), roles, MASKS, self, 1.0, "+".join(
-        dict.fromkeys(p.path for p in tagged)))
+    # On an Explicit mesh the new factors are laid out like the fused base.
+    return self.refit(Factored(base, (a, b), roles, MASKS, self, 1.0, "+".join(
+        dict.fromkeys(p.path for p in tagged))))
 
 
 def lookup(v: Factored, use: Use) -> jax.Array | None:
