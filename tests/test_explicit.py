@@ -294,3 +294,355 @@ def test_unannotated_model_on_explicit_mesh_says_what_to_annotate(host):
       batch_sharding=x.sharding)
   with pytest.raises(Exception, match=r"`loss_fn` itself.*reshard"):
     train.step(params, adapter, train.init(adapter), x)
+
+
+# -- Megatron-style tensor parallelism: row- and column-parallel weights -----
+# Column-parallel `up` (output axis sharded on `model`), row-parallel `down`
+# (contracted axis sharded: the base matmul is a partial sum that the user's
+# `out_sharding` resolves), a weight sharded on both axes
+# (`P("data", "model")`), the batch on `data`. The reference is the model on
+# weights merged in plain jnp (`W + scale * a @ b`, unsharded), not
+# `lorajax.merge`.
+
+TP_MESHES = {
+    "8": ((8,), ("model",)),
+    "2x4": ((2, 4), ("data", "model")),
+    "2x2x2": ((2, 2, 2), ("data", "fsdp", "model")),
+}
+TD, TF, TB = 8, 16, 8
+TP_CONFIG = lorajax.LoraConfig(rank=2, alpha=4.0, targets="up|down|mix")
+
+
+def tp_mesh(name, kind):
+  shape, names = TP_MESHES[name]
+  return jax.make_mesh(shape, names, axis_types=(KINDS[kind],) * len(shape))
+
+
+def tp_specs(mesh):
+  dt = _ax(mesh, "data")
+  return {"up": P(None, "model"), "down": P("model", None),
+          "mix": P(dt, "model")}
+
+
+def tp_forward(params, x, mesh=None):
+  """MLP with column- then row-parallel weights, then a 2-D-sharded one.
+
+  On an Explicit mesh the matmuls whose contracted axis is sharded name
+  their result's sharding, as JAX asks; elsewhere it is plain jnp."""
+  explicit = mesh is not None and mesh.axis_types[0] == AxisType.Explicit
+  dt = _ax(mesh, "data") if mesh is not None else None
+
+  def out(*spec):
+    return NamedSharding(mesh, P(*spec)) if explicit else None
+
+  h = jnp.tanh(jnp.einsum("bd,df->bf", x, params["up"],
+                          out_sharding=out(dt, "model")))
+  y = jnp.einsum("bf,fd->bd", h, params["down"],
+                 out_sharding=out(dt, None))
+  if explicit:  # the 2-D weight's input axis is on `data`, the batch's too
+    y = jax.sharding.reshard(y, NamedSharding(mesh, P(None, dt)))
+  return jnp.einsum("bd,de->be", y, params["mix"],
+                    out_sharding=out(None, "model"))
+
+
+def tp_loss(params, x, t, mesh=None):
+  return jnp.mean((tp_forward(params, x, mesh) - t) ** 2)
+
+
+def jnp_merge(params, adapter):
+  """The merged weights in plain jnp: `W + scale * a @ b`."""
+  return jax.tree.map(
+      lambda n, w: w if n is None else w + n.scale * n.a @ n.b,
+      adapter, params, is_leaf=lorajax.is_lora)
+
+
+@pytest.fixture(scope="module")
+def tp_host():
+  rng = np.random.default_rng(0)
+  params = {"up": rng.normal(size=(TD, TF)) / np.sqrt(TD),
+            "down": rng.normal(size=(TF, TD)) / np.sqrt(TF),
+            "mix": rng.normal(size=(TD, TD)) / np.sqrt(TD)}
+  params = jax.tree.map(lambda w: w.astype(np.float32), params)
+  adapter = perturbed(lorajax.init(params, TP_CONFIG, key=jax.random.key(1)))
+  x = rng.normal(size=(TB, TD)).astype(np.float32)
+  t = rng.normal(size=(TB, TD)).astype(np.float32)
+  want, want_g = jax.jit(jax.value_and_grad(
+      lambda a: tp_loss(jnp_merge(params, a), x, t)))(adapter)
+  return params, adapter, x, t, float(want), want_g
+
+
+def _close_grads(got, want, rtol=1e-4, atol=1e-5):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol,
+                               atol=atol)
+
+
+TP_CASES = [("8", "explicit"), ("2x4", "explicit"), ("2x2x2", "explicit"),
+            ("2x4", "auto"), ("2x2x2", "auto")]
+
+
+@pytest.mark.parametrize("mesh_name,kind", TP_CASES,
+                         ids=[f"{m}-{k}" for m, k in TP_CASES])
+def test_row_and_column_parallel_weights_match_the_merged_model(
+    mesh_name, kind, tp_host):
+  params_h, adapter_h, x_h, t_h, want, want_g = tp_host
+  mesh = tp_mesh(mesh_name, kind)
+  psh = jax.tree.map(lambda s: NamedSharding(mesh, s), tp_specs(mesh),
+                     is_leaf=lambda s: isinstance(s, P))
+  ash = lorajax.adapter_shardings(psh, adapter_h)
+  params = jax.device_put(params_h, psh)
+  adapter = jax.device_put(adapter_h, ash)
+  bsh = NamedSharding(mesh, P(_ax(mesh, "data")))
+  x, t = jax.device_put(x_h, bsh), jax.device_put(t_h, bsh)
+  # The adapter of the row-parallel weight: `a` sharded like its rows.
+  assert ash["down"].a.spec == P("model", None)
+  assert ash["up"].b.spec == P(None, "model")
+
+  def factored(p, a, x, t):
+    return jnp.mean((lorajax.lora(tp_forward, strict=True)(p, a, x, mesh)
+                     - t) ** 2)
+
+  loss, g = jax.jit(jax.value_and_grad(factored, argnums=1))(
+      params, adapter, x, t)
+  np.testing.assert_allclose(float(loss), want, rtol=2e-5)
+  _close_grads(g, want_g)
+  if kind == "explicit":  # (on Auto meshes the compiler chooses)
+    for leaf, s in zip(jax.tree.leaves(g), jax.tree.leaves(ash)):
+      assert leaf.sharding.is_equivalent_to(s, leaf.ndim)
+
+  if (mesh_name, kind) != ("2x4", "explicit"):
+    return
+  # The train step, on an adapter born sharded (`init_sharded`).
+  opt = optax.sgd(0.5)
+  fresh = perturbed(lorajax.init_sharded(
+      params, TP_CONFIG, key=jax.random.key(1), param_shardings=psh))
+  fresh = jax.device_put(fresh, ash)
+  fresh_h = jax.tree.map(np.asarray, fresh)  # (the step donates `fresh`)
+  train = lorajax.make_train_step(
+      lambda p, a, b: factored(p, a, *b), opt, param_shardings=psh,
+      adapter_shardings=ash, batch_sharding=(bsh, bsh))
+  new, _, metrics = train.step(params, fresh, train.init(fresh), (x, t))
+  loss, g = jax.value_and_grad(
+      lambda a: tp_loss(jnp_merge(params_h, a), x_h, t_h))(fresh_h)
+  np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=2e-5)
+  want_new = jax.tree.map(lambda a, d: a - 0.5 * d, fresh_h, g)
+  _close_grads(new, want_new)
+
+
+def _explicit_2x4():
+  return tp_mesh("2x4", "explicit")
+
+
+def _sharded(mesh, params, adapter, specs):
+  psh = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+  ash = lorajax.adapter_shardings(psh, adapter)
+  return jax.device_put(params, psh), jax.device_put(adapter, ash)
+
+
+def _dora_merge(params, adapter):
+  """DoRA in plain jnp: `m * V / stop_gradient(||V||)`, `V = W + s a b`,
+  the norm over the input axis (axis 0 of an (in, out) weight)."""
+  def one(n, w):
+    v = w + n.scale * n.a @ n.b
+    norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(v * v, axis=0)))
+    return n.magnitude * v / norm
+  return jax.tree.map(one, adapter, params, is_leaf=lorajax.is_lora)
+
+
+def _conv(w, x, out=None):
+  return jax.lax.conv_general_dilated(
+      x, w, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"),
+      out_sharding=out)
+
+
+ROW_CASES = ["dora", "fused_qkv", "conv", "embedding", "ragged_dot"]
+
+
+@pytest.mark.parametrize("case", ROW_CASES)
+def test_row_parallel_adapter_kinds_on_an_explicit_mesh(case):
+  """DoRA, fused (concatenated) weights, convolutions, an embedding lookup
+  under `.at[].get(out_sharding=)` (a `jax.sharding.auto_axes` region) and
+  a grouped matmul, each on a weight whose contracted axis is sharded
+  (`plain` is the same model without annotations, for the reference)."""
+  mesh = _explicit_2x4()
+  rng = np.random.default_rng(5)
+
+  def ns(*s):
+    return NamedSharding(mesh, P(*s))
+
+  def arr(*shape):
+    return rng.normal(size=shape).astype(np.float32)
+
+  grads, reference = True, jnp_merge
+  if case == "dora":
+    params, specs = {"w": arr(16, 8)}, {"w": P("model", None)}
+    cfg = lorajax.LoraConfig(rank=2, alpha=4.0, targets="w", use_dora=True)
+    x, x_spec = arr(4, 16), P("data", "model")
+    reference = _dora_merge
+
+    def fn(p, x, out=ns("data", None)):
+      return jnp.einsum("bf,fd->bd", x, p["w"], out_sharding=out)
+  elif case == "fused_qkv":
+    params = {"q": arr(16, 8), "k": arr(16, 8), "v": arr(16, 8)}
+    specs = dict.fromkeys(params, P("model", None))
+    cfg = lorajax.LoraConfig(rank=2, alpha=4.0, targets="q|k|v")
+    x, x_spec = arr(4, 16), P("data", "model")
+
+    def fn(p, x, out=ns("data", None)):
+      w = jnp.concatenate([p["q"], p["k"], p["v"]], axis=1)
+      return jnp.einsum("bf,fd->bd", x, w, out_sharding=out)
+  elif case == "conv":
+    params, specs = {"w": arr(3, 8, 8)}, {"w": P(None, "model", None)}
+    cfg = lorajax.LoraConfig(rank=2, alpha=4.0, targets="w",
+                             axes={"w": "iio"})
+    x, x_spec = arr(4, 5, 8), P("data", None, "model")
+
+    def reference(p, a):
+      n = a["w"]
+      return {"w": p["w"] + n.scale * jnp.einsum("kcr,ro->kco", n.a, n.b)}
+
+    def fn(p, x, out=ns("data", None, None)):
+      return _conv(p["w"], x, out)
+  elif case == "embedding":
+    params, specs = {"w": arr(32, 8)}, {"w": P("model", None)}
+    cfg = lorajax.LoraConfig(rank=2, alpha=4.0, targets="w")
+    x, x_spec = rng.integers(0, 32, (4,)).astype(np.int32), P("data")
+
+    def fn(p, i, out=ns("data", None)):
+      if out is None:
+        return jnp.asarray(p["w"])[i]
+      return p["w"].at[i].get(out_sharding=out)
+  else:  # ragged_dot: JAX has no Explicit-mode gradient for it (not even
+    # for the merged weight), so the forward value only.
+    grads = False
+    params, specs = {"w": arr(2, 16, 8)}, {"w": P(None, "model", None)}
+    cfg = lorajax.LoraConfig(rank=2, alpha=4.0, targets="w",
+                             axes={"w": "sio"})
+    groups = np.array([3, 1], np.int32)
+    x, x_spec = arr(4, 16), P(None, "model")
+
+    def reference(p, a):
+      n = a["w"]
+      return {"w": p["w"] + n.scale * jnp.einsum("eir,ero->eio", n.a, n.b)}
+
+    def fn(p, x, out=ns(None, None)):
+      return jax.lax.ragged_dot(x, p["w"], groups, out_sharding=out)
+
+  adapter_h = perturbed(lorajax.init(params, cfg, key=jax.random.key(2)))
+  params_d, adapter_d = _sharded(mesh, params, adapter_h, specs)
+  x_d = jax.device_put(x, ns(*x_spec))
+  f = lorajax.lora(fn, strict=True)
+
+  def loss(y):
+    return jnp.sum(jnp.sin(y))
+
+  want_y = fn(reference(params, adapter_h), x, None)
+  if grads:
+    g, y = jax.jit(jax.grad(lambda a: (loss(y := f(params_d, a, x_d)), y),
+                            has_aux=True))(adapter_d)
+    _close_grads(g, jax.grad(lambda a: loss(fn(reference(params, a), x,
+                                               None)))(adapter_h))
+  else:
+    y = jax.jit(f)(params_d, adapter_d, x_d)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(want_y), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_embedding_lookup_under_set_mesh_stays_factored():
+  """`.at[].get(out_sharding=)` traces an Auto-mesh region; inside
+  `jax.set_mesh` its equations must run in that region's context."""
+  mesh = _explicit_2x4()
+  rng = np.random.default_rng(6)
+  params = {"w": rng.normal(size=(32, 8)).astype(np.float32)}
+  cfg = lorajax.LoraConfig(rank=2, alpha=4.0, targets="w")
+  adapter_h = perturbed(lorajax.init(params, cfg, key=jax.random.key(2)))
+  params_d, adapter_d = _sharded(mesh, params, adapter_h,
+                                 {"w": P("model", None)})
+  ids = np.array([3, 1, 30, 3], np.int32)
+
+  def fn(p, i):
+    return p["w"].at[i].get(out_sharding=P("data", None))
+
+  with jax.set_mesh(mesh):
+    y = jax.jit(lorajax.lora(fn, strict=True))(
+        params_d, adapter_d, jax.device_put(ids, P("data")))
+  np.testing.assert_allclose(np.asarray(y),
+                             jnp_merge(params, adapter_h)["w"][ids],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_primitives_resolve_inside_an_explicit_set_mesh():
+  """The rule table's primitives are found (once per process) even when
+  the first `lorajax.lora` call happens inside `jax.set_mesh`."""
+  from lorajax._src.core import jax_compat  # noqa: PLC0415
+
+  outside = jax_compat.primitives()
+  with jax.set_mesh(_explicit_2x4()):
+    inside = jax_compat.primitives.__wrapped__()
+  assert {"reshard", "shard_map", "pvary", "ragged_dot_general"} <= set(inside)
+  assert inside == outside
+
+
+# -- shard_map bodies that use adapted weights --------------------------------
+
+
+def _shard_map_fns():
+  fns = {"jax.shard_map": jax.shard_map}
+  try:
+    import warnings  # noqa: PLC0415
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", DeprecationWarning)
+      from jax.experimental.shard_map import shard_map  # noqa: PLC0415
+    fns["experimental"] = shard_map
+  except ImportError:  # removed in a newer JAX
+    pass
+  return fns
+
+
+SM_CASES = [(k, n) for k in ("explicit", "auto") for n in _shard_map_fns()]
+
+
+@pytest.mark.parametrize("kind,api", SM_CASES,
+                         ids=[f"{k}-{n}" for k, n in SM_CASES])
+def test_shard_map_body_with_adapted_weights_stays_factored(kind, api,
+                                                           tp_host):
+  """Column-parallel `up`, row-parallel `down` with the user's `psum`,
+  inside `shard_map`: no fallback (`strict=True`), value and gradient as
+  the plain-jnp merged model."""
+  params_h, adapter_h, x_h, t_h, _, _ = tp_host
+  smap = _shard_map_fns()[api]
+  mesh = tp_mesh("2x4", kind)
+  params_h = {k: params_h[k] for k in ("up", "down")}
+  adapter_h = {k: adapter_h[k] for k in ("up", "down")}
+  params, adapter = _sharded(mesh, params_h, adapter_h, {
+      "up": P(None, "model"), "down": P("model", None)})
+  x = jax.device_put(x_h, NamedSharding(mesh, P("data")))
+
+  def mlp(p, x):
+    def body(x, up, down):
+      y = jnp.tanh(x @ up) @ down  # a partial sum over `model`
+      return jax.lax.psum(y, "model")
+
+    return smap(body, mesh=mesh,
+                in_specs=(P("data", None), P(None, "model"),
+                          P("model", None)),
+                out_specs=P("data", None))(x, p["up"], p["down"])
+
+  def loss(y):
+    return jnp.sum(jnp.sin(y) * t_h)
+
+  f = lorajax.lora(mlp, strict=True)
+  val, g = jax.jit(jax.value_and_grad(lambda a: loss(f(params, a, x))))(
+      adapter)
+  want, want_g = jax.value_and_grad(lambda a: loss(
+      jnp.tanh(x_h @ jnp_merge(params_h, a)["up"])
+      @ jnp_merge(params_h, a)["down"]))(adapter_h)
+  np.testing.assert_allclose(float(val), float(want), rtol=1e-5, atol=1e-5)
+  _close_grads(g, want_g)
+  # The body's jaxpr runs the factors through `shard_map`: the adapter's
+  # arrays are inputs of the new shard_map, and no weight-shaped sum is
+  # formed inside it.
+  jaxpr = jax.make_jaxpr(lambda a: f(params, a, x))(adapter)
+  sm = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "shard_map"]
+  assert len(sm) == 1 and len(sm[0].invars) == 7
