@@ -481,7 +481,8 @@ def test_row_parallel_adapter_kinds_on_an_explicit_mesh(case):
     x, x_spec = arr(4, 16), P("data", "model")
     reference = _dora_merge
 
-    def fn(p, x, out=ns("data", None)):
+    def fn(p, x, annotate=True):
+      out = ns("data", None) if annotate else None
       return jnp.einsum("bf,fd->bd", x, p["w"], out_sharding=out)
   elif case == "fused_qkv":
     params = {"q": arr(16, 8), "k": arr(16, 8), "v": arr(16, 8)}
@@ -489,7 +490,8 @@ def test_row_parallel_adapter_kinds_on_an_explicit_mesh(case):
     cfg = lorajax.LoraConfig(rank=2, alpha=4.0, targets="q|k|v")
     x, x_spec = arr(4, 16), P("data", "model")
 
-    def fn(p, x, out=ns("data", None)):
+    def fn(p, x, annotate=True):
+      out = ns("data", None) if annotate else None
       w = jnp.concatenate([p["q"], p["k"], p["v"]], axis=1)
       return jnp.einsum("bf,fd->bd", x, w, out_sharding=out)
   elif case == "conv":
@@ -502,14 +504,16 @@ def test_row_parallel_adapter_kinds_on_an_explicit_mesh(case):
       n = a["w"]
       return {"w": p["w"] + n.scale * jnp.einsum("kcr,ro->kco", n.a, n.b)}
 
-    def fn(p, x, out=ns("data", None, None)):
+    def fn(p, x, annotate=True):
+      out = ns("data", None, None) if annotate else None
       return _conv(p["w"], x, out)
   elif case == "embedding":
     params, specs = {"w": arr(32, 8)}, {"w": P("model", None)}
     cfg = lorajax.LoraConfig(rank=2, alpha=4.0, targets="w")
     x, x_spec = rng.integers(0, 32, (4,)).astype(np.int32), P("data")
 
-    def fn(p, i, out=ns("data", None)):
+    def fn(p, i, annotate=True):
+      out = ns("data", None) if annotate else None
       if out is None:
         return jnp.asarray(p["w"])[i]
       return p["w"].at[i].get(out_sharding=out)
@@ -526,7 +530,8 @@ def test_row_parallel_adapter_kinds_on_an_explicit_mesh(case):
       n = a["w"]
       return {"w": p["w"] + n.scale * jnp.einsum("eir,ero->eio", n.a, n.b)}
 
-    def fn(p, x, out=ns(None, None)):
+    def fn(p, x, annotate=True):
+      out = ns(None, None) if annotate else None
       return jax.lax.ragged_dot(x, p["w"], groups, out_sharding=out)
 
   adapter_h = perturbed(lorajax.init(params, cfg, key=jax.random.key(2)))
@@ -537,12 +542,12 @@ def test_row_parallel_adapter_kinds_on_an_explicit_mesh(case):
   def loss(y):
     return jnp.sum(jnp.sin(y))
 
-  want_y = fn(reference(params, adapter_h), x, None)
+  want_y = fn(reference(params, adapter_h), x, annotate=False)
   if grads:
     g, y = jax.jit(jax.grad(lambda a: (loss(y := f(params_d, a, x_d)), y),
                             has_aux=True))(adapter_d)
-    _close_grads(g, jax.grad(lambda a: loss(fn(reference(params, a), x,
-                                               None)))(adapter_h))
+    _close_grads(g, jax.grad(lambda a: loss(fn(
+        reference(params, a), x, annotate=False)))(adapter_h))
   else:
     y = jax.jit(f)(params_d, adapter_d, x_d)
   np.testing.assert_allclose(np.asarray(y), np.asarray(want_y), rtol=1e-5,
@@ -575,7 +580,7 @@ def test_embedding_lookup_under_set_mesh_stays_factored():
 def test_primitives_resolve_inside_an_explicit_set_mesh():
   """The rule table's primitives are found (once per process) even when
   the first `lorajax.lora` call happens inside `jax.set_mesh`."""
-  from lorajax._src.core import jax_compat  # noqa: PLC0415
+  from lorajax._src.core import jax_compat
 
   outside = jax_compat.primitives()
   with jax.set_mesh(_explicit_2x4()):
@@ -590,10 +595,10 @@ def test_primitives_resolve_inside_an_explicit_set_mesh():
 def _shard_map_fns():
   fns = {"jax.shard_map": jax.shard_map}
   try:
-    import warnings  # noqa: PLC0415
+    import warnings
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", DeprecationWarning)
-      from jax.experimental.shard_map import shard_map  # noqa: PLC0415
+      from jax.experimental.shard_map import shard_map
     fns["experimental"] = shard_map
   except ImportError:  # removed in a newer JAX
     pass
@@ -646,3 +651,56 @@ def test_shard_map_body_with_adapted_weights_stays_factored(kind, api,
   jaxpr = jax.make_jaxpr(lambda a: f(params, a, x))(adapter)
   sm = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "shard_map"]
   assert len(sm) == 1 and len(sm[0].invars) == 7
+
+
+def test_shard_map_fsdp_all_gather_stays_factored(tp_host):
+  """FSDP by hand: weights sharded on `fsdp` too, all-gathered in the body
+  (`all_gather(..., tiled=True)` gathers the factor holding that axis).
+  Gathering along an axis a factor is not sharded like (here: over the
+  mesh axis that shards `b`) is not a block gather of the weight: it falls
+  back, reported, and stays correct."""
+  params_h, adapter_h, x_h, t_h, _, _ = tp_host
+  mesh = jax.make_mesh((2, 4), ("fsdp", "model"),
+                       axis_types=(AxisType.Explicit,) * 2)
+  specs = {"up": P("fsdp", "model"), "down": P("model", "fsdp")}
+  params_h = {k: params_h[k] for k in specs}
+  adapter_h = {k: adapter_h[k] for k in specs}
+  params, adapter = _sharded(mesh, params_h, adapter_h, specs)
+  x = jax.device_put(x_h, NamedSharding(mesh, P("fsdp")))
+
+  def mlp(p, x):
+    def body(x, up, down):
+      up = jax.lax.all_gather(up, "fsdp", axis=0, tiled=True)
+      down = jax.lax.all_gather(down, "fsdp", axis=1, tiled=True)
+      return jax.lax.psum(jnp.tanh(x @ up) @ down, "model")
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(
+        P("fsdp", None), specs["up"], specs["down"]),
+                         out_specs=P("fsdp", None))(x, p["up"], p["down"])
+
+  def loss(y):
+    return jnp.sum(jnp.sin(y) * t_h)
+
+  f = lorajax.lora(mlp, strict=True)
+  val, g = jax.jit(jax.value_and_grad(lambda a: loss(f(params, a, x))))(
+      adapter)
+  want, want_g = jax.value_and_grad(lambda a: loss(
+      jnp.tanh(x_h @ jnp_merge(params_h, a)["up"])
+      @ jnp_merge(params_h, a)["down"]))(adapter_h)
+  np.testing.assert_allclose(float(val), float(want), rtol=1e-5, atol=1e-5)
+  _close_grads(g, want_g)
+
+  def odd(p, x):  # gathers `up`'s input axis over `model`, which shards b
+    def body(x, up):
+      return x @ jax.lax.all_gather(up, "model", axis=0, tiled=True)[:TD]
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(
+        P("fsdp", None), specs["up"]), out_specs=P("fsdp", "model"))(
+            x, p["up"])
+
+  with pytest.raises(lorajax.LoraFallbackError, match=r"'up'.*all_gather"):
+    jax.jit(lorajax.lora(odd, strict=True))(params, adapter, x)
+  with pytest.warns(lorajax.LoraFallbackWarning, match="all_gather"):
+    y = jax.jit(lorajax.lora(odd))(params, adapter, x)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(
+      odd(lorajax.merge(params, adapter), x)), rtol=1e-5, atol=1e-5)

@@ -104,7 +104,8 @@ class Rule:
       `custom` (run on the merged weight: the custom rule is honoured),
       `scan`, `cond`, `while` (bodies interpreted; carries fall back),
       `shard_map` (body interpreted per shard on the factors' shards),
-      `vary` (a `shard_map` type cast applied to the base and the factors).
+      `vary` (a `shard_map` type cast applied to the base and the factors),
+      `all_gather` (a tiled gather of the factors holding the axis).
     doc: One line for the generated table in docs/factored_rules.md.
     hook: For `use`: the `AdapterKind` method name.
   """
@@ -176,6 +177,8 @@ _RULES = (
          " the merged weight; weights returned from the body fall back"),
     Rule("pvary", "vary", "inside `shard_map`: marks the base and its"
          " factors varying over the same mesh axes"),
+    Rule("all_gather", "all_gather", "inside `shard_map`, tiled: gathers the"
+         " factors holding the gathered axis (FSDP); other uses fall back"),
 )
 
 
@@ -347,7 +350,11 @@ class _Interpreter:
         "remat": self._remat, "custom": self._custom, "scan": self._scan,
         "cond": self._cond, "while": self._while,
         "shard_map": self._shard_map, "vary": self._vary,
+        "all_gather": self._all_gather,
     }
+    # For weights inside `shard_map` bodies: the mesh axes each factor is
+    # sharded over (from the `in_specs` it entered with), by weight path.
+    self.part_mesh_axes: dict[str, tuple[frozenset, ...]] = {}
 
   # -- fallbacks --
 
@@ -641,6 +648,8 @@ class _Interpreter:
         sh = explicit.sharding_of(part)
         flat.append(part if sh is None else explicit.reshard(part, sh.mesh, e))
         specs.append(jax.sharding.PartitionSpec(*e))
+      self.part_mesh_axes[x.path] = tuple(
+          frozenset(_mesh_axes(tuple(q))) for q in specs[-len(x.parts):])
       sizes.append(1 + len(x.parts))
 
     def body(*local):
@@ -664,6 +673,36 @@ class _Interpreter:
                            check_vma=p.check_vma)
     return list(mapped(*flat))
 
+  def _all_gather(self, rule, eqn, invals):
+    """A tiled `all_gather` of a weight inside `shard_map` (FSDP).
+
+    Gathering the merged weight's blocks along axis `d` is gathering the
+    factors that hold `d`, provided every factor that does not hold `d`
+    is the same on all the devices gathered over (it is not sharded over
+    the gathered mesh axes).
+    """
+    del rule
+    v = invals[0]
+    if len(invals) != 1 or not isinstance(v, Factored) or (
+        v.kind is BASE_ONLY):
+      return None
+    g = jc.all_gather_params(eqn.params)
+    known = self.part_mesh_axes.get(v.path)
+    if not g.tiled or known is None or len(known) != len(v.parts):
+      return None
+    if any(g.dimension not in v.held(k) and known[k] & set(g.axes)
+           for k in range(len(v.parts))):
+      return None
+    parts = []
+    for k, part in enumerate(v.parts):
+      held = v.held(k)
+      parts.append(part if g.dimension not in held else jc.bind(
+          eqn.primitive, [part], jc.with_all_gather_dim(
+              eqn.params, held.index(g.dimension)))[0])
+    base = jc.bind_eqn(eqn, [dense(v.base)])[0]
+    return [v.replace(base=base, parts=tuple(
+        _match_vma(q, base) for q in parts))]
+
   def _vary(self, rule, eqn, invals):
     del rule
     outs = jc.bind_eqn(eqn, [dense(x.base) if isinstance(x, Factored) else x
@@ -676,6 +715,17 @@ class _Interpreter:
 
 
 # -- tracing -------------------------------------------------------------------
+
+
+def _mesh_axes(entries: tuple[Any, ...]) -> list[str]:
+  """The mesh axis names in partition spec entries."""
+  out: list[str] = []
+  for e in entries:
+    if isinstance(e, str):
+      out.append(e)
+    elif isinstance(e, tuple):
+      out.extend(n for n in e if isinstance(n, str))
+  return out
 
 
 def _match_vma(x: Any, like: Any) -> Any:
@@ -918,6 +968,9 @@ class _AxesWalker:
       return self.walk(jc.call_body(eqn.params).jaxpr, invals)
     if cat == "shard_map":
       return self.walk(jc.shard_map_params(eqn.params).body.jaxpr, invals)
+    if cat == "all_gather":
+      g = jc.all_gather_params(eqn.params)
+      return [invals[0]] if g.tiled and invals[0] else none
     if cat == "scan":
       p = jc.scan_params(eqn.params)
       ins = list(invals)

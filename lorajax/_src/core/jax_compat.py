@@ -86,8 +86,9 @@ _TRACED = {
     # Exported as `remat_p` only from JAX 0.8.
     "remat": lambda: _traced(jax.checkpoint(jnp.sin), _sds((2,))),
     "reshard": lambda: _traced_reshard(),  # noqa: PLW0108  (defined below)
-    "shard_map": lambda: _traced_shard_map(0),
-    "pvary": lambda: _traced_shard_map(1),
+    "shard_map": lambda: _traced_shard_map("shard_map"),
+    "pvary": lambda: _traced_shard_map("pvary"),
+    "all_gather": lambda: _traced_shard_map("all_gather"),
 }
 
 # Resolved when the installed JAX has them; their absence is not a problem.
@@ -129,15 +130,16 @@ def _traced_reshard():
     return None
 
 
-def _traced_shard_map(which: int):
-  """`shard_map` (0) or `pvary` (1, bound by `pvary` inside a body)."""
+def _traced_shard_map(name: str):
+  """`shard_map`, or `pvary` / `all_gather` from inside a body."""
   mesh = _probe_mesh("Auto")
   if mesh is None:
     return None
   from jax.sharding import PartitionSpec  # noqa: PLC0415
 
   def body(x, w):
-    return x * pvary(w, (_PROBE_AXIS,))
+    g = jax.lax.all_gather(x, _PROBE_AXIS, axis=0, tiled=True)
+    return x * pvary(w, (_PROBE_AXIS,)) + g[:1]
 
   try:
     fn = jax.shard_map(
@@ -147,8 +149,10 @@ def _traced_shard_map(which: int):
     with jax.sharding.use_abstract_mesh(mesh):
       sds = _sds((mesh.size,))
       eqn = jax.make_jaxpr(fn)(sds, sds).jaxpr.eqns[0]
-    return eqn.primitive if which == 0 else (
-        shard_map_params(eqn.params).body.jaxpr.eqns[0].primitive)
+    if name == "shard_map":
+      return eqn.primitive
+    return next(e.primitive for e in shard_map_params(eqn.params).body.jaxpr
+                .eqns if e.primitive.name == name)
   except Exception:  # noqa: BLE001  (reported by check_installed_jax)
     return None
 
@@ -490,12 +494,36 @@ def shard_map_params(params: dict) -> ShardMapParams:
                         frozenset(manual), bool(check))
 
 
+class AllGatherParams(NamedTuple):
+  axes: tuple[str, ...]
+  dimension: int
+  tiled: bool
+
+
+def all_gather_params(params: dict) -> AllGatherParams:
+  names = params["axis_name"]
+  names = tuple(names) if isinstance(names, (tuple, list)) else (names,)
+  return AllGatherParams(names, int(params["all_gather_dimension"]),
+                         bool(params["tiled"]))
+
+
+def with_all_gather_dim(params: dict, dimension: int) -> dict:
+  return dict(params, all_gather_dimension=dimension)
+
+
 def vma(x: Any) -> frozenset:
-  """The manual mesh axes `x` varies over inside a `shard_map` body."""
+  """The manual mesh axes `x` varies over inside a `shard_map` body.
+
+  `aval.manual_axis_type.varying` from JAX 0.10, `aval.vma` before.
+  """
   try:
-    return frozenset(getattr(jax.typeof(x), "vma", ()) or ())
+    aval = jax.typeof(x)
   except (TypeError, AttributeError):
     return frozenset()
+  mat = getattr(aval, "manual_axis_type", None)
+  found = getattr(mat, "varying", None) if mat is not None else getattr(
+      aval, "vma", None)
+  return frozenset(found or ())
 
 
 def pvary(x: Any, axes: tuple[str, ...]) -> Any:
@@ -547,7 +575,8 @@ def _examples() -> dict[str, tuple[Callable[[dict], Any], Callable, tuple]]:
     spec = PartitionSpec(None, _PROBE_AXIS)
     with jax.sharding.use_abstract_mesh(probe):
       return jax.shard_map(
-          lambda y, v: y * pvary(v, (_PROBE_AXIS,))[:, None], mesh=probe,
+          lambda y, v: y * pvary(v, (_PROBE_AXIS,))[:, None] + jax.lax
+          .all_gather(y, _PROBE_AXIS, axis=1, tiled=True)[:, :1], mesh=probe,
           in_specs=(spec, PartitionSpec()), out_specs=spec)(x, w)
   return {
       "dot_general": (lambda p: (dot_dims(p), dot_options(p)),
@@ -595,6 +624,7 @@ def _examples() -> dict[str, tuple[Callable[[dict], Any], Callable, tuple]]:
           True, lambda: x, lambda: -x), (w,)),
       "shard_map": (shard_map_params, shard_map_fn, (f((3, n)), f((3,)))),
       "pvary": (dict, shard_map_fn, (f((3, n)), f((3,)))),
+      "all_gather": (all_gather_params, shard_map_fn, (f((3, n)), f((3,)))),
       "while": (while_params, lambda x: jax.lax.while_loop(
           lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1]), (0, x)), (w,)),
   }
