@@ -4,6 +4,8 @@ train step and CheckpointManager, on the (8,), (2, 4) and (2, 2, 2) meshes of
 8 simulated CPU devices. Every result is checked against an unsharded
 single-device reference computed with plain numpy/jnp math."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -605,13 +607,14 @@ def _shard_map_fns():
   return fns
 
 
-SM_CASES = [(k, n) for k in ("explicit", "auto") for n in _shard_map_fns()]
+SM_CASES = [(k, n, "lora") for k in ("explicit", "auto")
+            for n in _shard_map_fns()] + [("explicit", "jax.shard_map", "dora")]
 
 
-@pytest.mark.parametrize("kind,api", SM_CASES,
-                         ids=[f"{k}-{n}" for k, n in SM_CASES])
-def test_shard_map_body_with_adapted_weights_stays_factored(kind, api,
-                                                           tp_host):
+@pytest.mark.parametrize("kind,api,method", SM_CASES,
+                         ids=["-".join(c) for c in SM_CASES])
+def test_shard_map_body_with_adapted_weights_stays_factored(
+    kind, api, method, tp_host):
   """Column-parallel `up`, row-parallel `down` with the user's `psum`,
   inside `shard_map`: no fallback (`strict=True`), value and gradient as
   the plain-jnp merged model."""
@@ -620,6 +623,11 @@ def test_shard_map_body_with_adapted_weights_stays_factored(kind, api,
   mesh = tp_mesh("2x4", kind)
   params_h = {k: params_h[k] for k in ("up", "down")}
   adapter_h = {k: adapter_h[k] for k in ("up", "down")}
+  merge = jnp_merge
+  if method == "dora":
+    adapter_h = perturbed(lorajax.init(params_h, dataclasses.replace(
+        TP_CONFIG, use_dora=True), key=jax.random.key(4)))
+    merge = _dora_merge
   params, adapter = _sharded(mesh, params_h, adapter_h, {
       "up": P(None, "model"), "down": P("model", None)})
   x = jax.device_put(x_h, NamedSharding(mesh, P("data")))
@@ -641,8 +649,8 @@ def test_shard_map_body_with_adapted_weights_stays_factored(kind, api,
   val, g = jax.jit(jax.value_and_grad(lambda a: loss(f(params, a, x))))(
       adapter)
   want, want_g = jax.value_and_grad(lambda a: loss(
-      jnp.tanh(x_h @ jnp_merge(params_h, a)["up"])
-      @ jnp_merge(params_h, a)["down"]))(adapter_h)
+      jnp.tanh(x_h @ merge(params_h, a)["up"])
+      @ merge(params_h, a)["down"]))(adapter_h)
   np.testing.assert_allclose(float(val), float(want), rtol=1e-5, atol=1e-5)
   _close_grads(g, want_g)
   # The body's jaxpr runs the factors through `shard_map`: the adapter's
@@ -650,7 +658,8 @@ def test_shard_map_body_with_adapted_weights_stays_factored(kind, api,
   # formed inside it.
   jaxpr = jax.make_jaxpr(lambda a: f(params, a, x))(adapter)
   sm = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "shard_map"]
-  assert len(sm) == 1 and len(sm[0].invars) == 7
+  parts = 3 if method == "dora" else 2  # a, b (and DoRA's scale)
+  assert len(sm) == 1 and len(sm[0].invars) == 3 + 2 * parts
 
 
 def test_shard_map_fsdp_all_gather_stays_factored(tp_host):
