@@ -713,3 +713,22 @@ def test_shard_map_fsdp_all_gather_stays_factored(tp_host):
     y = jax.jit(lorajax.lora(odd))(params, adapter, x)
   np.testing.assert_allclose(np.asarray(y), np.asarray(
       odd(lorajax.merge(params, adapter), x)), rtol=1e-5, atol=1e-5)
+
+
+def test_infer_axes_follows_weights_into_shard_map():
+  """`lorajax.sharding.infer_axes` reads the roles inside the body."""
+  mesh = tp_mesh("2x4", "auto")
+  params = {"o": jax.ShapeDtypeStruct((4, 2, 8), jnp.float32)}
+  x = jax.ShapeDtypeStruct((8, 4, 2), jnp.float32)
+
+  def attn_out(p, x):
+    def body(x, o):
+      return jax.lax.psum(jnp.einsum("bhk,hkd->bd", x, o), "model")
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(
+        P("data", "model", None), P("model", None, None)),
+                         out_specs=P("data", None))(x, p["o"])
+
+  axes = lorajax.sharding.infer_axes(
+      attn_out, params, x, config=lorajax.LoraConfig(rank=2, targets="o"))
+  assert axes == {"o": "iio"}
