@@ -842,8 +842,9 @@ def lora(fn: Callable[..., Any], *, strict: bool = False) -> Callable[..., Any]:
   1x1 conv) and concatenations of adapted weights (fused QKV) are factored
   too. The weight is followed through casts, reshapes, transposes,
   broadcasts, squeezes, slices, stacked-axis indexing, nested `jit`, `scan`
-  (the factors are sliced with the stacked weight), `remat`, `cond` and
-  `while`. docs/factored_rules.md lists every rule.
+  (the factors are sliced with the stacked weight), `remat`, `cond`,
+  `while` and `shard_map` bodies (the factors enter sharded like the
+  weight's `in_specs`). docs/factored_rules.md lists every rule.
 
   Any other use of an adapted weight gets the merged value for that use only,
   with a `LoraFallbackWarning` naming the weight and the op (once per trace).
