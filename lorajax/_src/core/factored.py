@@ -629,8 +629,8 @@ class _Interpreter:
     """
     del rule
     p = jc.shard_map_params(eqn.params)
-    if any(isinstance(x, Factored) and (x.kind is BASE_ONLY or not isinstance(
-        x.base, jax.Array | jax.core.Tracer)) for x in invals):
+    if any(isinstance(x, Factored) and (
+        x.kind is BASE_ONLY or isinstance(x.base, LazyBase)) for x in invals):
       return None  # A lazy base: no local block to hand over (fallback).
     flat, specs, sizes = [], [], []
     for x, spec in zip(invals, p.in_specs):
