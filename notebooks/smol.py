@@ -5,7 +5,8 @@ re-run the findings on the embedded SmolLM2-135M-Instruct (width 576, 30
 layers), where rank 16 is a sliver of the width.
 
 - `load()`: the model and its float32 params (`LORAJAX_SMOKE=1`: only the
-  first 2 of the 30 layers, so the smoke run compiles and steps in seconds).
+  first 2 of the 30 layers, and XLA's backend optimisations off, so the
+  smoke run compiles and steps in seconds).
 - `corpus()`: the fine-tuning corpus (source of ten stdlib modules, the same
   text as the tiny notebooks) tokenised with SmolLM2's tokenizer, cached as
   `.npy` under `notebooks/.cache/` (keyed by a hash of the text).
@@ -20,14 +21,17 @@ Only lorajax's public API is used.
 
 import dataclasses
 import hashlib
+import math
 import os
 import pathlib
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import lab
 import numpy as np
 import optax
 
@@ -35,9 +39,14 @@ import lorajax
 from lorajax import finetune
 from lorajax.models import llama
 
-import lab
-
 SMOKE = lab.SMOKE
+if SMOKE and "xla_backend_optimization_level" not in os.environ.get(
+    "XLA_FLAGS", ""):
+  # Smoke runs are dominated by compilation: XLA's backend optimisations
+  # cost ~40% of it and buy nothing for 3 steps (read when the CPU backend
+  # starts, i.e. at the first computation, after this import).
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_backend_optimization_level=0").strip()
 pick = lab.pick
 CACHE = pathlib.Path(__file__).resolve().parent / ".cache"
 SMOKE_LAYERS = 2
@@ -64,6 +73,24 @@ def load() -> tuple[llama.LlamaModel, Any]:
       model.tokenizer = tokenizer
     _MODEL["model"], _MODEL["params"] = model, params
   return _MODEL["model"], _MODEL["params"]
+
+
+def load_quantized() -> Any:
+  """SmolLM2's params with the GGUF file's own Q4_1/Q8_0 blocks kept.
+
+  `llama.from_pretrained(..., quantized=True)`: `lorajax.QuantizedWeight`
+  leaves dequantized at each matmul; the first 2 layers in smoke mode.
+  """
+  if "qparams" not in _MODEL:
+    _, qparams = llama.from_pretrained(llama.default_model_path(),
+                                       quantized=True, scan_layers=False)
+    if SMOKE:
+      layers = qparams["model"]["layers"]
+      qparams = {**qparams, "model": {
+          **qparams["model"],
+          "layers": {str(i): layers[str(i)] for i in range(SMOKE_LAYERS)}}}
+    _MODEL["qparams"] = qparams
+  return _MODEL["qparams"]
 
 
 def corpus(model: llama.LlamaModel,
@@ -108,8 +135,38 @@ def _adam(lr: float) -> optax.GradientTransformation:
 _STEPS: dict[Any, Any] = {}
 
 
+def subset(params: Any, pattern: str) -> dict:
+  """The leaves of `params` whose path (`a/b/c`) fullmatches `pattern`.
+
+  A nested dict with only those leaves (what "full" fine-tuning of a few
+  matrices trains); `overlay` puts it back into the params.
+  """
+  out: dict = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if re.fullmatch(pattern, name):
+      node = out
+      for k in path[:-1]:
+        node = node.setdefault(getattr(k, "key", k), {})
+      node[getattr(path[-1], "key", path[-1])] = leaf
+  if not out:
+    raise ValueError(f"`train_only` {pattern!r} matches no leaf of the params.")
+  return out
+
+
+def overlay(params: Any, sub: Any) -> Any:
+  """`params` with the leaves of `sub` (a nested dict from `subset`)."""
+  if not isinstance(sub, dict):
+    return sub
+  return {k: overlay(v, sub[k]) if k in sub else v for k, v in params.items()}
+
+
 def train_step(model: llama.LlamaModel, method: str, mode: str = "factored"):
-  """The (cached) train step of `method` ("lora" or "full")."""
+  """The (cached) train step of `method` ("lora" or "full").
+
+  "full" trains the tree it is given: all params (frozen=None), or a
+  `subset` of them laid over the frozen params (frozen=params).
+  """
   key = (id(model), method, mode)
   if key in _STEPS:
     return _STEPS[key]
@@ -118,16 +175,16 @@ def train_step(model: llama.LlamaModel, method: str, mode: str = "factored"):
     ts = finetune.make_train_step(model, tx, mode=mode)
   elif method == "full":
     def loss_fn(frozen, params, batch):
-      del frozen
       ids, att, lm = batch
+      if frozen is not None:
+        params = overlay(frozen, params)
       return finetune.loss_sums(model.apply(params, ids, att), ids, lm)
 
     core = lorajax.make_train_step(loss_fn, tx, weighted=True,
                                    microbatched=True)
 
     def step(params, trainable, opt_state, batch):
-      del params
-      t, s, m = core.step(None, trainable, opt_state, batch)
+      t, s, m = core.step(params, trainable, opt_state, batch)
       return t, s, {"loss": m["loss"], "tokens": m["weight"],
                     "grad_norm": m["grad_norm"]}
 
@@ -141,53 +198,77 @@ def train_step(model: llama.LlamaModel, method: str, mode: str = "factored"):
 _EVALS: dict[Any, Any] = {}
 
 
+def logits_fn(model: llama.LlamaModel, method: str):
+  """`f(params, trainable, tokens) -> logits` of the fine-tuned model.
+
+  "lora": the factored adapter; "full": `trainable` alone when it is the
+  whole params tree, else laid over `params` (`overlay`).
+  """
+  lora_apply = lorajax.lora(model.apply)
+
+  def f(params, trainable, tokens):
+    att = jnp.ones_like(tokens)
+    if method == "lora":
+      return lora_apply(params, trainable, tokens, att)
+    return model.apply(overlay(params, trainable), tokens, att)
+  return f
+
+
 def eval_loss(model: llama.LlamaModel, method: str, params: Any,
               trainable: Any, tokens: jax.Array) -> float:
   """Mean next-token loss (nats/token) of the fine-tuned model on `tokens`."""
   key = (id(model), method)
   if key not in _EVALS:
-    lora_apply = lorajax.lora(model.apply)
+    logits = logits_fn(model, method)
 
     def f(params, trainable, tokens):
-      att = jnp.ones_like(tokens)
-      if method == "lora":
-        logits = lora_apply(params, trainable, tokens, att)
-      else:
-        logits = model.apply(trainable, tokens, att)
-      s, n = finetune.loss_sums(logits, tokens, att)
+      s, n = finetune.loss_sums(logits(params, trainable, tokens), tokens,
+                                jnp.ones_like(tokens))
       return s / n
     _EVALS[key] = jax.jit(f)
   return float(_EVALS[key](params, trainable, tokens))
 
 
 def run(model: llama.LlamaModel, params: Any, data: np.ndarray,
-        eval_tokens: np.ndarray, *, method: str, lr: float, seed: int,
+        eval_tokens: np.ndarray | None, *, method: str, lr: float, seed: int,
         lora_config: lorajax.LoraConfig | None = None, eval_every: int = 0,
-        mode: str = "factored", log: bool = True) -> dict:
+        mode: str = "factored", log: bool = True,
+        loss_masks: np.ndarray | None = None, train_only: str | None = None,
+        eval_fn: Any = None) -> dict:
   """One fine-tuning run at constant LR; returns its loss curves.
 
   Args:
     model, params: The base model and its frozen params.
     data: (steps, batch, seq) training token windows.
-    eval_tokens: (n, seq) held-out windows.
+    eval_tokens: (n, seq) held-out windows (held-out loss at each evaluation).
     method: "lora" (adapter of `lora_config`, initialised with `seed`) or
-      "full" (all params trained).
+      "full" (all params trained, or the `train_only` ones).
     lr: Adam learning rate (betas 0.9, 0.999; no clipping, no decay).
     seed: Adapter initialisation seed (the data order is in `data`).
     lora_config: The adapter config for method="lora".
-    eval_every: Held-out loss every this many steps (and at 0 and the end).
+    eval_every: Evaluate every this many steps (and at 0 and the end).
     mode: LoRA execution mode ("factored" or "merged").
     log: Print a line per evaluation.
+    loss_masks: Optional (steps, batch, seq) 0/1 mask of the tokens whose
+      prediction counts (default: all).
+    train_only: method="full": a regex (`subset`) of the params to train;
+      the rest stays frozen.
+    eval_fn: Optional `eval_fn(method, trainable) -> float`, recorded as
+      `eval_extra` at each evaluation.
 
   Returns:
-    {"loss": per-step training loss, "eval_steps", "eval_loss",
-     "seconds", "step_s" (median step wall time)}.
+    {"loss": per-step training loss, "eval_steps", "eval_loss" (held-out,
+     if `eval_tokens`), "eval_extra" (if `eval_fn`), "seconds", "step_s"
+     (median step wall time)}.
   """
   tx, ts = train_step(model, method, mode)
   if method == "lora":
     if lora_config is None:
       raise ValueError("method='lora' needs a `lora_config`.")
     trainable = lorajax.init(params, lora_config, key=jax.random.key(seed))
+    frozen = params
+  elif train_only is not None:
+    trainable = jax.tree.map(jnp.copy, subset(params, train_only))
     frozen = params
   else:
     trainable = jax.tree.map(jnp.copy, params)
@@ -197,28 +278,126 @@ def run(model: llama.LlamaModel, params: Any, data: np.ndarray,
       **state.hyperparams, "learning_rate": jnp.float32(lr)})
   steps = data.shape[0]
   every = eval_every or steps
-  ev_tokens = jnp.asarray(eval_tokens)
-  evals = [eval_loss(model, method, params, trainable, ev_tokens)]
+  ev_tokens = None if eval_tokens is None else jnp.asarray(eval_tokens)
+  evals: list[float] = []
+  extra: list[float] = []
+
+  def evaluate():
+    if ev_tokens is not None:
+      evals.append(eval_loss(model, method, params, trainable, ev_tokens))
+    if eval_fn is not None:
+      extra.append(float(eval_fn(method, trainable)))
+
+  evaluate()
   ev_steps = [0]
   losses, times = [], []
   t_start = time.perf_counter()
   for i in range(steps):
     ids = jnp.asarray(data[i][None])
     ones = jnp.ones_like(ids)
+    lm = ones if loss_masks is None else jnp.asarray(loss_masks[i][None])
     t0 = time.perf_counter()
-    trainable, state, m = ts.step(frozen, trainable, state, (ids, ones, ones))
+    trainable, state, m = ts.step(frozen, trainable, state, (ids, ones, lm))
     losses.append(float(m["loss"]))
     times.append(time.perf_counter() - t0)
     if (i + 1) % every == 0 or i + 1 == steps:
-      evals.append(eval_loss(model, method, params, trainable, ev_tokens))
+      evaluate()
       ev_steps.append(i + 1)
       if log:
         print(f"  {method} lr={lr:.2g} seed={seed} step {i + 1}: train"
-              f" {losses[-1]:.4f} held-out {evals[-1]:.4f}"
-              f" ({times[-1]:.1f} s/step)", flush=True)
-  return {"loss": losses, "eval_steps": ev_steps, "eval_loss": evals,
-          "seconds": time.perf_counter() - t_start,
-          "step_s": float(np.median(times[1:] if len(times) > 1 else times))}
+              f" {losses[-1]:.4f}"
+              + (f" held-out {evals[-1]:.4f}" if evals else "")
+              + (f" eval {extra[-1]:.1f}" if extra else "")
+              + f" ({times[-1]:.1f} s/step)", flush=True)
+  out = {"loss": losses, "eval_steps": ev_steps,
+         "seconds": time.perf_counter() - t_start,
+         "step_s": float(np.median(times[1:] if len(times) > 1 else times))}
+  if evals:
+    out["eval_loss"] = evals
+  if extra:
+    out["eval_extra"] = extra
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Memorisation of random facts (notebook 11).
+
+FACT_TOKEN_MIN = 1000  # keys and values are drawn from ids >= this
+
+
+def facts_task(*, n_facts: int, n_values: int, vocab: int, per_seq: int,
+               seed: int) -> dict:
+  """`n_facts` random one-token key -> one-token value facts.
+
+  Keys are distinct token ids; each key's value is drawn uniformly from a
+  fixed set of `n_values` other token ids, so the table holds exactly
+  `n_facts * log2(n_values)` bits. A training sequence packs `per_seq` facts
+  as `k v k v ...` (the loss counts the value tokens only).
+
+  Returns:
+    {"keys", "answers" (index into "values"), "values", "bits", "per_seq"}.
+  """
+  if n_facts % per_seq:
+    raise ValueError(f"`n_facts` ({n_facts}) must be a multiple of"
+                     f" `per_seq` ({per_seq}).")
+  rng = np.random.default_rng(seed)
+  pool = rng.permutation(np.arange(FACT_TOKEN_MIN, vocab))
+  values = pool[:n_values]
+  keys = pool[n_values:n_values + n_facts]
+  answers = rng.integers(0, n_values, size=n_facts)
+  return {"keys": keys.astype(np.int32), "values": values.astype(np.int32),
+          "answers": answers.astype(np.int32),
+          "bits": n_facts * math.log2(n_values), "per_seq": per_seq}
+
+
+def facts_batches(task: dict, *, steps: int,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens, loss masks), each (steps, n_facts / per_seq, 2 per_seq).
+
+  Every step holds every fact once, in a fresh random order.
+  """
+  rng = np.random.default_rng(seed)
+  n, per = len(task["keys"]), task["per_seq"]
+  toks = []
+  for _ in range(steps):
+    order = rng.permutation(n)
+    seq = np.stack([task["keys"][order],
+                    task["values"][task["answers"][order]]], axis=-1)
+    toks.append(seq.reshape(n // per, 2 * per))
+  tokens = np.stack(toks).astype(np.int32)
+  mask = np.zeros_like(tokens)
+  mask[..., 1::2] = 1
+  return tokens, mask
+
+
+def facts_bits(model: llama.LlamaModel, params: Any, task: dict):
+  """`f(method, trainable) -> memorised bits` on the fact table.
+
+  Memorised bits = `bits` minus the summed cross-entropy (bits) of each
+  fact's value given its key, the prediction restricted to (renormalised
+  over) the `n_values` candidate values: 0 for a model that spreads its
+  probability uniformly over them, `bits` for one that is always sure and
+  right.
+  """
+  n, per = len(task["keys"]), task["per_seq"]
+  seq = np.stack([task["keys"], task["values"][task["answers"]]], -1)
+  tokens = jnp.asarray(seq.reshape(n // per, 2 * per))
+  values = jnp.asarray(task["values"])
+  answers = jnp.asarray(task["answers"].reshape(n // per, per))
+  fns: dict = {}
+
+  def f(method, trainable):
+    if method not in fns:
+      logits = logits_fn(model, method)
+
+      def g(params, trainable):
+        lg = logits(params, trainable, tokens)[:, 0::2].astype(jnp.float32)
+        lp = jax.nn.log_softmax(lg[..., values], axis=-1)
+        nll = -jnp.take_along_axis(lp, answers[..., None], -1).sum()
+        return task["bits"] - nll / np.log(2.0)
+      fns[method] = jax.jit(g)
+    return fns[method](params, trainable)
+  return f
 
 
 def flops_per_token(config: llama.LlamaConfig, *, rank: int | None,
