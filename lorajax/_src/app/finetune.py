@@ -209,6 +209,38 @@ def forward_fn(model: Any, mode: str) -> Callable[..., jax.Array]:
   return merged
 
 
+def _loss_fn(model: Any, mode: str) -> Callable[..., Any]:
+  """`loss_fn(params, adapter, (ids, att, loss_mask)) -> (sum, count)`.
+
+  Models with a fused `loss_sums(params, ids, att, loss_mask)` (e.g.
+  `lorajax.models.llama.LlamaModel`: the head only where the loss is set)
+  use it; others go through their logits and `loss_sums`.
+  """
+  fused = getattr(model, "loss_sums", None)
+  if fused is None:
+    forward = forward_fn(model, mode)
+
+    def via_logits(params, adapter, batch):
+      ids, att, lm = batch
+      return loss_sums(forward(params, adapter, ids, att), ids, lm)
+
+    return via_logits
+  if mode not in MODES:
+    raise ValueError(f"`mode` must be one of {MODES}; got {mode!r}.")
+  if mode == "factored":
+    lora_fused = factored_lib.lora(fused)
+
+    def factored(params, adapter, batch):
+      return lora_fused(params, adapter, *batch)
+
+    return factored
+
+  def merged(params, adapter, batch):
+    return fused(adapter_lib.merge(params, adapter), *batch)
+
+  return merged
+
+
 def loss_sums(
     logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -269,11 +301,7 @@ def make_train_step(
     A `lorajax.TrainStep(init, step)`. `metrics` has `loss` (mean per
     completion token), `tokens` (completion tokens) and `grad_norm`.
   """
-  forward = forward_fn(model, mode or default_mode())
-
-  def loss_fn(params, adapter, batch):
-    ids, att, lm = batch
-    return loss_sums(forward(params, adapter, ids, att), ids, lm)
+  loss_fn = _loss_fn(model, mode or default_mode())
 
   ts = train_lib.make_train_step(
       loss_fn, optimizer, weighted=True, microbatched=True,
