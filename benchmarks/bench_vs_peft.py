@@ -116,7 +116,8 @@ def _batches(shape: str, smoke: bool, steps: int, tokenizer=None,
       one = np.ones((b, s), np.int32)
       out.append((ids, one, one.astype(np.float32)))
     return out
-  from lorajax._src.app import cli, data as data_lib  # noqa: PLC0415
+  from lorajax._src.app import cli  # noqa: PLC0415
+  from lorajax._src.app import data as data_lib  # noqa: PLC0415
   from lorajax._src.app import finetune as ft  # noqa: PLC0415
 
   if smoke:

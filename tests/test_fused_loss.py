@@ -144,3 +144,37 @@ def test_bad_inputs_name_the_argument():
     model.loss_sums(params, ids[0], None, lm[0])
   with pytest.raises(ValueError, match="`chunk` must be an integer >= 1"):
     impl.loss_sums(params, CFG, ids, att, lm, chunk=0)
+
+
+def test_auto_merged_rule_counts_multiply_adds():
+  # 576 x 576 at rank 16, 512 tokens: merged adds the dense weight gradient
+  # 512*576*576 plus 2*16*576*576; factored 3*512*16*(576+576).
+  assert not ft.auto_merged(576, 576, 16, 512)
+  assert 3 * 512 * 16 * 1152 < 512 * 576 * 576 + 2 * 16 * 576 * 576
+  # Rank near the width: merging does less work.
+  assert ft.auto_merged(64, 64, 32, 512)
+  assert 3 * 512 * 32 * 128 > 512 * 64 * 64 + 2 * 32 * 64 * 64
+
+
+def test_auto_mode_mixes_and_equals_factored():
+  """At rank 7 and 3 x 24 tokens the 32 x 32 attention weights merge and the
+  32 x 64 MLP weights stay factored; the step equals the factored one."""
+  assert ft.auto_merged(32, 32, 7, 72)
+  assert not ft.auto_merged(32, 64, 7, 72)
+  params = llama.init_params(CFG, key=jax.random.key(0))
+  model = llama.LlamaModel(CFG)
+  cfg = lorajax.LoraConfig(rank=7, alpha=8.0, targets="all-linear")
+  batch = tuple(jnp.asarray(x)[None] for x in _batch())
+  tx = optax.adam(1e-2)
+  outs = []
+  for mode in ("auto", "factored"):
+    ad = lorajax.init(params, cfg, key=jax.random.key(1))
+    ad = jax.tree.map(
+        lambda w: dataclasses.replace(w, b=0.1 * jnp.ones_like(w.b)),
+        ad, is_leaf=lambda x: isinstance(x, lorajax.LoraWeight))
+    step = ft.make_train_step(model, tx, mode=mode, donate=False)
+    outs.append(step.step(params, ad, step.init(ad), batch))
+  (a1, _, m1), (a2, _, m2) = outs
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(
+      x, y, rtol=1e-4, atol=1e-6), a1, a2)
