@@ -69,6 +69,11 @@ def _parse() -> argparse.Namespace:
   p.add_argument("--peak-n", type=int, default=2048)
   p.add_argument("--no-write", action="store_true")
   p.add_argument("--tag", default="", help="free text stored in each row.")
+  p.add_argument("--threads", type=int, default=0,
+                 help="0: each framework's default thread pool (2 threads"
+                 " here); 1: one thread each (XLA"
+                 " --xla_cpu_multi_thread_eigen=false, torch"
+                 " set_num_threads(1)), where CPU time is the work done.")
   # Internal: run one worker.
   p.add_argument("--worker", default=None,
                  help=argparse.SUPPRESS)
@@ -199,16 +204,18 @@ def _worker_lorajax(args) -> dict:
   if args.shape == "data":  # Compile every bucket before timing.
     for i in range(len(dev)):
       one(i)
-  times = []
+  times, cpu = [], []
   for i in range(args.steps):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     losses.append(one(i))
     times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
   hf_cfg = model.config.to_hf_dict()
   return {"framework": "lorajax", "mode": mode, "requested": args.mode,
-          "times": times, "compile_s": compile_s, "loss_last": losses[-1],
+          "times": times, "cpu": cpu, "compile_s": compile_s,
+          "loss_last": losses[-1],
           "hf_cfg": hf_cfg, "batches": batches, "jax": jax.__version__,
-          "threads": os.cpu_count(), "np": np}
+          "threads": 1 if args.threads == 1 else os.cpu_count(), "np": np}
 
 
 def _torch_model(smoke: bool):
@@ -282,13 +289,15 @@ def _worker_peft(args) -> dict:
   if args.shape == "data":
     for i in range(len(dev)):
       one(i)
-  times = []
+  times, cpu = [], []
   for i in range(args.steps):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     losses.append(one(i))
     times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
   return {"framework": "peft", "mode": "peft", "requested": "peft",
-          "times": times, "compile_s": compile_s, "loss_last": losses[-1],
+          "times": times, "cpu": cpu, "compile_s": compile_s,
+          "loss_last": losses[-1],
           "hf_cfg": hf_cfg, "batches": batches, "torch": torch.__version__,
           "peft": peft.__version__, "threads": torch.get_num_threads(),
           "np": np}
@@ -326,6 +335,12 @@ def _worker_peak(args) -> dict:
 
 def _run_worker(args) -> None:
   sys.path.insert(0, str(ROOT))
+  if args.threads == 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_cpu_multi_thread_eigen=false")
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(1)
   if args.worker.startswith("peak"):
     print(json.dumps(_worker_peak(args)), flush=True)
     return
@@ -335,6 +350,7 @@ def _run_worker(args) -> None:
   r.pop("np")
   hf_cfg = r.pop("hf_cfg")
   times = r.pop("times")
+  cpu = r.pop("cpu")
   # The timed steps cycle through the batches: tokens of the timed steps.
   tok = [int(batches[i % len(batches)][1].sum()) for i in range(args.steps)]
   padded = [int(batches[i % len(batches)][0].size)
@@ -346,8 +362,11 @@ def _run_worker(args) -> None:
   total = sum(times)
   r.update(shape=args.shape, step_times_s=[round(t, 4) for t in times],
            median_step_s=statistics.median(times),
-           tokens_per_s=sum(tok) / total, padded_tokens_per_s=sum(padded)
-           / total, loss_tokens_per_step=statistics.mean(loss_tok),
+           tokens_per_s=sum(tok) / total,
+           tokens_per_cpu_s=sum(tok) / sum(cpu),
+           cpu_s_per_step=statistics.median(cpu),
+           padded_tokens_per_s=sum(padded) / total,
+           loss_tokens_per_step=statistics.mean(loss_tok),
            gflops_per_s=sum(flops) / total / 1e9,
            gflop_per_step=statistics.mean(flops) / 1e9,
            peak_rss_mib=_rss_mib())
@@ -360,7 +379,8 @@ def _run_worker(args) -> None:
 
 def _spawn(args, **kw) -> dict | None:
   cmd = [sys.executable, __file__, "--steps", str(args.steps), "--warmup",
-         str(args.warmup), "--peak-n", str(args.peak_n)]
+         str(args.warmup), "--peak-n", str(args.peak_n), "--threads",
+         str(args.threads)]
   for k, v in kw.items():
     cmd += [f"--{k}", str(v)]
   if args.smoke:
@@ -411,7 +431,8 @@ def main() -> None:
   env = {"cpu": platform.processor() or platform.machine(),
          "cpu_count": os.cpu_count(), "python": platform.python_version(),
          "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-         "smoke": args.smoke, "tag": args.tag,
+         "smoke": args.smoke, "tag": args.tag, "thread_setting":
+         args.threads or "default",
          "peak_gflops": {p["worker"]: round(p["gflops_best"], 1)
                          for p in peaks}}
   rows = []
@@ -428,6 +449,10 @@ def main() -> None:
         "best_step_s": round(min(meds), 4),
         "tokens_per_s": round(statistics.median(toks), 1),
         "best_tokens_per_s": round(max(toks), 1),
+        "tokens_per_cpu_s": round(statistics.median(
+            [r["tokens_per_cpu_s"] for r in rs]), 1),
+        "cpu_s_per_step": round(statistics.median(
+            [r["cpu_s_per_step"] for r in rs]), 3),
         "gflop_per_step": round(base["gflop_per_step"], 2),
         "gflops_per_s": round(statistics.median(
             [r["gflops_per_s"] for r in rs]), 1),
@@ -451,6 +476,8 @@ def main() -> None:
             r["tokens_per_s"] / ref[0]["tokens_per_s"], 3)
         r["best_speedup_vs_peft"] = round(
             r["best_tokens_per_s"] / ref[0]["best_tokens_per_s"], 3)
+        r["cpu_speedup_vs_peft"] = round(
+            r["tokens_per_cpu_s"] / ref[0]["tokens_per_cpu_s"], 3)
   for r in rows:
     print(json.dumps(r), flush=True)
   if not args.smoke and not args.no_write:
@@ -466,7 +493,8 @@ def _write_md() -> None:
           (RESULTS / "vs_peft.jsonl").read_text().splitlines() if x.strip()]
   cols = ["time_utc", "tag", "shape", "framework", "mode", "median_step_s",
           "best_step_s", "tokens_per_s", "speedup_vs_peft",
-          "best_speedup_vs_peft", "gflops_per_s", "frac_of_peak",
+          "best_speedup_vs_peft", "cpu_s_per_step", "cpu_speedup_vs_peft",
+          "gflops_per_s", "frac_of_peak",
           "compile_s", "peak_rss_mib", "loadavg_before"]
   lines = ["# LoRA training: lorajax vs PyTorch + PEFT (SmolLM2-135M, CPU)",
            "",
