@@ -218,7 +218,8 @@ def forward_fn(model: Any, mode: str) -> Callable[..., jax.Array]:
 
   Args:
     model: Has `apply(params, input_ids, attention_mask) -> logits`.
-    mode: `"factored"` (through `lorajax.lora`) or `"merged"`.
+    mode: `"factored"` (through `lorajax.lora`), `"merged"`, or `"auto"`
+      (per weight, see `auto_merged`).
 
   Returns:
     The forward function of the adapted model.
@@ -357,7 +358,10 @@ def make_train_step(
     model: Has `apply(params, input_ids, attention_mask) -> logits`.
     optimizer: The optax optimizer for the adapter.
     mode: `"factored"`, `"merged"` (see `forward_fn`), or `None` for
-      `TrainConfig`'s default (`default_mode()`: factored).
+      `TrainConfig`'s default (`default_mode()`: auto). Models with a
+      `loss_sums(params, ids, att, loss_mask)` method (`LlamaModel`) are
+      trained through it: the output head runs only on chunks of positions
+      that carry a loss.
     param_shardings: See `lorajax.make_train_step`.
     adapter_shardings: See `lorajax.make_train_step`.
     batch_sharding: See `lorajax.make_train_step`.
@@ -618,6 +622,9 @@ def _factored_generate(model: Any, max_new_tokens: int, eos: Any):
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_sums_factored(model, params, adapter, input_ids, attention_mask,
                         loss_mask):
+  if hasattr(model, "loss_sums"):
+    return factored_lib.lora(model.loss_sums)(params, adapter, input_ids,
+                                              attention_mask, loss_mask)
   logits = factored_lib.lora(model.apply)(params, adapter, input_ids,
                                           attention_mask)
   return loss_sums(logits, input_ids, loss_mask)
@@ -625,6 +632,8 @@ def _eval_sums_factored(model, params, adapter, input_ids, attention_mask,
 
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_sums(model, params, input_ids, attention_mask, loss_mask):
+  if hasattr(model, "loss_sums"):  # The head only where the loss is.
+    return model.loss_sums(params, input_ids, attention_mask, loss_mask)
   logits = model.apply(params, input_ids, attention_mask)
   return loss_sums(logits, input_ids, loss_mask)
 
