@@ -66,7 +66,7 @@ def auto_merged(din: int, dout: int, rank: int, tokens: int) -> bool:
   gradient to `a`, `b` (`2 * rank * din * dout`); factored pays the thin
   factor matmuls (`x@a`, `(x@a)@b`, and their gradients: `3 * tokens * rank
   * (din + dout)`). Thin matmuls run at about the rate of wide ones on this
-  project's CPU (benchmarks/results/vs_peft.md), so they are weighed alike.
+  project's CPU (docs/performance.md), so they are weighed alike.
   Factored wins for `rank < din * dout / (3 * (din + dout))` at any batch
   (rank < 96 for 576 x 576), so LoRA as usually configured runs factored;
   merged wins for ranks near the width or very few tokens.
