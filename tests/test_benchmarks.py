@@ -31,3 +31,19 @@ def test_bench_depth_smoke():
   for r in rows:
     assert r["compile_s"] > 0 and r["compile_cpu_s"] > 0
     assert r["median_step_s"] > 0
+
+
+def test_bench_vs_peft_smoke():
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "bench_vs_peft.py"),
+       "--smoke"], capture_output=True, text=True, timeout=300, check=True,
+      env=dict(os.environ, PYTHONPATH=ROOT))
+  rows = [json.loads(line) for line in out.stdout.splitlines()
+          if line.startswith("{")]
+  assert [r["framework"] for r in rows] == ["lorajax", "peft"]
+  for r in rows:
+    assert r["shape"] == "data" and r["median_step_s"] > 0
+    assert r["tokens_per_s"] > 0 and r["peak_rss_mib"] > 0
+  assert rows[1]["speedup_vs_peft"] == 1.0
+  # Same model, data and optimizer: the losses after the same steps agree.
+  assert abs(rows[0]["loss_last"] - rows[1]["loss_last"]) < 1e-2

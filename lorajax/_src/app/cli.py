@@ -170,16 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--seq-len", type=_seq_len_int, default=None,
                  help="longest padded sequence (default: fits the longest"
                  " example); batches are bucketed to powers of two below it.")
-  g.add_argument("--mode", choices=("factored", "merged"), default=None,
+  g.add_argument("--mode", choices=("auto", "factored", "merged"),
+                 default=None,
                  help="factored: x@W + s*(x@a)@b, no dense weight gradients;"
-                 " merged: run the model on W + s*a@b. Default: factored"
-                 " when available.")
+                 " merged: run the model on W + s*a@b; auto (the default):"
+                 " per weight, whichever does less work (factored unless"
+                 " the rank is near the width; see docs/performance.md).")
   g.add_argument("--quantize", choices=("none", "nf4", "int8", "gguf"),
                  default="none",
                  help="train on a quantized frozen base: nf4 (QLoRA, blocks"
                  " of 64) or int8 (per output channel) quantize the loaded"
                  " weights; gguf keeps a .gguf file's Q4_0/Q4_1/Q8_0 blocks"
-                 " as they are. Needs --mode factored (the default).")
+                 " as they are. Needs --mode factored or auto (the"
+                 " default).")
   g.add_argument("--seed", type=_seed_int, default=0)
   g = ft.add_argument_group("outputs")
   g.add_argument("--output", default=None,
@@ -883,6 +886,9 @@ def _run_finetune(args, session: _Session) -> int:
   # Everything below up to the model load only reads: a bad setting or file
   # stops the command before the model loads and before --output exists.
   out, saved = _prepare_output(args)
+  if saved is not None and args.mode is None and saved.get("mode"):
+    # Runs saved before `auto` became the default keep their mode.
+    args.mode = saved["mode"]
   train_path, eval_path = _resolve_data(args)
   import jax  # noqa: PLC0415
 
@@ -915,7 +921,7 @@ def _run_finetune(args, session: _Session) -> int:
   model_path = str(p_model.resolve())
   mconf, abstract = _inspect_model(p_model)
   ctx = mconf.max_position_embeddings
-  if args.quantize != "none" and (args.mode or "factored") != "factored":
+  if args.quantize != "none" and args.mode == "merged":
     raise CliError(
         f"--quantize {args.quantize} trains on the quantized base through"
         " the factored path; --mode merged would dequantize every weight at"

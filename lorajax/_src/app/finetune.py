@@ -35,7 +35,7 @@ from lorajax._src.core import train as train_lib
 from lorajax._src.core.config import LoraConfig
 from lorajax._src.core.typing import PyTree
 
-MODES = ("factored", "merged")
+MODES = ("auto", "factored", "merged")
 
 # Default learning rate: 10x 5e-5, the usual full fine-tuning rate (the
 # default of Hugging Face `transformers.Trainer`), because the optimal LoRA
@@ -52,8 +52,37 @@ about 10x full fine-tuning's (Schulman et al. 2025, "LoRA Without Regret").
 
 
 def default_mode() -> str:
-  """The default execution mode: `"factored"` (`lorajax.lora`)."""
-  return "factored"
+  """The default execution mode: `"auto"` (see `auto_merged`)."""
+  return "auto"
+
+
+def auto_merged(din: int, dout: int, rank: int, tokens: int) -> bool:
+  """Whether `mode="auto"` merges a `(din, dout)` weight's rank-`rank`
+  adapter (else it runs factored), for `tokens` tokens per microbatch.
+
+  The rule compares what each mode adds to the frozen weight's forward and
+  input-gradient matmuls, in multiply-adds per step: merged pays the dense
+  weight gradient (`tokens * din * dout`) plus forming `W + s*a@b` and its
+  gradient to `a`, `b` (`2 * rank * din * dout`); factored pays the thin
+  factor matmuls (`x@a`, `(x@a)@b`, and their gradients: `3 * tokens * rank
+  * (din + dout)`). Thin matmuls run at about the rate of wide ones on this
+  project's CPU (docs/performance.md), so they are weighed alike.
+  Factored wins for `rank < din * dout / (3 * (din + dout))` at any batch
+  (rank < 96 for 576 x 576), so LoRA as usually configured runs factored;
+  merged wins for ranks near the width or very few tokens.
+
+  Args:
+    din: Input width of the weight.
+    dout: Output width of the weight.
+    rank: The adapter's rank.
+    tokens: Tokens (padded) per microbatch.
+
+  Returns:
+    True to merge, False to run factored.
+  """
+  merged = tokens * din * dout + 2 * rank * din * dout
+  factored = 3 * tokens * rank * (din + dout)
+  return merged < factored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +104,9 @@ class TrainConfig:
       holds the longest example.
     mode: `"factored"` computes `x@W + s*(x@a)@b` without forming dense
       weights or their gradients (`lorajax.lora`); `"merged"` runs the model
-      on `merge(params, adapter)`. `None` picks `default_mode()` (factored).
+      on `merge(params, adapter)`; `"auto"` decides per weight by
+      `auto_merged` (factored for every weight of the default run). `None`
+      picks `default_mode()` (auto).
     seed: Seed of the adapter initialisation and the data order.
     max_grad_norm: Clip the global gradient norm to this (0 disables).
   """
@@ -187,13 +218,22 @@ def forward_fn(model: Any, mode: str) -> Callable[..., jax.Array]:
 
   Args:
     model: Has `apply(params, input_ids, attention_mask) -> logits`.
-    mode: `"factored"` (through `lorajax.lora`) or `"merged"`.
+    mode: `"factored"` (through `lorajax.lora`), `"merged"`, or `"auto"`
+      (per weight, see `auto_merged`).
 
   Returns:
     The forward function of the adapted model.
   """
   if mode not in MODES:
     raise ValueError(f"`mode` must be one of {MODES}; got {mode!r}.")
+  if mode == "auto":
+    lora_auto = factored_lib.lora(model.apply)
+
+    def auto(params, adapter, input_ids, attention_mask):
+      params, adapter = _auto_split(params, adapter, input_ids.size)
+      return lora_auto(params, adapter, input_ids, attention_mask)
+
+    return auto
   if mode == "factored":
     lora_apply = factored_lib.lora(model.apply)
 
@@ -207,6 +247,65 @@ def forward_fn(model: Any, mode: str) -> Callable[..., jax.Array]:
                        attention_mask)
 
   return merged
+
+
+def _loss_fn(model: Any, mode: str) -> Callable[..., Any]:
+  """`loss_fn(params, adapter, (ids, att, loss_mask)) -> (sum, count)`.
+
+  Models with a fused `loss_sums(params, ids, att, loss_mask)` (e.g.
+  `lorajax.models.llama.LlamaModel`: the head only where the loss is set)
+  use it; others go through their logits and `loss_sums`.
+  """
+  fused = getattr(model, "loss_sums", None)
+  if fused is None:
+    forward = forward_fn(model, mode)
+
+    def via_logits(params, adapter, batch):
+      ids, att, lm = batch
+      return loss_sums(forward(params, adapter, ids, att), ids, lm)
+
+    return via_logits
+  if mode not in MODES:
+    raise ValueError(f"`mode` must be one of {MODES}; got {mode!r}.")
+  if mode in ("auto", "factored"):
+    lora_fused = factored_lib.lora(fused)
+
+    def factored(params, adapter, batch):
+      if mode == "auto":
+        params, adapter = _auto_split(params, adapter, batch[0].size)
+      return lora_fused(params, adapter, *batch)
+
+    return factored
+
+  def merged(params, adapter, batch):
+    return fused(adapter_lib.merge(params, adapter), *batch)
+
+  return merged
+
+
+def _auto_split(params: PyTree, adapter: PyTree,
+                tokens: int) -> tuple[PyTree, PyTree]:
+  """`(params with the merged adapters folded in, the factored rest)`."""
+
+  def merge_it(w: Any, node: Any) -> bool:
+    if (not isinstance(node, adapter_lib.LoraWeight)
+        or node.magnitude is not None or quant_lib.is_quantized(w)
+        or node.axes not in ("io", "sio")):
+      return False
+    return auto_merged(node.a.shape[-2], node.b.shape[-1],
+                       node.a.shape[-1], tokens)
+
+  is_node = lambda x: x is None or adapter_lib.is_node(x)  # noqa: E731
+  pick = jax.tree.map(
+      lambda node, w: node is not None and merge_it(w, node), adapter,
+      params, is_leaf=is_node)
+  to_merge = jax.tree.map(lambda n, m: n if m else None, adapter, pick,
+                          is_leaf=is_node)
+  rest = jax.tree.map(lambda n, m: None if m else n, adapter, pick,
+                      is_leaf=is_node)
+  if not any(jax.tree.leaves(pick)):
+    return params, adapter
+  return adapter_lib.merge(params, to_merge), rest
 
 
 def loss_sums(
@@ -259,7 +358,10 @@ def make_train_step(
     model: Has `apply(params, input_ids, attention_mask) -> logits`.
     optimizer: The optax optimizer for the adapter.
     mode: `"factored"`, `"merged"` (see `forward_fn`), or `None` for
-      `TrainConfig`'s default (`default_mode()`: factored).
+      `TrainConfig`'s default (`default_mode()`: auto). Models with a
+      `loss_sums(params, ids, att, loss_mask)` method (`LlamaModel`) are
+      trained through it: the output head runs only on chunks of positions
+      that carry a loss.
     param_shardings: See `lorajax.make_train_step`.
     adapter_shardings: See `lorajax.make_train_step`.
     batch_sharding: See `lorajax.make_train_step`.
@@ -269,11 +371,7 @@ def make_train_step(
     A `lorajax.TrainStep(init, step)`. `metrics` has `loss` (mean per
     completion token), `tokens` (completion tokens) and `grad_norm`.
   """
-  forward = forward_fn(model, mode or default_mode())
-
-  def loss_fn(params, adapter, batch):
-    ids, att, lm = batch
-    return loss_sums(forward(params, adapter, ids, att), ids, lm)
+  loss_fn = _loss_fn(model, mode or default_mode())
 
   ts = train_lib.make_train_step(
       loss_fn, optimizer, weighted=True, microbatched=True,
@@ -357,13 +455,18 @@ def train(
 
     bar = tqdm(total=total, initial=step, desc="finetune", unit="step",
                dynamic_ncols=True)
+  batch = batcher.batch(step) if step < total else None
+  arrays = _batch_arrays(batch) if batch is not None else None
   try:
     while step < total:
-      batch = batcher.batch(step)
+      assert batch is not None
       t0 = time.perf_counter()
       c0 = time.process_time()
-      adapter, opt_state, m = step_fn(params, adapter, opt_state,
-                                      _batch_arrays(batch))
+      adapter, opt_state, m = step_fn(params, adapter, opt_state, arrays)
+      # The step runs asynchronously: assemble and transfer the next batch
+      # before waiting for this step's metrics.
+      nxt = batcher.batch(step + 1) if step + 1 < total else None
+      nxt_arrays = _batch_arrays(nxt) if nxt is not None else None
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       dt = time.perf_counter() - t0
       cpu = time.process_time() - c0
@@ -382,6 +485,7 @@ def train(
         bar.update(1)
       if on_step is not None:
         on_step(step, m, TrainState(adapter, opt_state, step))
+      batch, arrays = nxt, nxt_arrays
   finally:
     if bar is not None:
       bar.close()
@@ -518,6 +622,9 @@ def _factored_generate(model: Any, max_new_tokens: int, eos: Any):
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_sums_factored(model, params, adapter, input_ids, attention_mask,
                         loss_mask):
+  if hasattr(model, "loss_sums"):
+    return factored_lib.lora(model.loss_sums)(params, adapter, input_ids,
+                                              attention_mask, loss_mask)
   logits = factored_lib.lora(model.apply)(params, adapter, input_ids,
                                           attention_mask)
   return loss_sums(logits, input_ids, loss_mask)
@@ -525,6 +632,8 @@ def _eval_sums_factored(model, params, adapter, input_ids, attention_mask,
 
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_sums(model, params, input_ids, attention_mask, loss_mask):
+  if hasattr(model, "loss_sums"):  # The head only where the loss is.
+    return model.loss_sums(params, input_ids, attention_mask, loss_mask)
   logits = model.apply(params, input_ids, attention_mask)
   return loss_sums(logits, input_ids, loss_mask)
 

@@ -422,6 +422,11 @@ def _embed(params, input_ids, dtype):
 
 def _logits(params, config: LlamaConfig, x):
   x = _rms_norm(x, params["model"]["norm"]["scale"], config.rms_norm_eps)
+  return _head(params, x)
+
+
+def _head(params, x):
+  """The output head on normalised hidden states `(..., hidden)`."""
   # The head accumulates in float32 (`preferred_element_type`): with a
   # bfloat16 model the logits, softmax and loss are float32, not rounded
   # bfloat16 values.
@@ -435,7 +440,7 @@ def _logits(params, config: LlamaConfig, x):
   table = params["model"]["embed_tokens"]
   table = table["embedding"] if "embedding" in table else table["weight"]
   # Contract over the hidden axis directly: no transposed copy of the table.
-  return jnp.einsum("bsh,vh->bsv", x, table.astype(x.dtype),
+  return jnp.einsum("...h,vh->...v", x, table.astype(x.dtype),
                     preferred_element_type=jnp.float32)
 
 
@@ -634,18 +639,29 @@ def forward(
         " Add a batch axis with `input_ids[None]`."
     )
   b, s = input_ids.shape
-  dtype = jnp.dtype(config.dtype)
-  if attention_mask is None:
-    key_valid = jnp.ones((b, s), bool)
-    if position_ids is None:
-      position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
-  else:
+  if attention_mask is not None:
     attention_mask = jnp.asarray(attention_mask)
     if attention_mask.shape != (b, s):
       raise ValueError(
           f"`attention_mask` must have the shape of `input_ids` {(b, s)};"
           f" got {attention_mask.shape}."
       )
+  return _logits(params, config, _trunk(
+      params, config, input_ids, attention_mask, position_ids,
+      activation_sharding=activation_sharding))
+
+
+def _trunk(params, config: LlamaConfig, input_ids, attention_mask,
+           position_ids, *, activation_sharding=None):
+  """Embedding and decoder layers: `(batch, seq, hidden)` before the final
+  norm. Inputs are checked by the callers."""
+  b, s = input_ids.shape
+  dtype = jnp.dtype(config.dtype)
+  if attention_mask is None:
+    key_valid = jnp.ones((b, s), bool)
+    if position_ids is None:
+      position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
+  else:
     key_valid = attention_mask.astype(bool)
     if position_ids is None:
       position_ids = positions_from_mask(attention_mask)
@@ -653,9 +669,108 @@ def forward(
   mask = causal[None] & key_valid[:, None, :]
   cos, sin = _rope_tables(config, jnp.asarray(position_ids))
   x = _constrain(_embed(params, input_ids, dtype), activation_sharding)
-  x = _run_layers(params, config, x, cos, sin, mask,
-                  act_sharding=activation_sharding)
-  return _logits(params, config, x)
+  return _run_layers(params, config, x, cos, sin, mask,
+                     act_sharding=activation_sharding)
+
+
+LOSS_CHUNK = 128
+"""Rows of the output head per chunk in `loss_sums` (see there)."""
+
+
+def loss_sums(
+    params: PyTree,
+    config: LlamaConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    loss_mask: jax.Array,
+    *,
+    chunk: int = LOSS_CHUNK,
+    activation_sharding: Any = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy, with the head run only where needed.
+
+  The same value as computing `forward`'s logits and summing
+  `(logsumexp(logits[t]) - logits[t, ids[t + 1]]) * loss_mask[t + 1]` over
+  every row and position `t`, up to float32 reassociation, for the value
+  and its gradients. Instead of the `(batch, seq, vocab)` logits (100 MB in
+  float32 for 4 x 128 tokens of a 49k vocabulary), the positions that carry
+  a loss (`loss_mask[t + 1] != 0`) are gathered first, in order, into
+  chunks of `chunk` rows; each chunk runs the output head and the
+  cross-entropy under a `lax.cond` that skips the chunk when it holds no
+  such position. With a completion-only loss (prompts and padding carry no
+  loss) the head's matmuls, by far the widest of a small model, run on
+  about the completion tokens only.
+
+  Args:
+    params: The params dict.
+    config: The model config.
+    input_ids: `(batch, seq)` int token ids.
+    attention_mask: `(batch, seq)` 1/0 mask, or None (no padding).
+    loss_mask: `(batch, seq)` weights: position `t` predicts token `t + 1`,
+      which counts with weight `loss_mask[..., t + 1]`.
+    chunk: Positions per head chunk (>= 1).
+    activation_sharding: See `forward`.
+
+  Returns:
+    `(summed weighted negative log-likelihood, summed weights)`, float32
+    scalars.
+
+  Raises:
+    ValueError: If the shapes disagree or `chunk` < 1.
+  """
+  input_ids = jnp.asarray(input_ids)
+  loss_mask = jnp.asarray(loss_mask)
+  if input_ids.ndim != 2:
+    raise ValueError(
+        f"`input_ids` must have shape (batch, seq); got {input_ids.shape}.")
+  if loss_mask.shape != input_ids.shape:
+    raise ValueError(
+        f"`loss_mask` must have the shape of `input_ids` {input_ids.shape};"
+        f" got {loss_mask.shape}.")
+  if attention_mask is not None:
+    attention_mask = jnp.asarray(attention_mask)
+    if attention_mask.shape != input_ids.shape:
+      raise ValueError(
+          f"`attention_mask` must have the shape of `input_ids`"
+          f" {input_ids.shape}; got {attention_mask.shape}.")
+  if not isinstance(chunk, int) or chunk < 1:
+    raise ValueError(f"`chunk` must be an integer >= 1; got {chunk!r}.")
+  x = _trunk(params, config, input_ids, attention_mask, None,
+             activation_sharding=activation_sharding)
+  x = _rms_norm(x, params["model"]["norm"]["scale"], config.rms_norm_eps)
+  b, s, h = x.shape
+  n = b * (s - 1)
+  w = loss_mask[:, 1:].reshape(n).astype(jnp.float32)
+  if n == 0:
+    return jnp.float32(0), jnp.sum(w)
+  xs = x[:, :-1].reshape(n, h)
+  targets = input_ids[:, 1:].reshape(n)
+  # Positions with a loss first (a stable sort keeps their order).
+  order = jnp.argsort((w == 0).astype(jnp.int32), stable=True)
+  c = min(chunk, n)
+  k = -(-n // c)
+  pad = k * c - n
+  xs = jnp.pad(xs[order], ((0, pad), (0, 0)))
+  targets = jnp.pad(targets[order], (0, pad))
+  ws = jnp.pad(w[order], (0, pad))
+  count = jnp.sum((w != 0).astype(jnp.int32))
+
+  def chunk_loss(xc, tc, wc):
+    logits = _head(params, xc)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    return jnp.sum((logz - picked) * wc)
+
+  def skip(xc, tc, wc):
+    del xc, tc, wc
+    return jnp.float32(0)
+
+  total = jnp.float32(0)
+  for i in range(k):
+    sl = slice(i * c, (i + 1) * c)
+    total = total + jax.lax.cond(i * c < count, chunk_loss, skip, xs[sl],
+                                 targets[sl], ws[sl])
+  return total, jnp.sum(w)
 
 
 # ----------------------------------------------------------------------------

@@ -75,6 +75,35 @@ class LlamaModel:
         params, self.config, jnp.asarray(input_ids), _optional(attention_mask),
         _optional(position_ids))
 
+  def loss_sums(
+      self,
+      params: PyTree,
+      input_ids: jax.typing.ArrayLike,
+      attention_mask: jax.typing.ArrayLike | None,
+      loss_mask: jax.typing.ArrayLike,
+  ) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token loss where `loss_mask` is set, and the summed mask.
+
+    Equal (up to float32 reassociation, value and gradients) to the loss of
+    `apply`'s logits, but the output head runs only on chunks of positions
+    that carry a loss (gathered in order into chunks of 128 positions; a
+    chunk with none is skipped), and the full logits are never formed.
+    `lorajax.finetune` trains with it.
+
+    Args:
+      params: The params dict.
+      input_ids: Int token ids of shape (batch, seq).
+      attention_mask: (batch, seq) 1/0 mask, or None.
+      loss_mask: (batch, seq) weights; position `t` predicts token `t + 1`
+        with weight `loss_mask[..., t + 1]`.
+
+    Returns:
+      `(loss sum, weight sum)`, float32 scalars.
+    """
+    return llama_lib.loss_sums(
+        params, self.config, jnp.asarray(input_ids),
+        _optional(attention_mask), jnp.asarray(loss_mask))
+
   def generate(
       self,
       params: PyTree,
