@@ -127,6 +127,107 @@ def test_generate_sampling_uses_key(checkpoint):
   assert ((a >= 0) & (a < TINY["vocab_size"])).all()
 
 
+def test_generate_stacked_matches_transformers(checkpoint):
+  # Scan-stacked layers keep a stacked KV cache; greedy tokens as above.
+  tm, path = checkpoint
+  model, params = llama.from_pretrained(path, scan_layers=True)
+  assert "self_attn" in params["model"]["layers"]  # stacked layout
+  ids = random_ids(np.random.default_rng(3), 2, 7)
+  mask = np.ones_like(ids)
+  mask[1, :2] = 0
+  ids[1, :2] = 0
+  got = model.generate(params, ids, 6, attention_mask=mask, eos_id=-1)
+  with torch.no_grad():
+    ref = tm.generate(
+        torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+        max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
+    )[:, 7:].numpy()
+  np.testing.assert_array_equal(np.asarray(got), ref)
+
+
+def test_generate_with_unmerged_adapter_matches_merged(checkpoint):
+  # Sampling from an adapter without merging (as an RL loop does each step)
+  # decodes like the merged model; the adapter has a non-zero B. The untied
+  # checkpoint runs per-layer params, the tied one scan-stacked layers.
+  tm, path = checkpoint
+  stacked = tm.config.tie_word_embeddings
+  model, params = llama.from_pretrained(path, scan_layers=stacked)
+  cfg = lorajax.LoraConfig(rank=2, alpha=4.0, targets="all-linear")
+  adapter = lorajax.init(params, cfg, key=jax.random.key(0))
+  leaves, tree = jax.tree.flatten(adapter)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  adapter = jax.tree.unflatten(tree, [
+      x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
+      for x, k in zip(leaves, keys)])
+  merged = lorajax.merge(params, adapter)
+  ids = random_ids(np.random.default_rng(6), 3, 5)
+  mask = np.ones_like(ids)
+  mask[0, :2] = 0
+  got = np.asarray(model.generate(params, ids, 6, attention_mask=mask,
+                                  eos_id=-1, adapter=adapter))
+  want = np.asarray(model.generate(merged, ids, 6, attention_mask=mask,
+                                   eos_id=-1))
+  base = np.asarray(model.generate(params, ids, 6, attention_mask=mask,
+                                   eos_id=-1))
+  np.testing.assert_array_equal(got, want)
+  assert (got != base).any()  # The adapter changes what is decoded.
+  # Sampled: the same key gives the merged model's draws.
+  kw = dict(attention_mask=mask, eos_id=-1, temperature=1.0,
+            key=jax.random.key(3))
+  np.testing.assert_array_equal(
+      np.asarray(model.generate(params, ids, 6, adapter=adapter, **kw)),
+      np.asarray(model.generate(merged, ids, 6, **kw)))
+
+
+def test_generate_samples_from_the_softmax(checkpoint):
+  # The first sampled token of many copies of one prompt follows
+  # softmax(transformers' logits / temperature).
+  tm, path = checkpoint
+  model, params = llama.from_pretrained(path)
+  ids = random_ids(np.random.default_rng(7), 1, 5)
+  n, temp = 8000, 0.5
+  first = np.asarray(model.generate(
+      params, np.repeat(ids, n, axis=0), 1, temperature=temp,
+      key=jax.random.key(11), eos_id=-1))[:, 0]
+  logits = torch_logits(tm, ids)[0, -1].astype(np.float64)
+
+  def softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+  want = softmax(logits / temp)
+  emp = np.bincount(first, minlength=want.size) / n
+  tv = 0.5 * np.abs(emp - want).sum()
+  assert tv < 0.06, tv
+  # The check can fail: another temperature is far from the samples.
+  assert 0.5 * np.abs(emp - softmax(logits / (2 * temp))).sum() > 0.12
+
+
+def test_sample_categorical_two_levels_matches_softmax():
+  # The sampler's block / within-block inverse CDF over a vocabulary that
+  # spans several blocks (and a partial last one), against the softmax.
+  from lorajax._src.models import llama as llama_src
+  v, n = 1000, 20000
+  assert v > 3 * llama_src._SAMPLE_BLOCK
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=v) * 2.0
+  logits[::7] = -np.inf  # Zero-probability tokens are never drawn.
+  got = np.asarray(jax.jit(llama_src._sample_categorical,
+                           static_argnums=2)(
+      jax.random.key(0), jnp.asarray(np.tile(logits, (n, 1)), jnp.float32),
+      1.3))
+  assert got.dtype == np.int32 and got.shape == (n,)
+  assert not np.isin(got, np.arange(0, v, 7)).any()
+  z = logits / 1.3
+  want = np.exp(z - z.max())
+  want /= want.sum()
+  emp = np.bincount(got, minlength=v) / n
+  # Mass per group of 40 tokens (a per-token check at n = 20000 is noisy).
+  blocks = lambda p: p.reshape(-1, 40).sum(axis=1)  # noqa: E731
+  np.testing.assert_allclose(blocks(emp), blocks(want), atol=0.012)
+  assert 0.5 * np.abs(emp - want).sum() < 0.08
+
+
 def test_save_pretrained_loads_in_transformers(tmp_path):
   config = llama.LlamaConfig(**TINY, tie_word_embeddings=False)
   params = llama.init_params(config, key=jax.random.key(0), std=0.1)
