@@ -19,8 +19,16 @@ tokens/s = batch x new tokens / wall time (prompt prefill included);
 tokens per CPU second likewise with process CPU time.
 Also reports whether the greedy tokens of the two agree at batch 1.
 
-Emits one JSON line per (implementation, batch) on stdout; `--smoke` runs
-batch 1 with 2 new tokens.
+A third variant, `lorajax+adapter sampled`, samples at temperature 1 from
+the base params with an unmerged rank-`--adapter-rank` LoRA adapter on all
+linear layers (`generate(..., adapter=adapter)`: the adapter runs factored
+inside the decode, as an RL loop samples from its current policy; its B is
+random, not zero, though the cost does not depend on the values).
+
+Emits one JSON line per (implementation, batch) on stdout, with the load
+average at the start and the end of the run; `--smoke` runs batch 1 with 2
+new tokens on a tiny random Llama checkpoint (written to a temporary
+directory and loaded by both sides) instead of SmolLM2.
 """
 
 import argparse
@@ -29,6 +37,7 @@ import os
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -41,7 +50,22 @@ def _parse() -> argparse.Namespace:
   p.add_argument("--new", type=int, default=32)
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--threads", type=int, default=1)
+  p.add_argument("--adapter-rank", type=int, default=16)
   return p.parse_args()
+
+
+def _tiny_checkpoint(directory: str) -> str:
+  """A random 2-layer Llama saved with transformers (the smoke model)."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(
+      vocab_size=512, hidden_size=64, intermediate_size=128,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+      pad_token_id=0, tie_word_embeddings=True)
+  transformers.LlamaForCausalLM(cfg).save_pretrained(directory)
+  return directory
 
 
 def main() -> None:
@@ -56,6 +80,7 @@ def main() -> None:
   import torch
   import transformers
 
+  import lorajax
   from lorajax.models import llama
 
   torch.set_num_threads(args.threads)
@@ -63,20 +88,40 @@ def main() -> None:
   new = 2 if args.smoke else args.new
   reps = 1 if args.smoke else args.reps
 
-  path = pathlib.Path(llama.default_model_path())
-  model, params = llama.from_pretrained(path)
-  tok = model.tokenizer
-  prompt = tok.apply_chat_template(
-      [{"role": "user", "content": "Write a short poem about the sea."}],
-      add_generation_prompt=True)
-  ids = tok.encode(prompt)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+  load_start = list(os.getloadavg())
+  if args.smoke:
+    tmp = tempfile.mkdtemp()
+    model, params = llama.from_pretrained(_tiny_checkpoint(tmp))
+    ids = list(range(3, 41))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp, torch_dtype=torch.float32)
+  else:
+    path = pathlib.Path(llama.default_model_path())
+    model, params = llama.from_pretrained(path)
+    tok = model.tokenizer
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Write a short poem about the sea."}],
+        add_generation_prompt=True)
+    ids = tok.encode(prompt)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
   hf.eval()
+  adapter = lorajax.init(
+      params, lorajax.LoraConfig(rank=args.adapter_rank, alpha=32.0,
+                                 targets="all-linear"),
+      key=jax.random.key(0))
+  adapter = jax.tree.map(  # A non-zero B, as after some training.
+      lambda x: x + 0.01 * jnp.ones_like(x), adapter)
 
   def run_lorajax(b):
     x = jnp.asarray([ids] * b, jnp.int32)
     out = model.generate(params, x, new, eos_id=[])
+    return np.asarray(jax.block_until_ready(out))
+
+  def run_adapter(b):
+    x = jnp.asarray([ids] * b, jnp.int32)
+    out = model.generate(params, x, new, eos_id=[], temperature=1.0,
+                         key=jax.random.key(b), adapter=adapter)
     return np.asarray(jax.block_until_ready(out))
 
   def run_hf(b):
@@ -88,28 +133,27 @@ def main() -> None:
                         pad_token_id=2, eos_token_id=None)
     return out[:, len(ids):].numpy()
 
+  fns = {"lorajax": run_lorajax, "lorajax+adapter sampled": run_adapter,
+         "transformers": run_hf}
   variants = {}
   for b in batches:
-    t0 = time.perf_counter()
-    first = run_lorajax(b)
-    variants[("lorajax", b)] = {"first_call_s": time.perf_counter() - t0,
-                                "times": [], "cpu": [], "tokens": first}
-    t0 = time.perf_counter()
-    first = run_hf(b)
-    variants[("transformers", b)] = {"first_call_s": time.perf_counter() - t0,
-                                     "times": [], "cpu": [], "tokens": first}
+    for impl, fn in fns.items():
+      t0 = time.perf_counter()
+      first = fn(b)
+      variants[(impl, b)] = {"first_call_s": time.perf_counter() - t0,
+                             "times": [], "cpu": [], "tokens": first}
   for _ in range(reps):
     for (impl, b), v in variants.items():
-      fn = run_lorajax if impl == "lorajax" else run_hf
       t0, c0 = time.perf_counter(), time.process_time()
-      fn(b)
+      fns[impl](b)
       v["times"].append(time.perf_counter() - t0)
       v["cpu"].append(time.process_time() - c0)
   agree = float(np.mean(variants[("lorajax", batches[0])]["tokens"][0]
                         == variants[("transformers", batches[0])]["tokens"][0]))
   env = {"jax": jax.__version__, "torch": torch.__version__,
          "transformers": transformers.__version__, "threads": args.threads,
-         "cpu_count": os.cpu_count(), "loadavg": list(os.getloadavg()),
+         "cpu_count": os.cpu_count(), "loadavg_start": load_start,
+         "loadavg": list(os.getloadavg()),
          "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
   for (impl, b), v in variants.items():
     wall = statistics.median(v["times"])
@@ -121,7 +165,9 @@ def main() -> None:
         "tokens_per_cpu_s": round(b * new / cpu, 2),
         "first_call_s": round(v["first_call_s"], 2),
         "times_s": [round(t, 4) for t in v["times"]],
-        "greedy_agreement_batch1": agree, "smoke": args.smoke, **env}),
+        "greedy_agreement_batch1": agree, "smoke": args.smoke,
+        "adapter_rank": args.adapter_rank if "adapter" in impl else None,
+        **env}),
         flush=True)
 
 

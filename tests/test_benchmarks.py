@@ -47,3 +47,19 @@ def test_bench_vs_peft_smoke():
   assert rows[1]["speedup_vs_peft"] == 1.0
   # Same model, data and optimizer: the losses after the same steps agree.
   assert abs(rows[0]["loss_last"] - rows[1]["loss_last"]) < 1e-2
+
+
+def test_bench_generate_smoke():
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "bench_generate.py"),
+       "--smoke"], capture_output=True, text=True, timeout=300, check=True)
+  rows = [json.loads(line) for line in out.stdout.splitlines()
+          if line.startswith("{")]
+  assert [r["impl"] for r in rows] == [
+      "lorajax", "lorajax+adapter sampled", "transformers"]
+  for r in rows:
+    assert r["tokens_per_s"] > 0 and r["tokens_per_cpu_s"] > 0
+    assert len(r["loadavg_start"]) == 3 and len(r["loadavg"]) == 3
+  # Greedy tokens of lorajax and transformers agree on the tiny checkpoint.
+  assert rows[0]["greedy_agreement_batch1"] == 1.0
+  assert rows[1]["adapter_rank"] == 16
