@@ -122,8 +122,8 @@ class LlamaModel:
     The prompt is run once (prefill) into a cache of length `seq +
     max_new_tokens`; then a `lax.while_loop` feeds one token per step and
     stops early when every row has produced `eos_id`. Prompts are left-padded
-    (masked) to a multiple of 32 tokens, so there is one compilation per
-    (batch, prompt length rounded up to 32, `max_new_tokens`, temperature).
+    (masked) to a multiple of 8 tokens, so there is one compilation per
+    (batch, prompt length rounded up to 8, `max_new_tokens`, temperature).
 
     Args:
       params: The params dict.
