@@ -107,3 +107,68 @@ def test_all_linear_leaves_emb_tables_out(name):
   got = set(nodes_by_path(lorajax.init(params, config,
                                        key=jax.random.key(0))))
   assert got == {"blocks/0/attn/wq/weight", "time_emb_proj/weight"}
+
+
+def _dora_setup(axes="io"):
+  params, _ = _setup()
+  config = lorajax.LoraConfig(rank=2, alpha=4.0, targets="e|h",
+                              use_dora=True, axes={"e": axes})
+  adapter = perturb(lorajax.init(params, config, key=jax.random.key(0)),
+                    jax.random.key(4), 0.3)
+  return params, adapter
+
+
+def _dora_merge(params, adapter):
+  """DoRA in plain jnp: `m * V / stop_gradient(||V||)`, `V = W + s a b`,
+  the norm over the input axis (axis 0 of an (in, out) weight)."""
+  def one(n, w):
+    if n is None:
+      return w
+    v = w + n.scale * n.a @ n.b
+    norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(v * v, axis=0)))
+    return n.magnitude * v / norm
+  return jax.tree.map(one, adapter, params, is_leaf=lorajax.is_lora)
+
+
+@pytest.mark.parametrize("case", ["tied_head", "scalar_row_tied", "stacked"])
+def test_dora_weight_contracted_over_its_output_axis(case):
+  """DoRA's magnitude sits on the output axis; a tied head `h @ E.T`
+  contracts that axis, so the magnitude scales `h` (no fallback)."""
+  params, adapter = _dora_setup()
+  fns = {
+      "tied_head": lambda p, i: jnp.tanh(p["e"][i] @ p["h"]) @ p["h"].T,
+      "scalar_row_tied": lambda p, i: p["e"][i[0]] @ p["e"].T,
+  }
+  if case == "stacked":
+    rng = np.random.default_rng(5)
+    params = {"w": rng.normal(size=(3, D, H)).astype(np.float32)}
+    adapter = perturb(lorajax.init(params, lorajax.LoraConfig(
+        rank=2, alpha=4.0, targets="w", use_dora=True, axes={"w": "sio"}),
+        key=jax.random.key(0)), jax.random.key(6), 0.3)
+    x = rng.normal(size=(3, 4, H)).astype(np.float32)
+
+    def stacked(p, x):  # per layer: x_l @ W_l.T, batch over the stack
+      return jnp.einsum("lbo,lio->lbi", x, p["w"])
+
+    def ref_merge(params, adapter):
+      n = adapter["w"]
+      v = params["w"] + n.scale * n.a @ n.b
+      norm = jax.lax.stop_gradient(
+          jnp.sqrt(jnp.sum(v * v, axis=1, keepdims=True)))
+      return {"w": n.magnitude[:, None, :] * v / norm}
+
+    check_matches_merged(stacked, params, adapter, x, strict=True,
+                         merge=ref_merge)
+    return
+  check_matches_merged(fns[case], params, adapter, jnp.array([3, 1, 7]),
+                       strict=True, merge=_dora_merge, nonzero_grads=False)
+
+
+def test_quantized_table_scalar_row():
+  """An int8 table read with a scalar id: only that row is dequantized."""
+  params, adapter = _setup()
+  qp = lorajax.quantize(params, {"e": "int8"}, min_size=16, axes={"e": -1})
+  assert lorajax.quant.is_quantized(qp["e"])
+  check_matches_merged(lambda p, t: jnp.tanh(p["e"][t]) @ p["h"], qp,
+                       adapter, jnp.array(2), strict=True,
+                       dense_params=lorajax.quant.dequantize(qp))

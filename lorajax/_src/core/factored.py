@@ -756,9 +756,8 @@ def _name(fn: Any) -> str:
 
 def _is_lookup(v: Factored) -> bool:
   """Whether `v`'s input or output axes are all gone (size 1): then its
-  merged value is no larger than its factors (a looked-up row)."""
-  if isinstance(v.base, LazyBase):
-    return False
+  merged value is no larger than its factors (a looked-up row; a lazy base
+  dequantizes just that row)."""
   def size(role):
     return math.prod(n for n, r in zip(v.shape, v.roles) if r == role)
   return size("i") == 1 or size("o") == 1
