@@ -100,10 +100,9 @@ class DoraKind(AdapterKind):
       xs = _scale_out(x.astype(jnp.float32), v.parts[2],
                       [where[j] for j in held]).astype(x.dtype)
       ops = list(use.operands)
-      ops[1 - use.position] = xs
+      ops[1 - use.position], ops[use.position] = xs, _plain(v)
       return LORA.dot_general(_plain(v), dataclasses.replace(
-          use, operands=tuple(ops[:use.position]) + (_plain(v),)
-          + tuple(ops[use.position + 1:])))
+          use, operands=tuple(ops)))
     y = LORA.dot_general(_plain(v), _with(use, _plain(v)))
     # Where each weight axis lands in the output: batch axes first, then the
     # free axes of the lhs, then those of the rhs.
