@@ -185,12 +185,13 @@ class LoraConfig:
   keras-hub's `experts/expert_feedforward_*_dense`). `"all-linear"` adapts
   every floating-point weight with at least two axes that the table reads,
   except embedding tables (a path part containing `embed`, `embedding`,
-  `wte`, `wpe` or `token_embd`) and output heads (a module or a part above
-  it named `lm_head`, `head`, `output` or `classifier`; an `output` directly
-  under an attention part is the attention's output projection and is
-  kept). `"attention"` adapts the usual attention projections (`q`/`k`/`v`/
-  `o`, `q_proj`.., `query`/`key`/`value`/`out`, `qkv`, `c_attn`, `wq`..,
-  gemma's `q_einsum`..) and `"mlp"` the usual MLP projections (`up`/`down`/
+  `wte`, `wpe` or `token_embd`, or named `emb` or `*_emb`) and output
+  heads (a module or a part above it named `lm_head`, `head`, `output` or
+  `classifier`; an `output` directly under an attention part is the
+  attention's output projection and is kept). `"attention"` adapts the
+  usual attention projections (`q`/`k`/`v`/`o`, `q_proj`..,
+  `query`/`key`/`value`/`out`, `qkv`, `c_attn`, `wq`.., gemma's
+  `q_einsum`..) and `"mlp"` the usual MLP projections (`up`/`down`/
   `gate`, `*_proj`, `wi`/`wo`, `fc1`/`fc2`, `w1`/`w2`/`w3`, gemma's
   `gating_einsum`/`linear`, penzai's `*_linear`, keras-hub's
   `feedforward_*_dense`..). `lorajax.summary(..., config=config)` shows

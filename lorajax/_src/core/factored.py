@@ -36,6 +36,7 @@ References:
 
 import dataclasses
 import functools
+import math
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -378,6 +379,11 @@ class _Interpreter:
   def fallback(self, v: Factored, op: str, why: str = "") -> jax.Array:
     if v.kind is BASE_ONLY:
       return self.lazy_fallback(v, op)
+    if _is_lookup(v):
+      # A row (or column) of the weight, e.g. `table[token]` with a scalar
+      # id (a slice, not a gather): merging it costs what the factors
+      # hold, as a gather lookup does. Exact; nothing to report.
+      return v.kind.materialize(v)
     msg = (
         f"lorajax.lora: the adapted weight {v.path!r} is used by `{op}`"
         f"{' (' + why + ')' if why else ''}, which the factored path does not"
@@ -478,6 +484,12 @@ class _Interpreter:
 
   def _use(self, rule, eqn, invals):
     pos = [k for k, x in enumerate(invals) if isinstance(x, Factored)]
+    if len(pos) > 1:
+      # A looked-up row meeting another weight (`head(table[token])`): the
+      # row is merged (as cheap as the lookup), the weight stays factored.
+      invals = [x.kind.materialize(x) if isinstance(x, Factored) and (
+          x.kind is not BASE_ONLY and _is_lookup(x)) else x for x in invals]
+      pos = [k for k, x in enumerate(invals) if isinstance(x, Factored)]
     if len(pos) != 1:
       return None  # Both operands adapted: not low-rank; fall back.
     v = invals[pos[0]]
@@ -740,6 +752,15 @@ def _refit(v: Factored) -> Factored:
 
 def _name(fn: Any) -> str:
   return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _is_lookup(v: Factored) -> bool:
+  """Whether `v`'s input or output axes are all gone (size 1): then its
+  merged value is no larger than its factors (a looked-up row; a lazy base
+  dequantizes just that row)."""
+  def size(role):
+    return math.prod(n for n, r in zip(v.shape, v.roles) if r == role)
+  return size("i") == 1 or size("o") == 1
 
 
 def _is_lazy(x: Any) -> bool:

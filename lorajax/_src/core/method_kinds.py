@@ -89,12 +89,23 @@ class DoraKind(AdapterKind):
     lhs_is_w = use.position == 0
     w_con, w_bat = (lc, lb) if lhs_is_w else (rc, rb)
     held = v.held(2)
+    x = use.operands[1 - use.position]
     if any(j in w_con for j in held):
-      return None  # An output axis is contracted: `g` does not factor out.
+      # An output axis is contracted (a tied head `h @ E.T`): `g` scales
+      # the activation's matching axes instead, if it sits on no free axis.
+      x_con, x_bat = (rc, rb) if lhs_is_w else (lc, lb)
+      where = dict(zip(w_con + w_bat, x_con + x_bat))
+      if not all(j in where for j in held):
+        return None
+      xs = _scale_out(x.astype(jnp.float32), v.parts[2],
+                      [where[j] for j in held]).astype(x.dtype)
+      ops = list(use.operands)
+      ops[1 - use.position], ops[use.position] = xs, _plain(v)
+      return LORA.dot_general(_plain(v), dataclasses.replace(
+          use, operands=tuple(ops)))
     y = LORA.dot_general(_plain(v), _with(use, _plain(v)))
     # Where each weight axis lands in the output: batch axes first, then the
     # free axes of the lhs, then those of the rhs.
-    x = use.operands[1 - use.position]
     w_free = [j for j in range(v.ndim) if j not in w_con and j not in w_bat]
     n_x_free = x.ndim - len(lc if not lhs_is_w else rc) - len(w_bat)
     start = len(w_bat) + (0 if lhs_is_w else n_x_free)

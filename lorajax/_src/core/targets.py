@@ -78,7 +78,10 @@ ATTENTION_PARTS = ("attention", "attn", "self_attn", "self_attention",
 # penzai's GPT-NeoX MLP names its projections `in` and `out` (`mlp/in`).
 _MLP_PARTS = ("mlp", "ffw", "ffn", "feed_forward", "feedforward")
 
-EMBED_PART = re.compile(r".*(?:embed|embedding|wte|wpe|token_embd).*", re.I)
+# A part containing `embed`/`wte`/`wpe`/`token_embd`, or named `emb` or
+# ending in `_emb` (`tok_emb`, `pos_emb`: equinox / nanoGPT-style code).
+EMBED_PART = re.compile(
+    r".*(?:embed|embedding|wte|wpe|token_embd).*|(?:\w+_)?emb", re.I)
 HEAD_NAMES = ("lm_head", "head", "output", "classifier")
 _HEAD_PART = re.compile(r"(?:lm_head|head|output|classifier)", re.I)
 
