@@ -172,3 +172,30 @@ def test_quantized_table_scalar_row():
   check_matches_merged(lambda p, t: jnp.tanh(p["e"][t]) @ p["h"], qp,
                        adapter, jnp.array(2), strict=True,
                        dense_params=lorajax.quant.dequantize(qp))
+
+
+@pytest.mark.parametrize("path,selected", [
+    ("bert/encoder/layer/0/output/dense/kernel", True),  # BERT FFN down.
+    ("bert/encoder/layer/0/attention/output/dense/kernel", True),
+    ("output/weight", False),  # llama.cpp's head.
+    ("decoder/logits_dense/kernel", False),  # T5X's head.
+    ("score/weight", False),  # HF sequence classification.
+    ("qa_outputs/weight", False),  # HF question answering.
+    ("cls_head/kernel", False),
+    ("model/layers/0/mlp/down_proj/kernel", True),
+])
+def test_all_linear_heads_by_name(path, selected):
+  params = {"block": {"mlp": {"up_proj": {"kernel": jnp.ones((4, 3))}}}}
+  node = params
+  parts = path.split("/")
+  for p in parts[:-1]:
+    node = node.setdefault(p, {})
+  node[parts[-1]] = jnp.ones((4, 3))
+  config = lorajax.LoraConfig(rank=1, alpha=1.0, targets="all-linear")
+  adapter = lorajax.init(params, config=config, key=jax.random.key(0))
+  node = adapter
+  for p in parts:
+    node = node.get(p) if isinstance(node, dict) else None
+  assert isinstance(node, lorajax.LoraWeight) == selected, path
+  assert isinstance(adapter["block"]["mlp"]["up_proj"]["kernel"],
+                    lorajax.LoraWeight)

@@ -82,8 +82,13 @@ _MLP_PARTS = ("mlp", "ffw", "ffn", "feed_forward", "feedforward")
 # ending in `_emb` (`tok_emb`, `pos_emb`: equinox / nanoGPT-style code).
 EMBED_PART = re.compile(
     r".*(?:embed|embedding|wte|wpe|token_embd).*|(?:\w+_)?emb", re.I)
-HEAD_NAMES = ("lm_head", "head", "output", "classifier")
-_HEAD_PART = re.compile(r"(?:lm_head|head|output|classifier)", re.I)
+# Output heads: `lm_head`, `head`, `*_head`, `output`, `classifier`, HF's
+# `score` (sequence classification) and `qa_outputs`, T5X's `logits_dense`.
+HEAD_NAMES = ("lm_head", "head", "*_head", "output", "classifier", "score",
+              "qa_outputs", "logits_dense")
+_HEAD_PART = re.compile(
+    r"(?:\w+_)?head|output|classifier|score|qa_outputs|logits(?:_dense)?",
+    re.I)
 
 FAMILIES = (
     Family("kernel", "flax linen and nnx, keras and keras-hub, "
@@ -148,8 +153,11 @@ def _is_head(s: Split) -> str | None:
   for j, part in enumerate(names):
     if not _HEAD_PART.fullmatch(part):
       continue
-    if part.lower() == "output" and j > 0 and names[j - 1] in ATTENTION_PARTS:
-      continue  # The attention's output projection.
+    if part.lower() == "output" and (
+        j < len(names) - 1 or (j > 0 and names[j - 1] in ATTENTION_PARTS)):
+      # A part above the module (BERT's `output/dense`, the feed-forward's
+      # down projection) or the attention's output projection.
+      continue
     return part
   return None
 
