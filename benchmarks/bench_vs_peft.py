@@ -86,6 +86,27 @@ def _parse() -> argparse.Namespace:
 # Shared pieces (run inside the workers).
 
 
+def _time_steps(one, args, n_batches: int):
+  """Warm-up (timed as compile), then `args.steps` timed steps.
+
+  `one(i)` runs step `i` and returns its loss as a Python float. Returns
+  `(losses, wall seconds per step, CPU seconds per step, compile seconds)`.
+  """
+  t0 = time.perf_counter()
+  losses = [one(i) for i in range(max(args.warmup, 1))]
+  compile_s = time.perf_counter() - t0
+  if args.shape == "data":  # Every length bucket once before timing.
+    for i in range(n_batches):
+      one(i)
+  times, cpu = [], []
+  for i in range(args.steps):
+    t0, c0 = time.perf_counter(), time.process_time()
+    losses.append(one(i))
+    times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  return losses, times, cpu, compile_s
+
+
 def _tiny_config():
   from lorajax.models import llama  # noqa: PLC0415
 
@@ -198,18 +219,7 @@ def _worker_lorajax(args) -> dict:
     adapter, opt, m = step_fn(params, adapter, opt, dev[i % len(dev)])
     return float(m["loss"])
 
-  t0 = time.perf_counter()
-  losses = [one(i) for i in range(max(args.warmup, 1))]
-  compile_s = time.perf_counter() - t0
-  if args.shape == "data":  # Compile every bucket before timing.
-    for i in range(len(dev)):
-      one(i)
-  times, cpu = [], []
-  for i in range(args.steps):
-    t0, c0 = time.perf_counter(), time.process_time()
-    losses.append(one(i))
-    times.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
+  losses, times, cpu, compile_s = _time_steps(one, args, len(dev))
   hf_cfg = model.config.to_hf_dict()
   return {"framework": "lorajax", "mode": mode, "requested": args.mode,
           "times": times, "cpu": cpu, "compile_s": compile_s,
@@ -283,18 +293,7 @@ def _worker_peft(args) -> dict:
     opt.zero_grad(set_to_none=True)
     return float(out.loss)
 
-  t0 = time.perf_counter()
-  losses = [one(i) for i in range(max(args.warmup, 1))]
-  compile_s = time.perf_counter() - t0
-  if args.shape == "data":
-    for i in range(len(dev)):
-      one(i)
-  times, cpu = [], []
-  for i in range(args.steps):
-    t0, c0 = time.perf_counter(), time.process_time()
-    losses.append(one(i))
-    times.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
+  losses, times, cpu, compile_s = _time_steps(one, args, len(dev))
   return {"framework": "peft", "mode": "peft", "requested": "peft",
           "times": times, "cpu": cpu, "compile_s": compile_s,
           "loss_last": losses[-1],

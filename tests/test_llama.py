@@ -86,19 +86,25 @@ def test_bfloat16_checkpoint_loads(tmp_path):
                              torch_logits(ref_model, ids), atol=ATOL, rtol=0)
 
 
-def test_generate_matches_transformers(checkpoint):
-  tm, path = checkpoint
-  model, params = llama.from_pretrained(path)
+def _greedy_pair(tm, model, params, *, padded_row, pad):
+  """6 greedy tokens from lorajax and transformers for 2 left-padded rows."""
   ids = random_ids(np.random.default_rng(3), 2, 7)
   mask = np.ones_like(ids)
-  mask[0, :3] = 0
-  ids[0, :3] = 0
+  mask[padded_row, :pad] = 0
+  ids[padded_row, :pad] = 0
   got = model.generate(params, ids, 6, attention_mask=mask, eos_id=-1)
   with torch.no_grad():
     ref = tm.generate(
         torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
         max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
     )[:, 7:].numpy()
+  return got, ref
+
+
+def test_generate_matches_transformers(checkpoint):
+  tm, path = checkpoint
+  model, params = llama.from_pretrained(path)
+  got, ref = _greedy_pair(tm, model, params, padded_row=0, pad=3)
   assert got.shape == (2, 6) and got.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(got), ref)
 
@@ -132,16 +138,7 @@ def test_generate_stacked_matches_transformers(checkpoint):
   tm, path = checkpoint
   model, params = llama.from_pretrained(path, scan_layers=True)
   assert "self_attn" in params["model"]["layers"]  # stacked layout
-  ids = random_ids(np.random.default_rng(3), 2, 7)
-  mask = np.ones_like(ids)
-  mask[1, :2] = 0
-  ids[1, :2] = 0
-  got = model.generate(params, ids, 6, attention_mask=mask, eos_id=-1)
-  with torch.no_grad():
-    ref = tm.generate(
-        torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-        max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
-    )[:, 7:].numpy()
+  got, ref = _greedy_pair(tm, model, params, padded_row=1, pad=2)
   np.testing.assert_array_equal(np.asarray(got), ref)
 
 
