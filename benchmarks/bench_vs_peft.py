@@ -65,8 +65,13 @@ def _parse() -> argparse.Namespace:
   p.add_argument("--shapes", default="random,data")
   p.add_argument("--modes", default="default,factored,merged",
                  help="lorajax modes to run (`default`: what `lorajax"
-                 " finetune` picks).")
+                 " finetune` picks); `MODE/REMAT` also sets the model's"
+                 " `remat` (e.g. `default/none`, the step before"
+                 " `remat=\"projections\"`).")
   p.add_argument("--peak-n", type=int, default=2048)
+  p.add_argument("--remat", default=None,
+                 help="lorajax's `LlamaConfig.remat` (default: what `lorajax"
+                 " finetune` loads the model with).")
   p.add_argument("--no-write", action="store_true")
   p.add_argument("--tag", default="", help="free text stored in each row.")
   p.add_argument("--threads", type=int, default=0,
@@ -116,15 +121,17 @@ def _tiny_config():
       tie_word_embeddings=True, rope_theta=1e5, rms_norm_eps=1e-5)
 
 
-def _load_lorajax(smoke: bool):
+def _load_lorajax(smoke: bool, remat: str):
+  import dataclasses  # noqa: PLC0415
+
   import jax  # noqa: PLC0415
 
   from lorajax.models import llama  # noqa: PLC0415
 
   if smoke:
-    cfg = _tiny_config()
+    cfg = dataclasses.replace(_tiny_config(), remat=remat)
     return llama.LlamaModel(cfg), llama.init_params(cfg, key=jax.random.key(0))
-  return llama.from_pretrained(llama.default_model_path())
+  return llama.from_pretrained(llama.default_model_path(), remat=remat)
 
 
 def _batches(shape: str, smoke: bool, steps: int, tokenizer=None,
@@ -202,7 +209,11 @@ def _worker_lorajax(args) -> dict:
 
   from lorajax import finetune as ft  # noqa: PLC0415
 
-  model, params = _load_lorajax(args.smoke)
+  if args.remat is None:
+    from lorajax._src.app import cli  # noqa: PLC0415
+
+    args.remat = cli.TRAIN_REMAT
+  model, params = _load_lorajax(args.smoke, args.remat)
   cfg = ft.TrainConfig(
       mode=None if args.mode == "default" else args.mode)
   mode = cfg.resolved_mode
@@ -222,6 +233,7 @@ def _worker_lorajax(args) -> dict:
   losses, times, cpu, compile_s = _time_steps(one, args, len(dev))
   hf_cfg = model.config.to_hf_dict()
   return {"framework": "lorajax", "mode": mode, "requested": args.mode,
+          "remat": args.remat,
           "times": times, "cpu": cpu, "compile_s": compile_s,
           "loss_last": losses[-1],
           "hf_cfg": hf_cfg, "batches": batches, "jax": jax.__version__,
@@ -380,6 +392,8 @@ def _spawn(args, **kw) -> dict | None:
   cmd = [sys.executable, __file__, "--steps", str(args.steps), "--warmup",
          str(args.warmup), "--peak-n", str(args.peak_n), "--threads",
          str(args.threads)]
+  if args.remat is not None and "remat" not in kw:
+    cmd += ["--remat", args.remat]
   for k, v in kw.items():
     cmd += [f"--{k}", str(v)]
   if args.smoke:
@@ -417,7 +431,9 @@ def main() -> None:
     for fw, m, s in order:
       load = os.getloadavg()
       loads.append(load[0])
-      r = _spawn(args, worker=fw, mode=m, shape=s)
+      mode, _, remat = m.partition("/")
+      kw = {"remat": remat} if remat else {}
+      r = _spawn(args, worker=fw, mode=mode, shape=s, **kw)
       if r is None:
         continue
       r.update(round=rnd, loadavg_before=[round(x, 2) for x in load])
@@ -464,7 +480,7 @@ def main() -> None:
         "loss_last": round(base["loss_last"], 4),
         "per_round_step_s": [round(x, 3) for x in meds],
         "loadavg_before": [r["loadavg_before"][0] for r in rs],
-        **{k: base[k] for k in ("jax", "torch", "peft", "threads")
+        **{k: base[k] for k in ("remat", "jax", "torch", "peft", "threads")
            if k in base}, **env}
     rows.append(row)
   for s in shapes:
@@ -490,7 +506,8 @@ def main() -> None:
 def _write_md() -> None:
   rows = [json.loads(x) for x in
           (RESULTS / "vs_peft.jsonl").read_text().splitlines() if x.strip()]
-  cols = ["time_utc", "tag", "shape", "framework", "mode", "median_step_s",
+  cols = ["time_utc", "tag", "shape", "framework", "mode", "remat",
+          "median_step_s",
           "best_step_s", "tokens_per_s", "speedup_vs_peft",
           "best_speedup_vs_peft", "cpu_s_per_step", "cpu_speedup_vs_peft",
           "gflops_per_s", "frac_of_peak",
@@ -504,7 +521,9 @@ def _write_md() -> None:
            " average before each round is recorded, and ratios measured in"
            " the same run are more trustworthy than absolute times."
            " `frac_of_peak` is the achieved FLOP/s over the best measured"
-           " float32 matmul rate (jax or torch) of that run.", "",
+           " float32 matmul rate (jax or torch) of that run. `remat` is"
+           " lorajax's `LlamaConfig.remat` (blank in rows written before"
+           " the column existed: `none`).", "",
            "| " + " | ".join(cols) + " |",
            "|" + "---|" * len(cols)]
   for r in rows:

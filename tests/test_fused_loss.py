@@ -74,6 +74,29 @@ def test_value_and_grads_match_full_logits(chunk, tied):
       a, b, rtol=1e-4, atol=1e-6), fg, rg)
 
 
+def test_loss_on_every_position_through_growing_chunks():
+  # 3 x 23 positions with chunk 3: chunks of 3, 12, 12, 12, 12, 12 and 6
+  # rows, every one holding loss positions.
+  params = llama.init_params(CFG, key=jax.random.key(3))
+  ids, att, _ = map(jnp.asarray, _batch())
+  lm = jnp.asarray(np.random.default_rng(4).uniform(0.5, 1.5, ids.shape),
+                   jnp.float32)
+  att = jnp.ones_like(att)
+  model = llama.LlamaModel(CFG)
+  assert impl._chunk_sizes(69, 3) == [3, 12, 12, 12, 12, 12, 6]
+
+  def ref(p):
+    return _reference(model.apply(p, ids, att), ids, lm)[0]
+
+  def fused(p):
+    return impl.loss_sums(p, CFG, ids, att, lm, chunk=3)[0]
+
+  np.testing.assert_allclose(jax.jit(fused)(params), ref(params), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-4, atol=1e-6),
+      jax.jit(jax.grad(fused))(params), jax.grad(ref)(params))
+
+
 def test_adapter_grads_factored_and_merged_match_full_logits():
   params = llama.init_params(CFG, key=jax.random.key(0))
   ad = _adapter(params)

@@ -269,16 +269,33 @@ def test_remat_policies_same_value_and_grad(scan):
     traced = jax.jit(jax.value_and_grad(_loss(m))).trace(adapter, params, ids)
     results[remat] = traced.lower().compile()(adapter, params, ids)
     policies = _remat_policies(traced.jaxpr)
-    want = {"none": [], "full": [None],
-            "dots": [jax.checkpoint_policies.dots_with_no_batch_dims_saveable]}
-    assert set(policies) == set(want[remat])
-    assert bool(policies) == (remat != "none")
+    want = {"none": 0, "full": 1, "dots": 1, "projections": 1}
+    assert len(set(policies)) == want[remat], (remat, policies)
+    if remat == "full":
+      assert policies == [None] * len(policies)
+    if remat == "dots":
+      assert set(policies) == {
+          jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
   ref_v, ref_g = results["none"]
-  for remat in ("full", "dots"):
+  for remat in ("full", "dots", "projections"):
     v, g = results[remat]
     np.testing.assert_allclose(v, ref_v, rtol=1e-6)
     for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
       np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_remat_projections_keeps_fewer_residuals_than_none():
+  # The compiled gradient of a scanned model under "projections" needs less
+  # temporary memory than under "none" (it saves only the named q, k, v,
+  # attention output, gate and up activations) and more than under "full".
+  _, _, _, params, _, adapter = _lora_setup()
+  ids = jnp.asarray(random_ids(np.random.default_rng(1), 4, 32, vocab=64))
+  temp = {}
+  for remat in ("none", "projections", "full"):
+    m = llama.LlamaModel(_config(scan_layers=True, remat=remat))
+    compiled = jax.jit(jax.grad(_loss(m))).lower(adapter, params, ids).compile()
+    temp[remat] = compiled.memory_analysis().temp_size_in_bytes
+  assert temp["full"] < temp["projections"] < temp["none"], temp
 
 
 # ---------------------------------------------------------------------------

@@ -52,6 +52,9 @@ def _data_path(name: str) -> pathlib.Path:
       str(importlib.resources.files("lorajax") / "data" / name))
 
 
+TRAIN_REMAT = "projections"
+"""`LlamaConfig.remat` of the models the commands load (see `_load_model`)."""
+
 DEFAULT_TRAIN = "reverse_words_train.jsonl"
 DEFAULT_EVAL = "reverse_words_eval.jsonl"
 
@@ -664,8 +667,13 @@ def _load_model(p: pathlib.Path, quantize: str = "none"):
         f" {str(p)!r} is a directory. Pass a .gguf file, or use --quantize"
         " nf4 or int8 for a float checkpoint.")
   try:
+    # Scanned layers train fastest saving only the projections' outputs
+    # (docs/performance.md); GGUF-quantized layers stay unrolled, where the
+    # default saves are as fast.
+    remat = "none" if quantize == "gguf" else TRAIN_REMAT
     model, params = llama.from_pretrained(str(p), dtype=jnp.float32,
-                                          quantized=quantize == "gguf")
+                                          quantized=quantize == "gguf",
+                                          remat=remat)
     if quantize in ("nf4", "int8"):
       import lorajax  # noqa: PLC0415
 

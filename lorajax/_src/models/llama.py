@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from lorajax._src.core import factored
 from lorajax._src.core import multi as multi_lib
@@ -52,8 +53,17 @@ Below it the unrolled loop compiles about as fast and keeps the per-layer
 paths (`model/layers/0/...`) that small test models and tools index directly.
 """
 
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "projections")
 """The values of `LlamaConfig.remat` (see its docstring)."""
+
+PROJECTION_NAMES = ("llama_q", "llama_k", "llama_v", "llama_attn_out",
+                    "llama_gate", "llama_up")
+"""`checkpoint_name`s of the activations `remat="projections"` saves.
+
+The query, key and value projections (before the rotary embedding), the
+attention output (the input of `o_proj`) and the MLP's gate and up
+projections, each including its LoRA term under `lorajax.lora`.
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +111,16 @@ class LlamaConfig:
       and recomputes the layer in the backward pass; `"dots"` saves the
       outputs of the matmuls without batch dimensions (the projections,
       including LoRA's `x @ a`) and recomputes attention scores, norms and
-      activations (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`).
-      Values and gradients are the same for all three.
+      activations (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`);
+      `"projections"` saves only the activations named in
+      `PROJECTION_NAMES` (q, k, v, the attention output, gate and up, LoRA
+      terms included) and recomputes norms, rotary embeddings, attention
+      scores, the activation function and LoRA's thin `x @ a` products:
+      fewer residuals than `"dots"` (no `o_proj`/`down_proj` outputs, no
+      separate base and LoRA terms) and no recomputed large matmul. With
+      scanned layers it is the fastest of the four on CPU (SmolLM2-135M, see
+      docs/performance.md) and what `lorajax finetune` uses.
+      Values and gradients are the same for all four.
   """
 
   vocab_size: int = 32000
@@ -377,6 +395,11 @@ def _attention(q, k, v, mask, dtype):
   return out.reshape(b, s, h * d)
 
 
+def _saved(x: jax.Array, name: str) -> jax.Array:
+  """Names `x` for `remat="projections"` (identity otherwise)."""
+  return checkpoint_name(x, name)
+
+
 def _constrain(x, sharding):
   return x if sharding is None else jax.lax.with_sharding_constraint(
       x, sharding)
@@ -392,11 +415,11 @@ def _qkv(p, config: LlamaConfig, x, cos, sin, act_sharding=None):
   attn = p["self_attn"]
   h = _rms_norm(x, p["input_layernorm"]["scale"], config.rms_norm_eps)
   h = _constrain(h, act_sharding)
-  q = _linear(attn["q_proj"], h).reshape(
+  q = _saved(_linear(attn["q_proj"], h), "llama_q").reshape(
       b, s, config.num_attention_heads, config.head_dim)
-  k = _linear(attn["k_proj"], h).reshape(
+  k = _saved(_linear(attn["k_proj"], h), "llama_k").reshape(
       b, s, config.num_key_value_heads, config.head_dim)
-  v = _linear(attn["v_proj"], h).reshape(
+  v = _saved(_linear(attn["v_proj"], h), "llama_v").reshape(
       b, s, config.num_key_value_heads, config.head_dim)
   return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
 
@@ -407,15 +430,15 @@ def _finish_layer(p, config: LlamaConfig, x, o, act_sharding=None):
   h = _rms_norm(x, p["post_attention_layernorm"]["scale"], config.rms_norm_eps)
   h = _constrain(h, act_sharding)
   mlp = p["mlp"]
-  g = _linear(mlp["gate_proj"], h)
-  u = _linear(mlp["up_proj"], h)
+  g = _saved(_linear(mlp["gate_proj"], h), "llama_gate")
+  u = _saved(_linear(mlp["up_proj"], h), "llama_up")
   return x + _linear(mlp["down_proj"], jax.nn.silu(g) * u)
 
 
 def _layer(p, config: LlamaConfig, x, cos, sin, mask, act_sharding=None):
   """One decoder layer. Returns `(x, (k, v))`."""
   q, k, v = _qkv(p, config, x, cos, sin, act_sharding)
-  o = _attention(q, k, v, mask, x.dtype)
+  o = _saved(_attention(q, k, v, mask, x.dtype), "llama_attn_out")
   return _finish_layer(p, config, x, o, act_sharding), (k, v)
 
 
@@ -570,6 +593,8 @@ def _remat(fn, config: LlamaConfig, *, prevent_cse: bool):
   policy = None  # "full": nothing saveable.
   if config.remat == "dots":
     policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  elif config.remat == "projections":
+    policy = jax.checkpoint_policies.save_only_these_names(*PROJECTION_NAMES)
   return jax.checkpoint(fn, policy=policy, prevent_cse=prevent_cse)
 
 
@@ -735,7 +760,24 @@ def _trunk(params, config: LlamaConfig, input_ids, attention_mask,
 
 
 LOSS_CHUNK = 128
-"""Rows of the output head per chunk in `loss_sums` (see there)."""
+"""Rows of the output head's first chunk in `loss_sums` (see there)."""
+
+LOSS_CHUNK_GROWTH = 4
+"""`loss_sums`' later chunks hold up to this many times `chunk` rows."""
+
+
+def _chunk_sizes(n: int, chunk: int) -> list[int]:
+  """Row counts of `loss_sums`' head chunks for `n` positions.
+
+  One chunk of `chunk` rows, then chunks of up to `LOSS_CHUNK_GROWTH *
+  chunk`: a completion-only loss usually fits the first chunk and skips the
+  rest, while a loss on every position runs few wide matmuls (on CPU the
+  head's matmuls run about 1.3x faster per row at 512 rows than at 128).
+  """
+  sizes = [min(chunk, n)]
+  while sum(sizes) < n:
+    sizes.append(min(LOSS_CHUNK_GROWTH * chunk, n - sum(sizes)))
+  return sizes
 
 
 def loss_sums(
@@ -760,7 +802,9 @@ def loss_sums(
   cross-entropy under a `lax.cond` that skips the chunk when it holds no
   such position. With a completion-only loss (prompts and padding carry no
   loss) the head's matmuls, by far the widest of a small model, run on
-  about the completion tokens only.
+  about the completion tokens only. Chunks after the first hold up to
+  `LOSS_CHUNK_GROWTH * chunk` rows: fewer, wider matmuls when most
+  positions carry a loss.
 
   Args:
     params: The params dict.
@@ -769,7 +813,7 @@ def loss_sums(
     attention_mask: `(batch, seq)` 1/0 mask, or None (no padding).
     loss_mask: `(batch, seq)` weights: position `t` predicts token `t + 1`,
       which counts with weight `loss_mask[..., t + 1]`.
-    chunk: Positions per head chunk (>= 1).
+    chunk: Positions in the first head chunk (>= 1).
     activation_sharding: See `forward`.
 
   Returns:
@@ -808,12 +852,7 @@ def loss_sums(
   targets = input_ids[:, 1:].reshape(n)
   # Positions with a loss first (a stable sort keeps their order).
   order = jnp.argsort((w == 0).astype(jnp.int32), stable=True)
-  c = min(chunk, n)
-  k = -(-n // c)
-  pad = k * c - n
-  xs = jnp.pad(xs[order], ((0, pad), (0, 0)))
-  targets = jnp.pad(targets[order], (0, pad))
-  ws = jnp.pad(w[order], (0, pad))
+  xs, targets, ws = xs[order], targets[order], w[order]
   count = jnp.sum((w != 0).astype(jnp.int32))
 
   def chunk_loss(xc, tc, wc):
@@ -827,10 +866,12 @@ def loss_sums(
     return jnp.float32(0)
 
   total = jnp.float32(0)
-  for i in range(k):
-    sl = slice(i * c, (i + 1) * c)
-    total = total + jax.lax.cond(i * c < count, chunk_loss, skip, xs[sl],
+  start = 0
+  for size in _chunk_sizes(n, chunk):
+    sl = slice(start, start + size)
+    total = total + jax.lax.cond(start < count, chunk_loss, skip, xs[sl],
                                  targets[sl], ws[sl])
+    start += size
   return total, jnp.sum(w)
 
 
