@@ -74,16 +74,26 @@ def test_value_and_grads_match_full_logits(chunk, tied):
       a, b, rtol=1e-4, atol=1e-6), fg, rg)
 
 
-def test_loss_on_every_position_through_growing_chunks():
-  # 3 x 23 positions with chunk 3: chunks of 3, 12, 12, 12, 12, 12 and 6
-  # rows, every one holding loss positions.
+@pytest.mark.parametrize("n_loss", [69, 40, 27, 14, 2])
+def test_head_widths_and_blocks(n_loss):
+  # 3 x 23 = 69 positions with chunk 3: blocks of 12 positions, the head on
+  # the first 3, 6 or 12 rows of a block. 69 loss positions fill every block;
+  # 40 leave 4 in the fourth block (width 6), 27 leave 3 (width 3), 14 leave
+  # 2 in the second block, 2 use one narrow matmul.
   params = llama.init_params(CFG, key=jax.random.key(3))
   ids, att, _ = map(jnp.asarray, _batch())
-  lm = jnp.asarray(np.random.default_rng(4).uniform(0.5, 1.5, ids.shape),
-                   jnp.float32)
+  rng = np.random.default_rng(n_loss)
+  flat = np.zeros(3 * 23, np.float32)
+  flat[rng.choice(3 * 23, n_loss, replace=False)] = rng.uniform(0.5, 1.5,
+                                                                 n_loss)
+  lm = np.zeros((3, 24), np.float32)
+  lm[:, 1:] = flat.reshape(3, 23)  # Position t's weight is lm[:, t + 1].
+  lm = jnp.asarray(lm)
   att = jnp.ones_like(att)
   model = llama.LlamaModel(CFG)
-  assert impl._chunk_sizes(69, 3) == [3, 12, 12, 12, 12, 12, 6]
+  blocks = impl._head_blocks(69, 3)
+  assert [b[0] for b in blocks] == list(range(0, 69, 12))
+  assert blocks[0][1] == [3, 6, 12] and blocks[-1][1] == [3, 6, 9]
 
   def ref(p):
     return _reference(model.apply(p, ids, att), ids, lm)[0]

@@ -86,9 +86,10 @@ class LlamaModel:
 
     Equal (up to float32 reassociation, value and gradients) to the loss of
     `apply`'s logits, but the output head runs only on chunks of positions
-    that carry a loss (gathered in order into a chunk of 128 positions, then
-    chunks of up to 512; a chunk with none is skipped), and the full logits
-    are never formed.
+    that carry a loss (gathered in order into blocks of 512 positions; in
+    each block on the first 128, 256 or all rows, the fewest that hold its
+    loss positions; a block with none is skipped), and the full logits are
+    never formed.
     `lorajax.finetune` trains with it.
 
     Args:
