@@ -41,7 +41,7 @@ GiB = 1024 ** 3
 
 MODES = ("factored", "merged", "full")
 PRECISIONS = ("bf16", "f32")
-REMATS = ("none", "full", "dots")
+REMATS = ("none", "full", "dots", "projections")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -719,7 +719,8 @@ def plan(
       model) or `full` (full fine-tuning, for comparison).
     precision: `bf16` (frozen base stored and computed in bfloat16; adapter
       and optimizer state float32) or `f32`.
-    remat: Remat policy of the layers: `none`, `full` or `dots`.
+    remat: Remat policy of the layers: `none`, `full`, `dots` or
+      `projections` (see `LlamaConfig.remat`).
     num_layers: Override the model's depth (for quick plans).
     scan_layers: Stack the layers and run them with `lax.scan` (True), as
       a Python loop (False), or the model's default (None: scanned from 5
