@@ -248,7 +248,7 @@ def _torch_model(smoke: bool):
     from lorajax._src.models import hf_io  # noqa: PLC0415
 
     cfg = _tiny_config()
-    _, params = _load_lorajax(True)
+    _, params = _load_lorajax(True, "none")
     state = {k: torch.from_numpy(v.copy())
              for k, v in hf_io.to_hf_state(cfg, params).items()}
     hf_cfg = transformers.LlamaConfig(**{
