@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -68,6 +69,9 @@ def main() -> None:
       "seq_len": settings["seq_len"],
       "wall_s": round(wall, 1),
       "process_cpu_s": round(cpu, 1),
+      # The whole process: model loading, training and evaluation.
+      "peak_rss_mib": round(resource.getrusage(
+          resource.RUSAGE_SELF).ru_maxrss / 1024),
       "train_s": round(summary["train_seconds"], 1),
       "first_step_s": round(steps[0]["step_time"], 2),
       "median_step_s": round(float(np.median([r["step_time"]
@@ -97,6 +101,7 @@ def main() -> None:
           (RESULTS / "finetune.jsonl").read_text().splitlines() if x]
   cols = ["date", "options", "mode", "steps", "wall_s", "train_s",
           "first_step_s", "median_step_s", "cpu_s_per_step", "tokens_per_s",
+          "peak_rss_mib",
           "exact_match_before", "exact_match_after", "eval_examples",
           "loadavg_1m_before", "loadavg_1m_after"]
   lines = [

@@ -49,6 +49,24 @@ def test_bench_vs_peft_smoke():
   assert abs(rows[0]["loss_last"] - rows[1]["loss_last"]) < 1e-2
 
 
+def test_profile_step_smoke():
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"),
+       "--smoke", "--steps", "1", "--trace-steps", "1"],
+      capture_output=True, text=True, timeout=300, check=True,
+      env=dict(os.environ, PYTHONPATH=ROOT))
+  rows = [json.loads(line) for line in out.stdout.splitlines()
+          if line.startswith("{")]
+  assert len(rows) == 1
+  parts = {p["part"]: p for p in rows[0]["parts"]}
+  # The tiny model's step has every kind of matmul, each with its FLOPs.
+  for kind in ("projections", "output head", "LoRA factors", "attention"):
+    p = parts[f"matmul: {kind}"]
+    assert p["ms_per_step"] > 0 and p["gflop_per_step"] > 0, p
+  assert abs(sum(p["share"] for p in parts.values()) - 1) < 0.01
+  assert rows[0]["median_step_s"] > 0
+
+
 def test_bench_generate_smoke():
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, "benchmarks", "bench_generate.py"),
