@@ -229,6 +229,32 @@ def eval_loss(model: llama.LlamaModel, method: str, params: Any,
   return float(_EVALS[key](params, trainable, tokens))
 
 
+def init_training(tx: optax.GradientTransformation, params: Any,
+                  method: str, *, lr: float, lora_config=None, seed: int = 0,
+                  train_only: str | None = None):
+  """`(trainable, frozen, optimizer state)` for a run of `method`.
+
+  `"lora"`: a fresh adapter (`lora_config`, key `seed`) on frozen `params`;
+  full fine-tuning: a copy of `params` (or of the `train_only` subset, the
+  rest frozen). The state's learning rate is set to `lr`.
+  """
+  if method == "lora":
+    if lora_config is None:
+      raise ValueError("method='lora' needs a `lora_config`.")
+    trainable = lorajax.init(params, lora_config, key=jax.random.key(seed))
+    frozen = params
+  elif train_only is not None:
+    trainable = jax.tree.map(jnp.copy, subset(params, train_only))
+    frozen = params
+  else:
+    trainable = jax.tree.map(jnp.copy, params)
+    frozen = None
+  state = tx.init(trainable)
+  state = state._replace(hyperparams={
+      **state.hyperparams, "learning_rate": jnp.float32(lr)})
+  return trainable, frozen, state
+
+
 def run(model: llama.LlamaModel, params: Any, data: np.ndarray,
         eval_tokens: np.ndarray | None, *, method: str, lr: float, seed: int,
         lora_config: lorajax.LoraConfig | None = None, eval_every: int = 0,
@@ -262,20 +288,9 @@ def run(model: llama.LlamaModel, params: Any, data: np.ndarray,
      (median step wall time)}.
   """
   tx, ts = train_step(model, method, mode)
-  if method == "lora":
-    if lora_config is None:
-      raise ValueError("method='lora' needs a `lora_config`.")
-    trainable = lorajax.init(params, lora_config, key=jax.random.key(seed))
-    frozen = params
-  elif train_only is not None:
-    trainable = jax.tree.map(jnp.copy, subset(params, train_only))
-    frozen = params
-  else:
-    trainable = jax.tree.map(jnp.copy, params)
-    frozen = None
-  state = tx.init(trainable)
-  state = state._replace(hyperparams={
-      **state.hyperparams, "learning_rate": jnp.float32(lr)})
+  trainable, frozen, state = init_training(
+      tx, params, method, lr=lr, lora_config=lora_config, seed=seed,
+      train_only=train_only)
   steps = data.shape[0]
   every = eval_every or steps
   ev_tokens = None if eval_tokens is None else jnp.asarray(eval_tokens)

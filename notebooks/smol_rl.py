@@ -236,17 +236,8 @@ def run(model: llama.LlamaModel, params: Any, pairs: np.ndarray,
   if (id(model), method) not in _STEPS:
     _STEPS[(id(model), method)] = make_pg_step(model, method)
   tx, ts = _STEPS[(id(model), method)]
-  if method == "lora":
-    if lora_config is None:
-      raise ValueError("method='lora' needs a `lora_config`.")
-    trainable = lorajax.init(params, lora_config, key=jax.random.key(seed))
-    frozen = params
-  else:
-    trainable = jax.tree.map(jnp.copy, params)
-    frozen = None
-  state = tx.init(trainable)
-  state = state._replace(hyperparams={
-      **state.hyperparams, "learning_rate": jnp.float32(lr)})
+  trainable, frozen, state = smol.init_training(
+      tx, params, method, lr=lr, lora_config=lora_config, seed=seed)
   rng = np.random.default_rng(seed)
   ev_tokens, ev_mask = eval_batch(model, eval_pairs, eval_ids)
 

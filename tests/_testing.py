@@ -2,6 +2,7 @@
 library's predicates)."""
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import lorajax
 
@@ -129,3 +131,35 @@ def all_eqns(jaxpr: Any) -> Iterator[Any]:
     yield eqn
     for sub in jax_compat.jaxprs_in_params(eqn.params):
       yield from all_eqns(sub)
+
+
+def penzai_llamalike(tie: bool) -> tuple[Any, dict[str, Any], jax.Array]:
+  """A tiny penzai llama-like transformer as `(fn, params, tokens)`.
+
+  `fn(params, tokens)` binds the `params` dict (label -> value) into the
+  model and returns the logits `(batch, seq, vocabulary)`; `tie` ties the
+  embedding table and the logits head. Skips the test without penzai.
+  """
+  pytest.importorskip("penzai")
+  from penzai import pz
+  from penzai.models.transformer.variants import (
+      llamalike_common,
+  )
+
+  cfg = llamalike_common.LlamalikeTransformerConfig(
+      num_kv_heads=2, query_head_multiplier=2, embedding_dim=16,
+      projection_dim=4, mlp_hidden_dim=24, num_decoder_blocks=2,
+      vocab_size=11, mlp_variant="swiglu", tie_embedder_and_logits=tie,
+      parameter_dtype=jnp.float32, activation_dtype=jnp.float32)
+  model = llamalike_common.build_llamalike_transformer(
+      cfg, init_base_rng=jax.random.key(0))
+  unbound, values = pz.unbind_params(model, freeze=True)
+  params = {v.label: v.value for v in values}
+
+  def fn(params, tokens):
+    vs = [dataclasses.replace(v, value=params[v.label]) for v in values]
+    out = pz.bind_variables(unbound, vs)(pz.nx.wrap(tokens, "batch", "seq"))
+    return out.unwrap("batch", "seq", "vocabulary")
+
+  tokens = jnp.array([[1, 5, 2, 9, 3], [0, 4, 4, 10, 7]])
+  return fn, params, tokens

@@ -8,12 +8,18 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_step_smoke():
+def _smoke_rows(script: str, *args: str) -> list[dict]:
+  """Runs `benchmarks/<script> --smoke *args`; its JSON lines, parsed."""
   out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "bench_step.py"),
-       "--smoke"], capture_output=True, text=True, timeout=300, check=True)
-  rows = [json.loads(line) for line in out.stdout.splitlines()
+      [sys.executable, os.path.join(ROOT, "benchmarks", script), "--smoke",
+       *args], capture_output=True, text=True, timeout=300, check=True,
+      env=dict(os.environ, PYTHONPATH=ROOT))
+  return [json.loads(line) for line in out.stdout.splitlines()
           if line.startswith("{")]
+
+
+def test_bench_step_smoke():
+  rows = _smoke_rows("bench_step.py")
   assert [r["mode"] for r in rows] == ["full", "merged", "factored"]
   for r in rows:
     assert r["median_step_s"] > 0 and r["compile_s"] > 0
@@ -21,11 +27,7 @@ def test_bench_step_smoke():
 
 
 def test_bench_depth_smoke():
-  out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "bench_depth.py"),
-       "--smoke"], capture_output=True, text=True, timeout=300, check=True)
-  rows = [json.loads(line) for line in out.stdout.splitlines()
-          if line.startswith("{")]
+  rows = _smoke_rows("bench_depth.py")
   assert [(r["layers"], r["layout"]) for r in rows] == [
       (1, "unrolled"), (1, "scan"), (2, "unrolled"), (2, "scan")]
   for r in rows:
@@ -34,12 +36,7 @@ def test_bench_depth_smoke():
 
 
 def test_bench_vs_peft_smoke():
-  out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "bench_vs_peft.py"),
-       "--smoke"], capture_output=True, text=True, timeout=300, check=True,
-      env=dict(os.environ, PYTHONPATH=ROOT))
-  rows = [json.loads(line) for line in out.stdout.splitlines()
-          if line.startswith("{")]
+  rows = _smoke_rows("bench_vs_peft.py")
   assert [r["framework"] for r in rows] == ["lorajax", "peft"]
   for r in rows:
     assert r["shape"] == "data" and r["median_step_s"] > 0
@@ -50,13 +47,7 @@ def test_bench_vs_peft_smoke():
 
 
 def test_profile_step_smoke():
-  out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"),
-       "--smoke", "--steps", "1", "--trace-steps", "1"],
-      capture_output=True, text=True, timeout=300, check=True,
-      env=dict(os.environ, PYTHONPATH=ROOT))
-  rows = [json.loads(line) for line in out.stdout.splitlines()
-          if line.startswith("{")]
+  rows = _smoke_rows("profile_step.py", "--steps", "1", "--trace-steps", "1")
   assert len(rows) == 1
   parts = {p["part"]: p for p in rows[0]["parts"]}
   # The tiny model's step has every kind of matmul, each with its FLOPs.
@@ -68,11 +59,7 @@ def test_profile_step_smoke():
 
 
 def test_bench_generate_smoke():
-  out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "bench_generate.py"),
-       "--smoke"], capture_output=True, text=True, timeout=300, check=True)
-  rows = [json.loads(line) for line in out.stdout.splitlines()
-          if line.startswith("{")]
+  rows = _smoke_rows("bench_generate.py")
   assert [r["impl"] for r in rows] == [
       "lorajax", "lorajax+adapter sampled", "transformers"]
   for r in rows:

@@ -611,6 +611,27 @@ SM_CASES = [(k, n, "lora") for k in ("explicit", "auto")
             for n in _shard_map_fns()] + [("explicit", "jax.shard_map", "dora")]
 
 
+def _check_mlp_vs_merged(mlp, sharded, host, t_h, merge):
+  """`lora(mlp, strict=True)`'s value and adapter gradient of a sin-weighted
+  loss, on the sharded arrays, equal the dense `tanh(x @ up) @ down` of the
+  `merge`d host weights. Returns the transformed function."""
+  params, adapter, x = sharded
+  params_h, adapter_h, x_h = host
+
+  def loss(y):
+    return jnp.sum(jnp.sin(y) * t_h)
+
+  f = lorajax.lora(mlp, strict=True)
+  val, g = jax.jit(jax.value_and_grad(lambda a: loss(f(params, a, x))))(
+      adapter)
+  want, want_g = jax.value_and_grad(lambda a: loss(
+      jnp.tanh(x_h @ merge(params_h, a)["up"])
+      @ merge(params_h, a)["down"]))(adapter_h)
+  np.testing.assert_allclose(float(val), float(want), rtol=1e-5, atol=1e-5)
+  _close_grads(g, want_g)
+  return f
+
+
 @pytest.mark.parametrize("kind,api,method", SM_CASES,
                          ids=["-".join(c) for c in SM_CASES])
 def test_shard_map_body_with_adapted_weights_stays_factored(
@@ -642,17 +663,8 @@ def test_shard_map_body_with_adapted_weights_stays_factored(
                           P("model", None)),
                 out_specs=P("data", None))(x, p["up"], p["down"])
 
-  def loss(y):
-    return jnp.sum(jnp.sin(y) * t_h)
-
-  f = lorajax.lora(mlp, strict=True)
-  val, g = jax.jit(jax.value_and_grad(lambda a: loss(f(params, a, x))))(
-      adapter)
-  want, want_g = jax.value_and_grad(lambda a: loss(
-      jnp.tanh(x_h @ merge(params_h, a)["up"])
-      @ merge(params_h, a)["down"]))(adapter_h)
-  np.testing.assert_allclose(float(val), float(want), rtol=1e-5, atol=1e-5)
-  _close_grads(g, want_g)
+  f = _check_mlp_vs_merged(mlp, (params, adapter, x),
+                           (params_h, adapter_h, x_h), t_h, merge)
   # The body's jaxpr runs the factors through `shard_map`: the adapter's
   # arrays are inputs of the new shard_map, and no weight-shaped sum is
   # formed inside it.
@@ -687,17 +699,8 @@ def test_shard_map_fsdp_all_gather_stays_factored(tp_host):
         P("fsdp", None), specs["up"], specs["down"]),
                          out_specs=P("fsdp", None))(x, p["up"], p["down"])
 
-  def loss(y):
-    return jnp.sum(jnp.sin(y) * t_h)
-
-  f = lorajax.lora(mlp, strict=True)
-  val, g = jax.jit(jax.value_and_grad(lambda a: loss(f(params, a, x))))(
-      adapter)
-  want, want_g = jax.value_and_grad(lambda a: loss(
-      jnp.tanh(x_h @ jnp_merge(params_h, a)["up"])
-      @ jnp_merge(params_h, a)["down"]))(adapter_h)
-  np.testing.assert_allclose(float(val), float(want), rtol=1e-5, atol=1e-5)
-  _close_grads(g, want_g)
+  _check_mlp_vs_merged(mlp, (params, adapter, x), (params_h, adapter_h, x_h),
+                       t_h, jnp_merge)
 
   def odd(p, x):  # gathers `up`'s input axis over `model`, which shards b
     def body(x, up):

@@ -11,6 +11,7 @@ import functools
 import pathlib
 import re
 
+import _testing
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,26 +221,7 @@ def test_all_linear_on_flax_equinox_and_nnx_trees():
 
 @functools.cache
 def _penzai(tie: bool):
-  pytest.importorskip("penzai")
-  from penzai import pz
-  from penzai.models.transformer.variants import llamalike_common
-
-  cfg = llamalike_common.LlamalikeTransformerConfig(
-      num_kv_heads=2, query_head_multiplier=2, embedding_dim=16,
-      projection_dim=4, mlp_hidden_dim=24, num_decoder_blocks=2,
-      vocab_size=11, mlp_variant="swiglu", tie_embedder_and_logits=tie,
-      parameter_dtype=F32, activation_dtype=F32)
-  model = llamalike_common.build_llamalike_transformer(
-      cfg, init_base_rng=jax.random.key(0))
-  unbound, values = pz.unbind_params(model, freeze=True)
-  params = {v.label: v.value for v in values}
-
-  def fn(params, tokens):
-    vs = [dataclasses.replace(v, value=params[v.label]) for v in values]
-    out = pz.bind_variables(unbound, vs)(pz.nx.wrap(tokens, "batch", "seq"))
-    return out.unwrap("batch", "seq", "vocabulary")
-
-  tokens = jnp.array([[1, 5, 2, 9, 3], [0, 4, 4, 10, 7]])
+  fn, params, tokens = _testing.penzai_llamalike(tie)
   linear = sorted(
       f"transformer/block_{b}/{m}.weights/data_array" for b in range(2)
       for m in ("attention/query", "attention/key", "attention/value",

@@ -173,26 +173,7 @@ def test_equinox_embedding_attention_linear_mlp():
 
 
 def test_penzai_llamalike_transformer():
-  pytest.importorskip("penzai")
-  from penzai import pz  # pylint: disable=g-import-not-at-top
-  from penzai.models.transformer.variants import llamalike_common  # pylint: disable=g-import-not-at-top
-
-  cfg = llamalike_common.LlamalikeTransformerConfig(
-      num_kv_heads=2, query_head_multiplier=2, embedding_dim=16,
-      projection_dim=4, mlp_hidden_dim=24, num_decoder_blocks=2,
-      vocab_size=11, mlp_variant="swiglu", tie_embedder_and_logits=True,
-      parameter_dtype=jnp.float32, activation_dtype=jnp.float32)
-  model = llamalike_common.build_llamalike_transformer(
-      cfg, init_base_rng=jax.random.key(0))
-  unbound, values = pz.unbind_params(model, freeze=True)
-  params = {v.label: v.value for v in values}
-
-  def fn(params, tokens):
-    vs = [dataclasses.replace(v, value=params[v.label]) for v in values]
-    out = pz.bind_variables(unbound, vs)(pz.nx.wrap(tokens, "batch", "seq"))
-    return out.unwrap("batch", "seq", "vocabulary")
-
-  tokens = jnp.array([[1, 5, 2, 9, 3], [0, 4, 4, 10, 7]])
+  fn, params, tokens = _testing.penzai_llamalike(tie=True)
   # The tied embedding table is adapted too: penzai looks tokens up on its
   # named `vocabulary` axis and uses the same table as the logits head.
   config = lorajax.LoraConfig(
