@@ -202,26 +202,31 @@ def _rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _worker_lorajax(args) -> dict:
+def lorajax_step(*, smoke: bool, remat: str | None, mode: str, shape: str,
+                 steps: int):
+  """The lorajax train step this benchmark times, ready to run.
+
+  The model loaded with `remat` (None: as `lorajax finetune` loads it),
+  `TrainConfig`'s defaults with `mode` (`"default"`: what `lorajax finetune`
+  picks). Returns `(model, remat, resolved mode, batches, one)`, where
+  `one(i)` runs a step on batch `i` (cycling) and returns its loss.
+  """
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
 
   from lorajax import finetune as ft  # noqa: PLC0415
 
-  if args.remat is None:
+  if remat is None:
     from lorajax._src.app import cli  # noqa: PLC0415
 
-    args.remat = cli.TRAIN_REMAT
-  model, params = _load_lorajax(args.smoke, args.remat)
-  cfg = ft.TrainConfig(
-      mode=None if args.mode == "default" else args.mode)
-  mode = cfg.resolved_mode
-  batches = _batches(args.shape, args.smoke, args.steps,
-                     getattr(model, "tokenizer", None),
+    remat = cli.TRAIN_REMAT
+  model, params = _load_lorajax(smoke, remat)
+  cfg = ft.TrainConfig(mode=None if mode == "default" else mode)
+  batches = _batches(shape, smoke, steps, getattr(model, "tokenizer", None),
                      model.config.vocab_size)
   state = ft.init_state(params, cfg, key=jax.random.key(0))
-  step_fn = ft.make_train_step(model, cfg.optimizer(), mode=mode).step
+  step_fn = ft.make_train_step(model, cfg.optimizer(),
+                               mode=cfg.resolved_mode).step
   adapter, opt = state.adapter, state.opt_state
   dev = [tuple(jnp.asarray(x)[None] for x in bt) for bt in batches]
 
@@ -230,10 +235,20 @@ def _worker_lorajax(args) -> dict:
     adapter, opt, m = step_fn(params, adapter, opt, dev[i % len(dev)])
     return float(m["loss"])
 
-  losses, times, cpu, compile_s = _time_steps(one, args, len(dev))
+  return model, remat, cfg.resolved_mode, batches, one
+
+
+def _worker_lorajax(args) -> dict:
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  model, remat, mode, batches, one = lorajax_step(
+      smoke=args.smoke, remat=args.remat, mode=args.mode, shape=args.shape,
+      steps=args.steps)
+  losses, times, cpu, compile_s = _time_steps(one, args, len(batches))
   hf_cfg = model.config.to_hf_dict()
   return {"framework": "lorajax", "mode": mode, "requested": args.mode,
-          "remat": args.remat,
+          "remat": remat,
           "times": times, "cpu": cpu, "compile_s": compile_s,
           "loss_last": losses[-1],
           "hf_cfg": hf_cfg, "batches": batches, "jax": jax.__version__,

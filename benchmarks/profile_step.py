@@ -151,29 +151,14 @@ def main() -> None:
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import bench_vs_peft as vs  # noqa: PLC0415
   import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
 
-  from lorajax import finetune as ft  # noqa: PLC0415
-  from lorajax._src.app import cli  # noqa: PLC0415
-
-  remat = args.remat or cli.TRAIN_REMAT
-  model, params = vs._load_lorajax(args.smoke, remat)  # noqa: SLF001
-  cfg = ft.TrainConfig()
-  batches = vs._batches(args.shape, args.smoke, max(args.steps, 1),  # noqa: SLF001
-                        getattr(model, "tokenizer", None),
-                        model.config.vocab_size)
-  state = ft.init_state(params, cfg, key=jax.random.key(0))
-  step_fn = ft.make_train_step(model, cfg.optimizer(),
-                               mode=cfg.resolved_mode).step
-  adapter, opt = state.adapter, state.opt_state
-  dev = [tuple(jnp.asarray(x)[None] for x in bt) for bt in batches]
-  # One batch for every step: the traced program is the timed one.
-  batch = dev[0]
+  # One batch for every step (`steps=1`): the traced program is the timed one.
+  model, remat, _, batches, step = vs.lorajax_step(
+      smoke=args.smoke, remat=args.remat, mode="default", shape=args.shape,
+      steps=1)
 
   def one():
-    nonlocal adapter, opt
-    adapter, opt, m = step_fn(params, adapter, opt, batch)
-    return float(m["loss"])
+    return step(0)
 
   t0 = time.perf_counter()
   one()
@@ -202,7 +187,7 @@ def main() -> None:
   hlo = pathlib.Path(hlos[-1]).read_text()
   shutil.rmtree(dump, ignore_errors=True)
   shutil.rmtree(trace_dir, ignore_errors=True)
-  parts = _attribute(hlo, times, cfg.lora.rank, model.config.vocab_size)
+  parts = _attribute(hlo, times, vs.RANK, model.config.vocab_size)
   total_ms = sum(ms for ms, _ in parts.values())
   step_s = statistics.median(wall)
   flops = vs._flops(model.config.to_hf_dict(), batches[0])  # noqa: SLF001
